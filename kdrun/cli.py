@@ -1,0 +1,48 @@
+"""`kdrun`: Hydra entry point. Thin: compose, validate, call pipeline.run.
+
+Nothing heavy is imported at module level (no torch, transformers or mlflow), so `kdrun --help`,
+`kdrun --cfg job` and config errors answer fast.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from kdrun import config
+from kdrun.errors import KdrunError
+
+
+def _conf_dir() -> str:
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "conf", here / "conf"):  # source checkout, then a packaged copy
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise SystemExit(f"kdrun: error: no conf/config.yaml next to {here}; reinstall kdrun (`make install`)")
+
+
+config.register()
+
+
+@hydra.main(version_base="1.3", config_path=_conf_dir(), config_name="config")
+def _main(cfg: DictConfig):
+    try:
+        config.validate(cfg)
+        from kdrun import pipeline  # heavy imports start here, after validation
+
+        result = pipeline.run(cfg)
+    except (KdrunError, OmegaConfBaseException) as e:
+        print(f"kdrun: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return result.get("eval/student/mrr_at_10")
+
+
+def main() -> None:
+    _main()
+
+
+if __name__ == "__main__":
+    main()

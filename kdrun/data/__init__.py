@@ -1,0 +1,1 @@
+"""Readers and the ranking data set built from (query, answer) pairs."""

@@ -1,0 +1,36 @@
+"""Length-bucketed batches: shuffle, sort by length within large chunks, cut batches, shuffle batches.
+
+Batches hold examples of similar length, so padding (wasted compute) stays small, while the order
+across batches stays random. Each pass over the sampler (an epoch) draws a new order from its seed.
+"""
+from __future__ import annotations
+
+import random
+from typing import Iterator, List, Sequence
+
+
+class BucketBatchSampler:
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, chunk_batches: int = 50,
+                 drop_last: bool = True):
+        self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
+        self.chunk = batch_size * chunk_batches
+        self.drop_last = drop_last
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        n = len(self.lengths) // self.batch_size
+        return n if self.drop_last or len(self.lengths) % self.batch_size == 0 else n + 1
+
+    def __iter__(self) -> Iterator[List[int]]:
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        self.epoch += 1
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        batches = []
+        for start in range(0, len(order), self.chunk):
+            chunk = sorted(order[start:start + self.chunk], key=self.lengths.__getitem__)
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()  # chunks are whole multiples of batch_size: only the last batch can be short
+        rng.shuffle(batches)
+        return iter(batches)

@@ -1,0 +1,1 @@
+"""Task families: what a batch is, what models output, how outputs are scored."""

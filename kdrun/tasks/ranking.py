@@ -1,0 +1,78 @@
+"""Ranking: batches of (query, [positive, negatives]) -> [B, n] scores; MRR@10, nDCG@10, Recall@10."""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Sequence
+
+import torch
+
+from kdrun.data.ranking import Example
+
+
+class Collate:
+    """Raw examples -> each model's own features (teacher and student may tokenize differently).
+
+    With `teacher=None` the examples carry precomputed teacher scores as a third item, which are
+    batched into "teacher_scores" instead of teacher features.
+    """
+
+    def __init__(self, teacher, student):
+        self.teacher, self.student = teacher, student
+
+    def __call__(self, examples: Sequence) -> Dict:
+        queries = [ex[0] for ex in examples]
+        passages = [ex[1] for ex in examples]
+        batch = {"student": self.student.featurize(queries, passages), "size": len(examples)}
+        if self.teacher is None:
+            batch["teacher_scores"] = torch.stack([ex[2] for ex in examples])
+        else:
+            batch["teacher"] = self.teacher.featurize(queries, passages)
+        return batch
+
+
+def example_length(example: Example) -> int:
+    """Sort key for length bucketing (characters: a cheap proxy for tokens)."""
+    query, passages = example[0], example[1]
+    return len(query) + max(len(p) for p in passages)
+
+
+def precompute_teacher_scores(teacher, examples: Sequence[Example], batch_size: int, runtime) -> torch.Tensor:
+    """[N, n] teacher scores for every example, computed once (a bi-encoder embeds each distinct text once)."""
+    with runtime.autocast():
+        rows = teacher.score_lists([q for q, _ in examples], [ps for _, ps in examples], batch_size, runtime.device)
+    return torch.stack(rows).float()
+
+
+def ranking_metrics(scores: Sequence[torch.Tensor], labels: Sequence[Sequence[int]], k: int = 10) -> Dict[str, float]:
+    """Mean over queries of MRR@k, nDCG@k (binary gains, log2 discount) and Recall@k.
+
+    Candidates are ranked by descending score; ties keep candidate order (stable sort), which is
+    why the eval candidate lists are shuffled when built.
+    """
+    if len(scores) != len(labels) or not scores:
+        raise ValueError(f"ranking_metrics: {len(scores)} score lists for {len(labels)} label lists")
+    mrr = ndcg = recall = 0.0
+    for s, y in zip(scores, labels):
+        order = torch.argsort(torch.as_tensor(s, dtype=torch.float32), descending=True, stable=True).tolist()
+        ranked = [y[i] for i in order]
+        n_rel = sum(y)
+        top = ranked[:k]
+        first = next((r for r, rel in enumerate(top, 1) if rel), None)
+        mrr += 1.0 / first if first else 0.0
+        dcg = sum(rel / math.log2(r + 1) for r, rel in enumerate(top, 1))
+        ideal = sum(1.0 / math.log2(r + 1) for r in range(1, min(n_rel, k) + 1))
+        ndcg += dcg / ideal if ideal else 0.0
+        recall += sum(top) / n_rel if n_rel else 0.0
+    n = len(scores)
+    return {f"mrr_at_{k}": mrr / n, f"ndcg_at_{k}": ndcg / n, f"recall_at_{k}": recall / n}
+
+
+def evaluate(model, queries: List[str], candidates: List[List[str]], labels: List[List[int]],
+             batch_size: int, runtime) -> Dict[str, float]:
+    """Score every candidate list with `model` (student or teacher alike) and compute the metrics."""
+    was_training = model.training
+    model.eval()
+    with runtime.autocast():
+        scores = model.score_lists(queries, candidates, batch_size, runtime.device)
+    model.train(was_training)
+    return ranking_metrics(scores, labels)

@@ -1,0 +1,102 @@
+"""MLflow: one run per job with the flattened resolved config as params, tags, metrics and artifacts.
+
+With no `tracking.uri` and no MLFLOW_TRACKING_URI, MLflow's own default local store in the working
+directory is used (no server needed); `make ui` browses the same store.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional
+
+from kdrun.errors import KdrunError
+
+log = logging.getLogger(__name__)
+_MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+
+
+def flatten(tree: Any, prefix: str = "") -> Dict[str, str]:
+    """{"a": {"b": 1, "c": [1, 2]}} -> {"a.b": "1", "a.c": "[1, 2]"}; None -> "null"."""
+    out: Dict[str, str] = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    key = prefix[:-1]
+    value = tree if isinstance(tree, str) else json.dumps(tree)
+    out[key] = value[:_MAX_PARAM_CHARS]
+    return out
+
+
+def git_commit() -> Optional[str]:
+    """Commit of the kdrun source tree in use (with '-dirty' when it has uncommitted changes)."""
+    src = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class Tracker:
+    """A thin wrapper over MLflow's fluent API; everything logged goes to one active run."""
+
+    def __init__(self, uri: Optional[str], experiment: str):
+        import mlflow
+
+        self.mlflow = mlflow
+        if uri:
+            mlflow.set_tracking_uri(uri)
+        self.uri = mlflow.get_tracking_uri()
+        try:
+            self.experiment_id = mlflow.set_experiment(experiment).experiment_id
+        except Exception as e:  # the store is unreachable or unusable: say so before any training
+            raise KdrunError(f"MLflow tracking store '{self.uri}' is not usable: {str(e).splitlines()[0]}. "
+                             "Check tracking.uri / MLFLOW_TRACKING_URI") from e
+        self.run_id: Optional[str] = None
+
+    def start(self, run_name: Optional[str], params: Dict[str, str], tags: Dict[str, str]) -> str:
+        run = self.mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name)
+        self.run_id = run.info.run_id
+        items = list(params.items())
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.mlflow.log_params(dict(items[i:i + 100]))
+        commit = git_commit()
+        self.mlflow.set_tags({
+            "kdrun.command": " ".join(["kdrun", *sys.argv[1:]]),
+            **({"mlflow.source.git.commit": commit, "kdrun.git_commit": commit} if commit else {}),
+            **tags,
+        })
+        return self.run_id
+
+    def metrics(self, values: Dict[str, float], step: int) -> None:
+        self.mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
+
+    def text(self, text: str, artifact_file: str) -> None:
+        self.mlflow.log_text(text, artifact_file)
+
+    def artifacts(self, local_dir: str, artifact_path: str) -> None:
+        self.mlflow.log_artifacts(local_dir, artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.mlflow.active_run() is not None:
+            self.mlflow.end_run(status=status)
+
+    def run_url(self) -> str:
+        if self.uri.startswith("http"):
+            return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        return f"run {self.run_id} in {self.uri} (browse with `make ui`)"
+
+
+def summary_table(rows: Iterable[tuple], header: tuple) -> str:
+    """A small aligned text table for the console."""
+    rows = [tuple(str(c) for c in r) for r in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))
+    return "\n".join([line(header), line("-" * w for w in widths), *(line(r) for r in rows)])

@@ -1,0 +1,91 @@
+"""The training loop. One optimizer step reads top to bottom in `train`; everything else is set-up."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from kdrun.errors import NonFiniteLossError
+from kdrun.runtime import Runtime, to_device
+
+
+@dataclass
+class Optim:
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    max_grad_norm: float  # <= 0: no clipping (the norm is still measured)
+
+
+def warmup_then(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """lr multiplier: linear warmup from 0, then linear decay to 0 ("linear") or flat ("constant")."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return factor
+
+
+def forever(loader) -> Iterator:
+    """Batches across epochs; a DataLoader with shuffle draws a new order each epoch."""
+    while True:
+        yield from loader
+
+
+def train(student, teacher, loss_fn, batches: Iterator[Dict], optim: Optim, rt: Runtime, *, max_steps: int,
+          grad_accum: int, log_every: int, eval_every: int, log: Callable[[Dict[str, float], int], None],
+          evaluate: Callable[[int], Dict[str, float]]) -> int:
+    """Train `student` to match `teacher` for `max_steps` optimizer steps; returns the steps done."""
+    student.train()
+    window: Dict[str, torch.Tensor] = {}  # per-term sums on the device: no host sync inside a step
+    samples, t0 = 0, time.perf_counter()
+    bar = tqdm(total=max_steps, desc="distil", dynamic_ncols=True, mininterval=1.0)
+    for step in range(1, max_steps + 1):
+        # ---- one optimizer step over grad_accum micro-batches ----
+        for _ in range(grad_accum):
+            batch = to_device(next(batches), rt.device)
+            teacher_scores = batch.get("teacher_scores")  # [B, 1 + negatives], when precomputed
+            if teacher_scores is None:  # online teacher: frozen, no autograd graph
+                with torch.inference_mode(), rt.autocast():
+                    teacher_scores = teacher(batch["teacher"])
+                teacher_scores = teacher_scores.clone()  # an ordinary tensor again, usable in the loss
+            with rt.autocast():
+                student_scores = student(batch["student"])  # [B, 1 + negatives]
+            losses = loss_fn(student_scores, teacher_scores)
+            optim.scaler.scale(losses["loss"] / grad_accum).backward()
+            for k, v in losses.items():
+                window[k] = window.get(k, 0.0) + v.detach() / grad_accum
+            samples += batch["size"]
+        optim.scaler.unscale_(optim.optimizer)
+        clip = optim.max_grad_norm if optim.max_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), clip)
+        window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm.detach()
+        optim.scaler.step(optim.optimizer)  # skipped by the scaler when fp16 grads overflowed
+        optim.scaler.update()
+        optim.optimizer.zero_grad(set_to_none=True)
+        optim.scheduler.step()
+        bar.update(1)
+
+        # ---- every log_every steps (and the last): one host sync, then log ----
+        if step % log_every == 0 or step == max_steps:
+            n = log_every if step % log_every == 0 else step % log_every
+            values = {k: float(v) / n for k, v in window.items()}
+            if not all(math.isfinite(v) for k, v in values.items() if k != "grad_norm"):
+                terms = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+                raise NonFiniteLossError(f"non-finite loss between steps {step - n + 1} and {step}: {terms}")
+            elapsed = time.perf_counter() - t0
+            values.update(lr=optim.scheduler.get_last_lr()[0], samples_per_s=samples / max(elapsed, 1e-9))
+            log({f"train/{k}": v for k, v in values.items()}, step)
+            bar.set_postfix(loss=f"{values['loss']:.4g}", samples_s=f"{values['samples_per_s']:.1f}")
+            window, samples, t0 = {}, 0, time.perf_counter()
+        if eval_every and step % eval_every == 0 and step < max_steps:
+            evaluate(step)
+            t0 = time.perf_counter()  # eval time is not training throughput
+    bar.close()
+    return max_steps

@@ -1,0 +1,111 @@
+"""Every option of every group composes and validates; bad configs fail with one clear message."""
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import CONF, ROOT, run_kdrun
+from kdrun import config
+from kdrun.errors import ConfigError
+
+config.register()
+GROUPS = ["teacher", "student", "loss", "data", "hardware", "optimizer"]
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+
+
+def _compose(overrides=()):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_every_group_has_options():
+    assert {g for g, _ in OPTIONS} == set(GROUPS)
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes_and_validates(group, option):
+    cfg = _compose([f"{group}={option}"])
+    config.validate(cfg)
+    node = OmegaConf.to_container(cfg[group], resolve=True)
+    assert node, f"{group}={option} is empty"
+
+
+def test_design_card_command_composes():
+    cfg = _compose(["teacher=bert", "student=tinybert", "loss=margin_mse"])
+    config.validate(cfg)
+    assert cfg.teacher.kind == config.TeacherKind.cross_encoder
+    assert cfg.student.name == "huawei-noah/TinyBERT_General_4L_312D"
+    assert [t.name for t in cfg.loss.terms] == [config.LossName.margin_mse]
+
+
+def test_default_is_offline_minilm_teaching_its_two_layer_slice(minilm_dir):
+    cfg = _compose()
+    assert cfg.teacher.path == minilm_dir
+    assert cfg.student.init == config.StudentInit.teacher_layers
+    assert list(cfg.student.layers) == [0, 5]
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["student.layers=[]"], "student.layers"),
+    (["student.layers=[1,1]"], "distinct"),
+    (["train.batch_size=0"], "train.batch_size"),
+    (["train.max_steps=0", "train.epochs=0"], "train.max_steps"),
+    (["data.eval_fraction=1.5"], "data.eval_fraction"),
+    (["optimizer.lr=0"], "optimizer.lr"),
+    (["teacher.path=null", "teacher.name=null"], "teacher.path"),
+    (["student=tinybert", "student.name=null"], "student.path"),
+])
+def test_cross_field_validation_names_the_key(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        config.validate(_compose(overrides))
+
+
+def _cli(args, tmp_path):
+    """Run the CLI in-process-free and report whether torch got imported."""
+    code = ("import sys; sys.argv=['kdrun', *sys.argv[1:]]\n"
+            "from kdrun.cli import main\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
+            "print('TORCH_IMPORTED' if 'torch' in sys.modules else 'NO_TORCH')\nsys.exit(code)")
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["loss=nope"], ["loss/nope", "margin_mse"]),  # lists the valid choices
+    (["teacher=nope"], ["teacher/nope", "bert", "minilm_offline"]),
+    (["train.nope=1"], ["nope", "train"]),  # unknown key
+    (["train.max_steps=abc"], ["max_steps", "abc"]),  # wrong type
+    (["teacher.kind=ranker"], ["teacher.kind", "bi_encoder", "cross_encoder"]),  # not a choice of an enum
+    (["student.layers=[]"], ["student.layers"]),  # cross-field check
+])
+def test_bad_config_fails_fast_with_one_message_and_no_torch(tmp_path, args, expect):
+    r = _cli(args, tmp_path)
+    assert r.returncode != 0
+    text = r.stdout + r.stderr
+    for word in expect:
+        assert word in text, text
+    assert "Traceback" not in text, text
+    assert "NO_TORCH" in r.stdout, "config errors must answer before torch is imported"
+
+
+def test_help_and_cfg_job_do_not_import_torch(tmp_path):
+    for args in (["--help"], ["--cfg", "job"]):
+        r = _cli(args, tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert "NO_TORCH" in r.stdout
+
+
+def test_console_script_help_lists_groups(tmp_path):
+    r = run_kdrun(["--help"], cwd=tmp_path)
+    assert r.returncode == 0
+    for group in ["teacher:", "student:", "loss:", "data:", "hardware:", "optimizer:"]:
+        assert group in r.stdout
+
+
+def test_python_dash_m_kdrun_works(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "kdrun", "--cfg", "job"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "margin_mse" in r.stdout

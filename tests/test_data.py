@@ -1,0 +1,77 @@
+import collections
+
+import pytest
+
+from kdrun.data import ranking
+from kdrun.data.batching import BucketBatchSampler
+from kdrun.data.bm25 import BM25
+from kdrun.data.chatterbot import load
+from kdrun.errors import DataError
+
+ARGS = dict(language="english", eval_fraction=0.2, split_salt="kdrun-v1", negatives_per_query=1, examples_per_pair=3,
+            mine_depth=30, eval_candidates=50, max_eval_queries=None, seed=13)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load(**ARGS)
+
+
+def test_chatterbot_english_sizes(data):
+    assert data.stats["pairs"] == 2306  # consecutive (utterance, reply) pairs in chatterbot-corpus 1.3.3
+    assert data.stats["passages"] == 1137
+    assert data.stats["train_queries"] + data.stats["eval_queries"] == 1015
+    assert 150 <= data.stats["eval_queries"] <= 250  # ~20 % held out
+    assert data.stats["skipped_entries"] == 1  # the malformed bingo entry of trivia.yml
+
+
+def test_split_is_disjoint_and_stable(data):
+    train_q = {q for q, _ in data.train}
+    assert not train_q & set(data.eval_queries)
+    again = load(**{**ARGS, "seed": 99})  # the split does not depend on the sampling seed
+    assert again.eval_queries == data.eval_queries
+
+
+def test_training_negatives_are_never_positives(data):
+    positives = collections.defaultdict(set)
+    for q, ps in data.train:
+        positives[q].add(ps[0])
+    for q, ps in data.train:
+        assert len(ps) == 2
+        assert ps[1] not in positives[q]
+
+
+def test_eval_candidates_hold_positives_and_bm25_negatives(data):
+    for cands, labels in zip(data.eval_candidates, data.eval_labels):
+        assert len(cands) == len(labels) == 50
+        assert 1 <= sum(labels) <= 25
+        assert len(set(cands)) == 50
+    first_positions = [labels.index(1) for labels in data.eval_labels]
+    assert len(set(first_positions)) > 10, "candidate order must be shuffled, not positives first"
+
+
+def test_bm25_prefers_matching_terms():
+    bm = BM25(["the cat sat on the mat", "dogs bark loudly", "a cat and a dog"])
+    scores = bm.scores("cat on a mat")
+    assert max(scores, key=scores.get) == 0
+    assert 1 not in scores
+
+
+def test_build_rejects_empty_split():
+    pairs = [("q1", "a1"), ("q2", "a2"), ("q3", "a3")]
+    with pytest.raises(DataError, match="eval queries"):
+        ranking.build(pairs, **{**{k: v for k, v in ARGS.items() if k != "language"}, "eval_fraction": 1e-9},
+                      source="tiny")
+
+
+def test_bucket_sampler_covers_everything_once_and_reshuffles():
+    lengths = [i % 37 for i in range(1000)]
+    s = BucketBatchSampler(lengths, batch_size=32, seed=0, chunk_batches=5)
+    e1, e2 = list(s), list(s)
+    assert len(e1) == len(s) == 1000 // 32
+    flat = [i for b in e1 for i in b]
+    assert len(flat) == len(set(flat)) == 31 * 32
+    assert all(len(b) == 32 for b in e1)
+    assert e1 != e2  # a new order each epoch
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in e1) / len(e1)
+    assert spread < 10  # similar lengths within a batch (random batches would span ~36)

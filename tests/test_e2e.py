@@ -1,0 +1,107 @@
+"""The real `kdrun` console script trains a few steps on CPU; we check what landed in MLflow."""
+import json
+
+import pytest
+
+from conftest import offline_env, run_kdrun
+
+FAST = ["train.max_steps=4", "train.batch_size=8", "train.log_every=2", "train.eval_every=2",
+        "data.max_eval_queries=20", "tracking.experiment=e2e"]
+
+
+def _client(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def _only_run(client, experiment="e2e"):
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    r = run_kdrun(FAST + [f"hydra.run.dir={tmp / 'out'}"], cwd=tmp, env=offline_env(tmp))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return tmp, r
+
+
+def test_run_finishes_and_prints_metrics(default_run):
+    _, r = default_run
+    assert "student before" in r.stdout and "teacher" in r.stdout
+    assert "mrr_at_10" in r.stdout and "MLflow run" in r.stdout
+
+
+def test_params_tags_and_metric_histories_land_in_mlflow(default_run):
+    tmp, _ = default_run
+    client = _client(tmp)
+    run = _only_run(client)
+    assert run.info.status == "FINISHED"
+    p = run.data.params
+    assert p["teacher.kind"] == "bi_encoder" and p["student.init"] == "teacher_layers"
+    assert p["student.layers"] == "[0, 5]" and p["train.max_steps"] == "4"
+    assert json.loads(p["loss.terms"]) == [{"name": "margin_mse", "weight": 1.0}]
+    assert "kdrun.command" in run.data.tags and "train.max_steps=4" in run.data.tags["kdrun.command"]
+    hist = lambda key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+    assert [s for s, _ in hist("train/loss")] == [2, 4]
+    assert [s for s, _ in hist("train/margin_mse")] == [2, 4]
+    assert all(v > 0 for _, v in hist("train/lr"))
+    assert all(v > 0 for _, v in hist("train/samples_per_s"))
+    for who in ("student", "teacher"):
+        for metric in ("mrr_at_10", "ndcg_at_10", "recall_at_10"):
+            steps = [s for s, _ in hist(f"eval/{who}/{metric}")]
+            assert steps == [0, 2, 4], (who, metric, steps)
+    assert all(0.0 <= v <= 1.0 for _, v in hist("eval/student/mrr_at_10"))
+    # the teacher is frozen: its metrics do not move
+    assert len({v for _, v in hist("eval/teacher/mrr_at_10")}) == 1
+
+
+def test_artifacts_config_overrides_and_a_loadable_student(default_run):
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tmp, _ = default_run
+    client = _client(tmp)
+    run = _only_run(client)
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "overrides.txt", "student"} <= names
+    student_files = {a.path for a in client.list_artifacts(run.info.run_id, "student")}
+    assert {"student/config.json", "student/model.safetensors", "student/tokenizer.json"} <= student_files
+    local = client.download_artifacts(run.info.run_id, "student", str(tmp / "dl"))
+    model, tok = AutoModel.from_pretrained(local), AutoTokenizer.from_pretrained(local)
+    assert model.config.num_hidden_layers == 2
+    with torch.inference_mode():
+        out = model(**tok(["hello there"], return_tensors="pt")).last_hidden_state
+    assert out.shape[-1] == 384 and torch.isfinite(out).all()
+    overrides = client.download_artifacts(run.info.run_id, "overrides.txt", str(tmp / "dl2"))
+    assert "train.max_steps=4" in open(overrides).read()
+
+
+def test_online_teacher_trains_too(tmp_path):
+    r = run_kdrun(["teacher.mode=online", "train.max_steps=2", "train.batch_size=4", "train.log_every=1",
+                   "data.max_eval_queries=5", "tracking.log_student=false", "tracking.experiment=online",
+                   f"hydra.run.dir={tmp_path / 'out'}"], cwd=tmp_path, env=offline_env(tmp_path))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    run = _only_run(_client(tmp_path), "online")
+    assert run.info.status == "FINISHED" and run.data.params["teacher.mode"] == "online"
+    assert "train/margin_mse" in run.data.metrics
+
+
+def test_hub_teacher_without_network_names_teacher_path(tmp_path):
+    r = run_kdrun(["teacher=bert", f"hydra.run.dir={tmp_path / 'out'}"], cwd=tmp_path, env=offline_env(tmp_path),
+                  timeout=120)
+    assert r.returncode == 2
+    assert "nboost/pt-bert-base-uncased-msmarco" in r.stderr
+    assert "not available offline" in r.stderr and "teacher.path=" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_hub_student_without_network_names_student_path(tmp_path):
+    r = run_kdrun(["student=tinybert", f"hydra.run.dir={tmp_path / 'out'}"], cwd=tmp_path,
+                  env=offline_env(tmp_path), timeout=120)
+    assert r.returncode == 2
+    assert "huawei-noah/TinyBERT_General_4L_312D" in r.stderr and "student.path=" in r.stderr

@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from kdrun.errors import ConfigError, ModelLoadError
+from kdrun.models import build_student, build_teacher
+from kdrun.models.hub import resolve_source
+
+STUDENT = dict(name=None, path=None, init="teacher_layers", pooling="mean", similarity="dot", max_length=64)
+
+
+@pytest.fixture(scope="module")
+def teacher(minilm_dir):
+    return build_teacher(name=None, path=minilm_dir, kind="bi_encoder", pooling="mean", similarity="cos",
+                         label_index=-1, max_length=64)
+
+
+def test_teacher_is_frozen_and_in_eval_mode(teacher):
+    assert not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_student_keeps_embeddings_and_the_listed_teacher_layers(teacher, minilm_dir):
+    student = build_student(**STUDENT, layers=[0, 5], teacher_source=minilm_dir)
+    t_layers, s_layers = teacher.encoder.encoder.layer, student.encoder.encoder.layer
+    assert len(s_layers) == 2 and student.encoder.config.num_hidden_layers == 2
+    for s_idx, t_idx in [(0, 0), (1, 5)]:
+        for a, b in zip(s_layers[s_idx].parameters(), t_layers[t_idx].parameters()):
+            assert torch.equal(a, b)
+    assert torch.equal(student.encoder.embeddings.word_embeddings.weight,
+                       teacher.encoder.embeddings.word_embeddings.weight)
+    assert all(p.requires_grad for p in student.parameters())
+    # its own copy: training the student cannot touch the teacher
+    assert student.encoder.embeddings.word_embeddings.weight.data_ptr() != \
+        teacher.encoder.embeddings.word_embeddings.weight.data_ptr()
+
+
+def test_layer_index_beyond_teacher_depth_is_a_config_error(minilm_dir):
+    with pytest.raises(ConfigError, match="has 6 layers"):
+        build_student(**STUDENT, layers=[0, 6], teacher_source=minilm_dir)
+
+
+def test_teacher_scores_rank_the_right_answer_first(teacher):
+    feats = teacher.featurize(["What is the capital of France?"],
+                              [["Paris is the capital of France.", "Bananas are yellow."]])
+    with torch.inference_mode():
+        scores = teacher(feats)
+    assert scores.shape == (1, 2)
+    assert scores[0, 0] > scores[0, 1]
+
+
+def test_saved_student_loads_back_with_plain_transformers(tmp_path, minilm_dir):
+    from transformers import AutoModel, AutoTokenizer
+
+    student = build_student(**STUDENT, layers=[0, 5], teacher_source=minilm_dir).eval()
+    student.save(tmp_path)
+    model, tok = AutoModel.from_pretrained(tmp_path).eval(), AutoTokenizer.from_pretrained(tmp_path)
+    assert model.config.num_hidden_layers == 2
+    text = ["a short test sentence"]
+    enc = tok(text, return_tensors="pt")
+    with torch.inference_mode():
+        ours = student.embed({k: v for k, v in enc.items()})
+        theirs = model(**enc).last_hidden_state.mean(1)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert (tmp_path / "1_Pooling" / "config.json").is_file() and (tmp_path / "modules.json").is_file()
+
+
+def test_bad_local_paths_name_the_key(tmp_path):
+    with pytest.raises(ModelLoadError, match=r"teacher.path=.*no such directory"):
+        resolve_source("teacher", None, str(tmp_path / "missing"))
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        resolve_source("student", None, str(tmp_path))
+
+
+def test_unreachable_hub_names_the_model_and_the_path_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ModelLoadError) as e:
+        resolve_source("teacher", "nboost/pt-bert-base-uncased-msmarco", None)
+    msg = str(e.value)
+    assert "nboost/pt-bert-base-uncased-msmarco" in msg and "not available offline" in msg
+    assert "teacher.path=" in msg

@@ -110,6 +110,7 @@ class DataConfig:
     examples_per_pair: int = 3  # training examples drawn per (query, positive) pair per epoch
     mine_depth: int = 30  # negatives are sampled from the BM25 top-k that are not positives
     eval_candidates: int = 50  # candidates re-ranked per held-out query (positives + BM25 top)
+    max_train_queries: Optional[int] = None  # caps for quick smoke runs; None: all
     max_eval_queries: Optional[int] = None
     seed: int = 13
 

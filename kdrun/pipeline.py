@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Dict, Optional
 
-from hydra.utils import instantiate
+from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun.data.batching import BucketBatchSampler
@@ -21,6 +21,13 @@ log = logging.getLogger(__name__)
 def _node(cfg: DictConfig) -> dict:
     """A config group as plain values (enums as strings) for a `_target_` builder."""
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def build(node: dict, **extra):
+    """Call the node's `_target_` with its other keys (what hydra's instantiate does, minus the wrapping
+    of our errors in InstantiationException: a ModelLoadError must reach the user as it is)."""
+    node = dict(node)
+    return get_method(node.pop("_target_"))(**node, **extra)
 
 
 def _overrides() -> list:
@@ -40,16 +47,16 @@ def run(cfg: DictConfig) -> Dict[str, object]:
     from kdrun.tasks import ranking
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # weight-loading bars; kdrun shows its own progress
     hw, tr, oc = _node(cfg.hardware), cfg.train, cfg.optimizer
     rt = make_runtime(hw["device"], hw["precision"])
     seed_everything(tr.seed)
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)  # an unusable store fails before any work
-
-    data = instantiate(_node(cfg.data))
     teacher_node = _node(cfg.teacher)
     teacher_mode = teacher_node.pop("mode")
-    teacher = instantiate(teacher_node).to(rt.device)
-    student = instantiate(_node(cfg.student), teacher_source=teacher.source).to(rt.device)
+    teacher = build(teacher_node).to(rt.device)
+    student = build(_node(cfg.student), teacher_source=teacher.source).to(rt.device)
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)  # an unusable store fails before training
+    data = build(_node(cfg.data))
     loss_fn = WeightedLoss([(t["name"], t["weight"]) for t in _node(cfg.loss)["terms"]])
 
     if len(data.train) < tr.batch_size:

@@ -66,6 +66,7 @@ def train(student, teacher, loss_fn, batches: Iterator[Dict], optim: Optim, rt: 
         clip = optim.max_grad_norm if optim.max_grad_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), clip)
         window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm.detach()
+        lr = optim.scheduler.get_last_lr()[0]  # the lr this step uses
         optim.scaler.step(optim.optimizer)  # skipped by the scaler when fp16 grads overflowed
         optim.scaler.update()
         optim.optimizer.zero_grad(set_to_none=True)
@@ -80,7 +81,7 @@ def train(student, teacher, loss_fn, batches: Iterator[Dict], optim: Optim, rt: 
                 terms = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
                 raise NonFiniteLossError(f"non-finite loss between steps {step - n + 1} and {step}: {terms}")
             elapsed = time.perf_counter() - t0
-            values.update(lr=optim.scheduler.get_last_lr()[0], samples_per_s=samples / max(elapsed, 1e-9))
+            values.update(lr=lr, samples_per_s=samples / max(elapsed, 1e-9))
             log({f"train/{k}": v for k, v in values.items()}, step)
             bar.set_postfix(loss=f"{values['loss']:.4g}", samples_s=f"{values['samples_per_s']:.1f}")
             window, samples, t0 = {}, 0, time.perf_counter()

@@ -9,7 +9,7 @@ from kdrun.data.chatterbot import load
 from kdrun.errors import DataError
 
 ARGS = dict(language="english", eval_fraction=0.2, split_salt="kdrun-v1", negatives_per_query=1, examples_per_pair=3,
-            mine_depth=30, eval_candidates=50, max_eval_queries=None, seed=13)
+            mine_depth=30, eval_candidates=50, max_train_queries=None, max_eval_queries=None, seed=13)
 
 
 @pytest.fixture(scope="module")

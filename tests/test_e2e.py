@@ -83,7 +83,8 @@ def test_artifacts_config_overrides_and_a_loadable_student(default_run):
 
 def test_online_teacher_trains_too(tmp_path):
     r = run_kdrun(["teacher.mode=online", "train.max_steps=2", "train.batch_size=4", "train.log_every=1",
-                   "data.max_eval_queries=5", "tracking.log_student=false", "tracking.experiment=online",
+                   "data.max_train_queries=8", "data.max_eval_queries=5", "tracking.log_student=false",
+                   "tracking.experiment=online",
                    f"hydra.run.dir={tmp_path / 'out'}"], cwd=tmp_path, env=offline_env(tmp_path))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     run = _only_run(_client(tmp_path), "online")
@@ -105,3 +106,44 @@ def test_hub_student_without_network_names_student_path(tmp_path):
                   env=offline_env(tmp_path), timeout=120)
     assert r.returncode == 2
     assert "huawei-noah/TinyBERT_General_4L_312D" in r.stderr and "student.path=" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def local_cross_encoder(tmp_path_factory, minilm_dir):
+    """A local cross-encoder directory (MiniLM + a 2-logit classification head), as a user would pass
+    with teacher.path=DIR. No real cross-encoder installs offline, so its head is untrained: this
+    checks the plumbing, not the teacher's quality."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    d = tmp_path_factory.mktemp("cross_encoder")
+    AutoModelForSequenceClassification.from_pretrained(minilm_dir, num_labels=2).save_pretrained(d)
+    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("mode", ["online", "precompute"])
+def test_design_card_teacher_from_a_local_path(tmp_path, local_cross_encoder, mode):
+    r = run_kdrun(["teacher=bert", f"teacher.path={local_cross_encoder}", f"teacher.mode={mode}",
+                   "teacher.max_length=64", "train.max_steps=2", "train.batch_size=4", "train.log_every=1",
+                   "data.max_train_queries=8", "data.max_eval_queries=3", "tracking.log_student=false",
+                   "tracking.experiment=cross",
+                   f"hydra.run.dir={tmp_path / 'out'}"], cwd=tmp_path, env=offline_env(tmp_path))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    run = _only_run(_client(tmp_path), "cross")
+    assert run.info.status == "FINISHED" and run.data.params["teacher.kind"] == "cross_encoder"
+    assert "eval/teacher/mrr_at_10" in run.data.metrics
+
+
+@pytest.mark.slow
+def test_default_job_improves_the_student(tmp_path):
+    """What `make demo` runs: the distilled 2-layer slice beats itself before training on held-out queries."""
+    r = run_kdrun([f"hydra.run.dir={tmp_path / 'out'}", "tracking.experiment=demo"], cwd=tmp_path,
+                  env=offline_env(tmp_path), timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    client = _client(tmp_path)
+    run = _only_run(client, "demo")
+    mrr = [m.value for m in client.get_metric_history(run.info.run_id, "eval/student/mrr_at_10")]
+    ndcg = [m.value for m in client.get_metric_history(run.info.run_id, "eval/student/ndcg_at_10")]
+    assert mrr[-1] > mrr[0] + 0.05, mrr
+    assert ndcg[-1] > ndcg[0] + 0.05, ndcg
+    assert mrr[-1] < run.data.metrics["eval/teacher/mrr_at_10"]  # a 2-layer student stays below its teacher

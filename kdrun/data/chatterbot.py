@@ -44,7 +44,8 @@ def read_pairs(directory: Path) -> Tuple[List[Tuple[str, str]], int]:
 
 
 def load(*, language: str, eval_fraction: float, split_salt: str, negatives_per_query: int, examples_per_pair: int,
-         mine_depth: int, eval_candidates: int, max_eval_queries: Optional[int], seed: int) -> ranking.RankingData:
+         mine_depth: int, eval_candidates: int, max_train_queries: Optional[int], max_eval_queries: Optional[int],
+         seed: int) -> ranking.RankingData:
     directory = Path(package_dir("chatterbot_corpus", "data")) / language
     if not directory.is_dir():
         langs = sorted(p.name for p in directory.parent.iterdir() if p.is_dir())
@@ -54,7 +55,8 @@ def load(*, language: str, eval_fraction: float, split_salt: str, negatives_per_
         log.info("chatterbot-corpus/%s: skipped %d entries that are not conversations", language, skipped)
     data = ranking.build(pairs, eval_fraction=eval_fraction, split_salt=split_salt,
                          negatives_per_query=negatives_per_query, examples_per_pair=examples_per_pair,
-                         mine_depth=mine_depth, eval_candidates=eval_candidates, max_eval_queries=max_eval_queries,
+                         mine_depth=mine_depth, eval_candidates=eval_candidates,
+                         max_train_queries=max_train_queries, max_eval_queries=max_eval_queries,
                          seed=seed, source=f"chatterbot-corpus/{language}")
     data.stats["skipped_entries"] = skipped
     return data

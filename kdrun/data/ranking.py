@@ -51,8 +51,8 @@ def _fill(picked: List[int], n_total: int, exclude: set, need: int, rng: random.
 
 
 def build(pairs: Sequence[Tuple[str, str]], *, eval_fraction: float, split_salt: str, negatives_per_query: int,
-          examples_per_pair: int, mine_depth: int, eval_candidates: int, max_eval_queries: Optional[int],
-          seed: int, source: str) -> RankingData:
+          examples_per_pair: int, mine_depth: int, eval_candidates: int, max_train_queries: Optional[int],
+          max_eval_queries: Optional[int], seed: int, source: str) -> RankingData:
     qrels: Dict[str, List[int]] = {}
     passages: List[str] = []
     pid: Dict[str, int] = {}
@@ -68,6 +68,8 @@ def build(pairs: Sequence[Tuple[str, str]], *, eval_fraction: float, split_salt:
 
     train_q = [q for q in qrels if not is_eval_query(q, split_salt, eval_fraction)]
     eval_q = [q for q in qrels if is_eval_query(q, split_salt, eval_fraction)]
+    if max_train_queries:
+        train_q = train_q[:max_train_queries]
     if max_eval_queries:
         eval_q = eval_q[:max_eval_queries]
     if not train_q or not eval_q:

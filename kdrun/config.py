@@ -57,6 +57,8 @@ class Device(Enum):
 
 class LossName(Enum):
     margin_mse = "margin_mse"
+    listwise_kl = "listwise_kl"
+    pointwise_mse = "pointwise_mse"
 
 
 class Schedule(Enum):
@@ -93,6 +95,7 @@ class StudentConfig:
 class LossTerm:
     name: LossName = LossName.margin_mse
     weight: float = 1.0
+    temperature: float = 1.0  # softmax temperature, for terms that use one (listwise_kl)
 
 
 @dataclass
@@ -119,7 +122,6 @@ class DataConfig:
 class HardwareConfig:
     device: Device = Device.cpu
     precision: Precision = Precision.fp32
-    compile: bool = False
     num_workers: int = 0
 
 
@@ -207,6 +209,9 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"train.eval_every={tr.eval_every} must be >= 0 (0: only before and after training)")
     if not cfg.loss.terms:
         raise ConfigError("loss.terms is empty: list at least one term, e.g. loss=margin_mse")
+    for i, term in enumerate(cfg.loss.terms):
+        if term.temperature <= 0:
+            raise ConfigError(f"loss.terms.{i}.temperature={term.temperature} must be > 0")
     if not 0.0 < cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be between 0 and 1")
     if cfg.data.negatives_per_query < 1 or cfg.data.examples_per_pair < 1:

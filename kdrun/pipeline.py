@@ -48,7 +48,7 @@ def run(cfg: DictConfig) -> Dict[str, object]:
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # weight-loading bars; kdrun shows its own progress
-    hw, tr, oc = _node(cfg.hardware), cfg.train, cfg.optimizer
+    hw, tr = _node(cfg.hardware), cfg.train
     rt = make_runtime(hw["device"], hw["precision"])
     seed_everything(tr.seed)
     teacher_node = _node(cfg.teacher)
@@ -57,7 +57,7 @@ def run(cfg: DictConfig) -> Dict[str, object]:
     student = build(_node(cfg.student), teacher_source=teacher.source).to(rt.device)
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)  # an unusable store fails before training
     data = build(_node(cfg.data))
-    loss_fn = WeightedLoss([(t["name"], t["weight"]) for t in _node(cfg.loss)["terms"]])
+    loss_fn = WeightedLoss([(t["name"], t["weight"], t["temperature"]) for t in _node(cfg.loss)["terms"]])
 
     if len(data.train) < tr.batch_size:
         raise DataError(f"{data.source}: {len(data.train)} training examples, fewer than train.batch_size={tr.batch_size}")
@@ -72,15 +72,7 @@ def run(cfg: DictConfig) -> Dict[str, object]:
                         collate_fn=ranking.Collate(teacher if teacher_mode == "online" else None, student),
                         pin_memory=rt.device.type == "cuda")
     max_steps = tr.max_steps if tr.max_steps > 0 else max(1, math.ceil(tr.epochs * len(loader) / tr.grad_accum))
-    decay = [p for p in student.parameters() if p.ndim >= 2]  # no weight decay on biases and norms
-    no_decay = [p for p in student.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": oc.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps, fused=rt.device.type == "cuda")
-    warmup = int(oc.warmup_ratio * max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, loop.warmup_then(_node(oc)["schedule"], warmup, max_steps))
-    optim = loop.Optim(optimizer, scheduler, rt.grad_scaler(), oc.max_grad_norm)
+    optim = loop.make_optim(student, rt, max_steps, **_node(cfg.optimizer))
 
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     run_id = tracker.start(cfg.tracking.run_name, flatten(resolved), tags={"kdrun.task": "ranking"})

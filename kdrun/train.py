@@ -32,6 +32,18 @@ def warmup_then(schedule: str, warmup_steps: int, total_steps: int) -> Callable[
     return factor
 
 
+def make_optim(model: torch.nn.Module, rt: Runtime, max_steps: int, *, lr: float, weight_decay: float, betas,
+               eps: float, schedule: str, warmup_ratio: float, max_grad_norm: float) -> Optim:
+    """AdamW (fused on CUDA; no weight decay on biases and norms), warmup + decay, GradScaler for fp16."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=lr, betas=tuple(betas), eps=eps, fused=rt.device.type == "cuda")
+    factor = warmup_then(schedule, int(warmup_ratio * max_steps), max_steps)
+    return Optim(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor), rt.grad_scaler(), max_grad_norm)
+
+
 def forever(loader) -> Iterator:
     """Batches across epochs; a DataLoader with shuffle draws a new order each epoch."""
     while True:

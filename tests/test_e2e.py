@@ -44,7 +44,7 @@ def test_params_tags_and_metric_histories_land_in_mlflow(default_run):
     p = run.data.params
     assert p["teacher.kind"] == "bi_encoder" and p["student.init"] == "teacher_layers"
     assert p["student.layers"] == "[0, 5]" and p["train.max_steps"] == "4"
-    assert json.loads(p["loss.terms"]) == [{"name": "margin_mse", "weight": 1.0}]
+    assert json.loads(p["loss.terms"]) == [{"name": "margin_mse", "weight": 1.0, "temperature": 1.0}]
     assert "kdrun.command" in run.data.tags and "train.max_steps=4" in run.data.tags["kdrun.command"]
     hist = lambda key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
     assert [s for s, _ in hist("train/loss")] == [2, 4]

@@ -60,3 +60,50 @@ def test_weighted_loss_returns_total_and_every_term():
     assert out["loss"].item() == pytest.approx(2.125)
     with pytest.raises(KeyError, match="known"):
         WeightedLoss([("nope", 1.0)])
+
+
+from kdrun.losses.functional import listwise_kl, pointwise_mse  # noqa: E402
+
+
+def test_listwise_kl_known_value():
+    s = torch.tensor([[0.0, 0.0]])  # student: uniform
+    t = torch.tensor([[torch.log(torch.tensor(3.0)).item(), 0.0]])  # teacher: p = (3/4, 1/4)
+    expected = 0.75 * torch.log(torch.tensor(0.75 / 0.5)) + 0.25 * torch.log(torch.tensor(0.25 / 0.5))
+    assert listwise_kl(s, t).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_listwise_kl_properties():
+    torch.manual_seed(0)
+    s, t = torch.randn(16, 5), torch.randn(16, 5)
+    assert listwise_kl(s, t).item() >= 0
+    assert listwise_kl(t, t).item() == pytest.approx(0.0, abs=1e-6)
+    shift = torch.randn(16, 1) * 50
+    assert listwise_kl(s + shift, t - shift).item() == pytest.approx(listwise_kl(s, t).item(), rel=1e-4)
+    low = listwise_kl(s.bfloat16(), t.bfloat16())
+    assert low.dtype == torch.float32 and low.item() == pytest.approx(listwise_kl(s, t).item(), rel=5e-2)
+
+
+def test_listwise_kl_t_squared_keeps_gradients_comparable_across_temperatures():
+    # for large T the T^2-scaled gradient tends to (s - t)/n-centred logits matching: it stays O(1)
+    torch.manual_seed(1)
+    s0, t = torch.randn(8, 4) * 0.1, torch.randn(8, 4) * 0.1
+    norms = []
+    for temp in (1.0, 4.0, 16.0):
+        s = s0.clone().requires_grad_(True)
+        listwise_kl(s, t, temperature=temp).backward()
+        norms.append(s.grad.norm().item())
+    assert max(norms) / min(norms) < 2.0, norms
+
+
+def test_pointwise_mse_known_value_and_scale_sensitivity():
+    s = torch.tensor([[1.0, 2.0]])
+    t = torch.tensor([[0.0, 0.0]])
+    assert pointwise_mse(s, t).item() == pytest.approx(2.5)
+    assert pointwise_mse(t + 3.0, t).item() == pytest.approx(9.0)  # unlike margin_mse, offsets count
+
+
+def test_weighted_loss_passes_temperature_to_terms_that_take_one():
+    s, t = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 2.0]])
+    out = WeightedLoss([("listwise_kl", 1.0, 2.0), ("margin_mse", 0.1, 2.0)])(s, t)
+    assert out["listwise_kl"].item() == pytest.approx(listwise_kl(s, t, temperature=2.0).item())
+    assert out["loss"].item() == pytest.approx(out["listwise_kl"].item() + 0.1 * out["margin_mse"].item())

@@ -1,0 +1,82 @@
+"""The loop's mechanics on toy modules: accumulation, frozen teacher, non-finite loss, logging."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from kdrun.errors import NonFiniteLossError
+from kdrun.losses import WeightedLoss
+from kdrun.runtime import make_runtime
+from kdrun.train import make_optim, train
+
+RT = make_runtime("cpu", "fp32")
+OPT = dict(lr=0.1, weight_decay=0.0, betas=[0.9, 0.999], eps=1e-8, schedule="constant", warmup_ratio=0.0,
+           max_grad_norm=0.0)
+
+
+class Scorer(nn.Module):
+    """features [B, n, d] -> scores [B, n]"""
+
+    def __init__(self, d=4, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin = nn.Linear(d, 1, bias=False)  # a bias cancels in margins: its true gradient is 0
+
+    def forward(self, x):
+        return self.lin(x).squeeze(-1)
+
+
+def _batches(x, t, size):
+    for i in range(0, len(x), size):
+        yield {"student": x[i:i + size], "teacher_scores": t[i:i + size], "size": size}
+
+
+def _run(student, batches, steps, accum, teacher=None, logs=None):
+    optim = make_optim(student, RT, steps, **OPT)
+    train(student, teacher, WeightedLoss([("margin_mse", 1.0)]), batches, optim, RT, max_steps=steps,
+          grad_accum=accum, log_every=1, eval_every=0, log=lambda m, s: logs.append((s, m)) if logs is not None else None,
+          evaluate=lambda s: {})
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    torch.manual_seed(1)
+    x, t = torch.randn(8, 3, 4), torch.randn(8, 3)
+    a, b = Scorer(), Scorer()
+    _run(a, _batches(x, t, 8), steps=1, accum=1)
+    _run(b, _batches(x, t, 4), steps=1, accum=2)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb)
+
+
+def test_online_teacher_gets_no_gradient_and_does_not_change():
+    torch.manual_seed(2)
+    x = torch.randn(8, 2, 4)
+    teacher = Scorer(seed=5).requires_grad_(False).eval()
+    before = copy.deepcopy(teacher.state_dict())
+    student = Scorer()
+    batches = ({"student": x[i:i + 4], "teacher": x[i:i + 4], "size": 4} for i in (0, 4))
+    logs = []
+    _run(student, batches, steps=2, accum=1, teacher=teacher, logs=logs)
+    assert all(p.grad is None for p in teacher.parameters())
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert [s for s, _ in logs] == [1, 2]
+    assert {"train/loss", "train/margin_mse", "train/lr", "train/grad_norm", "train/samples_per_s"} <= set(logs[0][1])
+
+
+def test_loss_goes_down_on_a_learnable_target():
+    torch.manual_seed(3)
+    x = torch.randn(64, 2, 4)
+    target = Scorer(seed=9)
+    with torch.no_grad():
+        t = target(x)
+    logs = []
+    _run(Scorer(), (b for _ in range(50) for b in _batches(x, t, 16)), steps=100, accum=1, logs=logs)
+    assert logs[-1][1]["train/loss"] < 0.05 * logs[0][1]["train/loss"]
+
+
+def test_non_finite_loss_stops_with_the_step_and_terms():
+    x, t = torch.randn(4, 2, 4), torch.tensor([[float("nan"), 0.0]] * 4)
+    with pytest.raises(NonFiniteLossError, match=r"steps 1 and 1.*margin_mse=nan"):
+        _run(Scorer(), _batches(x, t, 4), steps=1, accum=1)

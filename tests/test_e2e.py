@@ -147,3 +147,17 @@ def test_default_job_improves_the_student(tmp_path):
     assert mrr[-1] > mrr[0] + 0.05, mrr
     assert ndcg[-1] > ndcg[0] + 0.05, ndcg
     assert mrr[-1] < run.data.metrics["eval/teacher/mrr_at_10"]  # a 2-layer student stays below its teacher
+
+
+def test_sweep_over_losses_logs_one_run_per_job(tmp_path):
+    r = run_kdrun(["-m", "loss=margin_mse,listwise_kl", "train.max_steps=2", "train.batch_size=4",
+                   "train.log_every=1", "data.max_train_queries=8", "data.max_eval_queries=3",
+                   "tracking.log_student=false", "tracking.experiment=sweep", f"hydra.sweep.dir={tmp_path / 'multi'}"],
+                  cwd=tmp_path, env=offline_env(tmp_path))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    client = _client(tmp_path)
+    runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    assert sorted(json.loads(x.data.params["loss.terms"])[0]["name"] for x in runs) == ["listwise_kl", "margin_mse"]
+    assert all(x.info.status == "FINISHED" for x in runs)
+    assert {"train/margin_mse", "train/listwise_kl"} == {k for x in runs for k in x.data.metrics if k in
+                                                         ("train/margin_mse", "train/listwise_kl")}

@@ -80,3 +80,29 @@ def test_non_finite_loss_stops_with_the_step_and_terms():
     x, t = torch.randn(4, 2, 4), torch.tensor([[float("nan"), 0.0]] * 4)
     with pytest.raises(NonFiniteLossError, match=r"steps 1 and 1.*margin_mse=nan"):
         _run(Scorer(), _batches(x, t, 4), steps=1, accum=1)
+
+
+def test_bf16_autocast_step_runs_and_matches_fp32_closely():
+    torch.manual_seed(4)
+    x, t = torch.randn(8, 3, 4), torch.randn(8, 3)
+    results = []
+    for precision in ("fp32", "bf16"):
+        rt = make_runtime("cpu", precision)
+        student = Scorer()
+        optim = make_optim(student, rt, 1, **OPT)
+        train(student, None, WeightedLoss([("margin_mse", 1.0)]), _batches(x, t, 8), optim, rt, max_steps=1,
+              grad_accum=1, log_every=1, eval_every=0, log=lambda m, s: results.append(m["train/loss"]),
+              evaluate=lambda s: {})
+    assert results[1] == pytest.approx(results[0], rel=2e-2)
+
+
+def test_gpu_profiles_without_a_gpu_say_so():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    from kdrun.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no CUDA GPU.*hardware=cpu"):
+        make_runtime("cuda", "bf16")
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        make_runtime("cpu", "fp16")
+    assert make_runtime("auto", "fp32").device.type == "cpu"

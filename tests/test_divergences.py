@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from kdrun.losses.functional import (cross_entropy, forward_kl, jsd, masked_mean, reverse_kl, skew_kl, skew_rkl,
-                                     taid)
+from kdrun.losses.functional import (cross_entropy, forward_kl, jsd, listwise_kl, masked_mean, reverse_kl, skew_kl,
+                                     skew_rkl, taid)
 
 ALL = {
     "forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd, "skew_kl": skew_kl, "skew_rkl": skew_rkl,
@@ -89,13 +89,15 @@ def test_taid_endpoints(logits):
         taid(s, t, 1.5)
 
 
-def test_kl_temperature_scaling_keeps_gradients_comparable():
+@pytest.mark.parametrize("fn", [forward_kl, listwise_kl], ids=["forward_kl", "listwise_kl"])
+def test_kl_temperature_scaling_keeps_gradients_comparable(fn):
+    # T^2 (Hinton et al.): for large T the gradient tends to a T-independent logit matching
     torch.manual_seed(2)
     s0, t = torch.randn(8, 10) * 0.1, torch.randn(8, 10) * 0.1
     norms = []
     for temp in (1.0, 4.0, 16.0):
         s = s0.clone().requires_grad_(True)
-        forward_kl(s, t, temperature=temp).backward()
+        fn(s, t, temperature=temp).backward()
         norms.append(s.grad.norm().item())
     assert max(norms) / min(norms) < 2.0, norms
 

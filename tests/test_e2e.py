@@ -5,6 +5,9 @@ import pytest
 
 from conftest import offline_env, run_kdrun
 
+# a few steps on a few queries: plumbing checks that finish in seconds
+SMALL = ["train.max_steps=2", "train.batch_size=4", "train.log_every=1", "data.max_train_queries=8",
+         "tracking.log_student=false"]
 FAST = ["train.max_steps=4", "train.batch_size=8", "train.log_every=2", "train.eval_every=2",
         "data.max_eval_queries=20", "tracking.experiment=e2e"]
 
@@ -82,9 +85,7 @@ def test_artifacts_config_overrides_and_a_loadable_student(default_run):
 
 
 def test_online_teacher_trains_too(tmp_path):
-    r = run_kdrun(["teacher.mode=online", "train.max_steps=2", "train.batch_size=4", "train.log_every=1",
-                   "data.max_train_queries=8", "data.max_eval_queries=5", "tracking.log_student=false",
-                   "tracking.experiment=online",
+    r = run_kdrun(SMALL + ["teacher.mode=online", "data.max_eval_queries=5", "tracking.experiment=online",
                    f"hydra.run.dir={tmp_path / 'out'}"], cwd=tmp_path, env=offline_env(tmp_path))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     run = _only_run(_client(tmp_path), "online")
@@ -123,10 +124,8 @@ def local_cross_encoder(tmp_path_factory, minilm_dir):
 
 @pytest.mark.parametrize("mode", ["online", "precompute"])
 def test_design_card_teacher_from_a_local_path(tmp_path, local_cross_encoder, mode):
-    r = run_kdrun(["teacher=bert", f"teacher.path={local_cross_encoder}", f"teacher.mode={mode}",
-                   "teacher.max_length=64", "train.max_steps=2", "train.batch_size=4", "train.log_every=1",
-                   "data.max_train_queries=8", "data.max_eval_queries=3", "tracking.log_student=false",
-                   "tracking.experiment=cross",
+    r = run_kdrun(SMALL + ["teacher=bert", f"teacher.path={local_cross_encoder}", f"teacher.mode={mode}",
+                           "teacher.max_length=64", "data.max_eval_queries=3", "tracking.experiment=cross",
                    f"hydra.run.dir={tmp_path / 'out'}"], cwd=tmp_path, env=offline_env(tmp_path))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     run = _only_run(_client(tmp_path), "cross")
@@ -150,9 +149,8 @@ def test_default_job_improves_the_student(tmp_path):
 
 
 def test_sweep_over_losses_logs_one_run_per_job(tmp_path):
-    r = run_kdrun(["-m", "loss=margin_mse,listwise_kl", "train.max_steps=2", "train.batch_size=4",
-                   "train.log_every=1", "data.max_train_queries=8", "data.max_eval_queries=3",
-                   "tracking.log_student=false", "tracking.experiment=sweep", f"hydra.sweep.dir={tmp_path / 'multi'}"],
+    r = run_kdrun(["-m", "loss=margin_mse,listwise_kl", *SMALL, "data.max_eval_queries=3",
+                   "tracking.experiment=sweep", f"hydra.sweep.dir={tmp_path / 'multi'}"],
                   cwd=tmp_path, env=offline_env(tmp_path))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     client = _client(tmp_path)

@@ -83,18 +83,6 @@ def test_listwise_kl_properties():
     assert low.dtype == torch.float32 and low.item() == pytest.approx(listwise_kl(s, t).item(), rel=5e-2)
 
 
-def test_listwise_kl_t_squared_keeps_gradients_comparable_across_temperatures():
-    # for large T the T^2-scaled gradient tends to (s - t)/n-centred logits matching: it stays O(1)
-    torch.manual_seed(1)
-    s0, t = torch.randn(8, 4) * 0.1, torch.randn(8, 4) * 0.1
-    norms = []
-    for temp in (1.0, 4.0, 16.0):
-        s = s0.clone().requires_grad_(True)
-        listwise_kl(s, t, temperature=temp).backward()
-        norms.append(s.grad.norm().item())
-    assert max(norms) / min(norms) < 2.0, norms
-
-
 def test_pointwise_mse_known_value_and_scale_sensitivity():
     s = torch.tensor([[1.0, 2.0]])
     t = torch.tensor([[0.0, 0.0]])

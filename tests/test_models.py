@@ -72,9 +72,10 @@ def test_bad_local_paths_name_the_key(tmp_path):
 
 
 def test_unreachable_hub_names_the_model_and_the_path_fix(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # read per call by kdrun's reachability probe
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # read per call: an empty cache
     with pytest.raises(ModelLoadError) as e:
         resolve_source("teacher", "nboost/pt-bert-base-uncased-msmarco", None)
     msg = str(e.value)

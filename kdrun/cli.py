@@ -37,7 +37,7 @@ def _main(cfg: DictConfig):
     except (KdrunError, OmegaConfBaseException) as e:
         print(f"kdrun: error: {e}", file=sys.stderr)
         sys.exit(2)
-    return result.get("eval/student/mrr_at_10")
+    return result["objective"]  # for sweepers: the task's primary held-out metric
 
 
 def main() -> None:

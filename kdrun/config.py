@@ -18,14 +18,26 @@ from omegaconf import MISSING, OmegaConf
 from kdrun.errors import ConfigError
 
 
+class Task(Enum):
+    ranking = "ranking"  # (query, passages) -> scores; MRR/nDCG/Recall
+    classification = "classification"  # text -> class logits; accuracy, macro-F1, agreement
+    causal_lm = "causal_lm"  # token blocks -> next-token logits; perplexity, agreement, KL
+
+
 class TeacherKind(Enum):
-    bi_encoder = "bi_encoder"  # scores = similarity of separately encoded query and passage
-    cross_encoder = "cross_encoder"  # scores = a classification head over the (query, passage) pair
+    bi_encoder = "bi_encoder"  # ranking: similarity of separately encoded query and passage
+    cross_encoder = "cross_encoder"  # ranking: a classification head over the (query, passage) pair
+    classifier = "classifier"  # classification: a sequence classifier
+    causal_lm = "causal_lm"  # causal LM: next-token logits
+
+
+TASK_OF_KIND = {"bi_encoder": "ranking", "cross_encoder": "ranking", "classifier": "classification",
+                "causal_lm": "causal_lm"}
 
 
 class TeacherMode(Enum):
-    online = "online"  # the teacher scores each training batch as it comes
-    precompute = "precompute"  # the teacher scores every training example once before training
+    online = "online"  # the teacher runs on each training batch as it comes
+    precompute = "precompute"  # the teacher runs over every training example once before training
 
 
 class Pooling(Enum):
@@ -40,7 +52,8 @@ class Similarity(Enum):
 
 class StudentInit(Enum):
     pretrained = "pretrained"  # load name/path as it is
-    teacher_layers = "teacher_layers"  # embeddings + the listed layers of the teacher's encoder
+    teacher_layers = "teacher_layers"  # embeddings + the listed layers of the teacher (DistilBERT/TinyBERT style)
+    scratch = "scratch"  # the teacher's architecture, resized by student.scratch, randomly initialised
 
 
 class Precision(Enum):
@@ -56,9 +69,41 @@ class Device(Enum):
 
 
 class LossName(Enum):
+    # ranking
     margin_mse = "margin_mse"
     listwise_kl = "listwise_kl"
     pointwise_mse = "pointwise_mse"
+    in_batch_kl = "in_batch_kl"
+    # distributions (classification and causal LM)
+    kd_kl = "kd_kl"
+    ce = "ce"
+    forward_kl = "forward_kl"
+    reverse_kl = "reverse_kl"
+    jsd = "jsd"
+    skew_kl = "skew_kl"
+    skew_rkl = "skew_rkl"
+    taid = "taid"
+    bd_kd = "bd_kd"
+    # representations (classification)
+    hidden_mse = "hidden_mse"
+    embedding_mse = "embedding_mse"
+    attention_mse = "attention_mse"
+    attention_kl = "attention_kl"
+    feature_norm_direction = "feature_norm_direction"
+
+
+_DIST = ("classification", "causal_lm")
+# the task families each loss term fits
+TERM_TASKS = {
+    "margin_mse": ("ranking",), "listwise_kl": ("ranking",), "pointwise_mse": ("ranking",), "in_batch_kl": ("ranking",),
+    "kd_kl": _DIST, "ce": _DIST, "forward_kl": _DIST, "reverse_kl": _DIST, "jsd": _DIST, "skew_kl": _DIST,
+    "skew_rkl": _DIST, "taid": _DIST, "bd_kd": _DIST,
+    "hidden_mse": ("classification",), "embedding_mse": ("classification",), "attention_mse": ("classification",),
+    "attention_kl": ("classification",), "feature_norm_direction": ("classification",),
+}
+# terms that read more of the teacher than its scores/logits, so they need teacher.mode=online
+NEEDS_ONLINE_TEACHER = {"in_batch_kl", "hidden_mse", "embedding_mse", "attention_mse", "attention_kl",
+                        "feature_norm_direction"}
 
 
 class Schedule(Enum):
@@ -67,16 +112,40 @@ class Schedule(Enum):
 
 
 @dataclass
+class FinetuneConfig:
+    """Fine-tune a classifier teacher first (offline default: no fine-tuned classifier ships). The result is
+    cached by content (base weights, tokenizer, data, these settings), so a sweep fine-tunes once."""
+    steps: int = 0  # 0: use the teacher as it is (an already fine-tuned classifier)
+    lr: float = 5e-5
+    batch_size: int = 32
+    warmup_ratio: float = 0.1
+    seed: int = 0
+    cache_dir: Optional[str] = None  # None: $KDRUN_CACHE/teachers (KDRUN_CACHE defaults to ~/.cache/kdrun)
+
+
+@dataclass
 class TeacherConfig:
     _target_: str = "kdrun.models.build_teacher"
     name: Optional[str] = None  # Hugging Face hub name
     path: Optional[str] = None  # local directory; wins over name
+    gguf_file: Optional[str] = None  # a GGUF file inside path/name (transformers' gguf_file=)
     kind: TeacherKind = TeacherKind.bi_encoder
     mode: TeacherMode = TeacherMode.online
     pooling: Pooling = Pooling.mean  # bi_encoder only
     similarity: Similarity = Similarity.cos  # bi_encoder only
     label_index: int = -1  # cross_encoder: which logit is the relevance score
     max_length: int = 128
+    top_k: int = 0  # causal_lm: keep the teacher's top-k log-probs per token (0: full logits)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+@dataclass
+class ScratchConfig:
+    """student.init=scratch: the teacher's architecture with these sizes (null: the teacher's)."""
+    num_layers: Optional[int] = None
+    hidden_size: Optional[int] = None
+    num_heads: Optional[int] = None
+    intermediate_size: Optional[int] = None
 
 
 @dataclass
@@ -86,8 +155,9 @@ class StudentConfig:
     path: Optional[str] = None
     init: StudentInit = StudentInit.pretrained
     layers: Optional[List[int]] = None  # init=teacher_layers: which teacher layers to keep
-    pooling: Pooling = Pooling.mean
-    similarity: Similarity = Similarity.dot
+    scratch: ScratchConfig = field(default_factory=ScratchConfig)
+    pooling: Pooling = Pooling.mean  # ranking bi-encoder
+    similarity: Similarity = Similarity.dot  # ranking bi-encoder
     max_length: int = 128
 
 
@@ -95,7 +165,14 @@ class StudentConfig:
 class LossTerm:
     name: LossName = LossName.margin_mse
     weight: float = 1.0
-    temperature: float = 1.0  # softmax temperature, for terms that use one (listwise_kl)
+    temperature: float = 1.0  # softmax temperature: listwise_kl, in_batch_kl, kd_kl, forward/reverse_kl, bd_kd
+    alpha: float = 0.1  # skew_kl / skew_rkl: the share of the other distribution mixed in
+    beta: float = 0.5  # jsd: the teacher's share of the mixture
+    t_start: float = 0.4  # taid: the interpolation's start ...
+    t_end: float = 1.0  # ... and end
+    taid_alpha: float = 5e-4  # taid: adaptive step size
+    taid_beta: float = 0.99  # taid: momentum of the loss's relative change
+    layer_map: Optional[List[int]] = None  # hidden_mse / attention_*: teacher layer (1-based) per student layer
 
 
 @dataclass
@@ -105,17 +182,61 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
+    """Base of every data option; `task` picks the task family (and so which teachers/losses fit)."""
+    _target_: str = MISSING
+    task: Task = Task.ranking
+    eval_fraction: float = 0.2  # share held out for evaluation
+    split_salt: str = "kdrun-v1"  # the held-out split is a hash of (salt, item): stable across seeds
+    seed: int = 13
+
+
+@dataclass
+class ChatterbotData(DataConfig):
     _target_: str = "kdrun.data.chatterbot.load"
     language: str = "english"
-    eval_fraction: float = 0.2  # share of unique queries held out for evaluation
-    split_salt: str = "kdrun-v1"  # the held-out split is a hash of (salt, query): stable across seeds
     negatives_per_query: int = 1  # negatives in each training example (margin_mse: 1)
     examples_per_pair: int = 3  # training examples drawn per (query, positive) pair per epoch
     mine_depth: int = 30  # negatives are sampled from the BM25 top-k that are not positives
     eval_candidates: int = 50  # candidates re-ranked per held-out query (positives + BM25 top)
     max_train_queries: Optional[int] = None  # caps for quick smoke runs; None: all
     max_eval_queries: Optional[int] = None
-    seed: int = 13
+
+
+@dataclass
+class FortunesData(DataConfig):
+    _target_: str = "kdrun.data.fortunes.load_classification"
+    task: Task = Task.classification
+    path: Optional[str] = None  # the fortunes folder; None: the standard places (see kdrun.data.fortunes)
+    categories: List[str] = field(default_factory=lambda: ["computers", "politics", "science", "songs-poems"])
+    max_words: int = 200  # longer fortunes are skipped (poems, ASCII art)
+    max_train: Optional[int] = None
+    max_eval: Optional[int] = None
+
+
+@dataclass
+class TextClassificationData(DataConfig):
+    """Any labelled text set through Hugging Face `datasets`: a hub name, or local csv/json/parquet files."""
+    _target_: str = "kdrun.data.text_classification.load"
+    task: Task = Task.classification
+    name: Optional[str] = None  # hub dataset name, e.g. ag_news
+    path: Optional[str] = None  # local file(s): csv, json/jsonl or parquet; wins over name
+    text_field: str = "text"
+    label_field: str = "label"
+    train_split: str = "train"
+    eval_split: Optional[str] = None  # None: hold out eval_fraction of train by hash
+    max_train: Optional[int] = None
+    max_eval: Optional[int] = None
+
+
+@dataclass
+class FortunesLMData(DataConfig):
+    _target_: str = "kdrun.data.fortunes.load_corpus"
+    task: Task = Task.causal_lm
+    path: Optional[str] = None
+    categories: Optional[List[str]] = None  # None: every category
+    block_size: int = 128  # tokens per packed training/eval block
+    max_train_blocks: Optional[int] = None
+    max_eval_blocks: Optional[int] = None
 
 
 @dataclass
@@ -169,6 +290,10 @@ class KdrunConfig:
     output_dir: str = "${hydra:runtime.output_dir}"
 
 
+DATA_SCHEMAS = {"chatterbot_schema": ChatterbotData, "fortunes_schema": FortunesData,
+                "text_classification_schema": TextClassificationData, "fortunes_lm_schema": FortunesLMData}
+
+
 def package_dir(package: str, subdir: str = "") -> str:
     """Directory of an installed package (without importing it), e.g. a model shipped on PyPI."""
     spec = importlib.util.find_spec(package)
@@ -184,22 +309,42 @@ def register() -> None:
     """Put the schemas in Hydra's ConfigStore and the resolvers in OmegaConf (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(name="kdrun_schema", node=KdrunConfig)
+    for name, node in DATA_SCHEMAS.items():  # each data option extends one of these (its defaults list)
+        cs.store(group="data", name=name, node=node)
     if not OmegaConf.has_resolver("pkg_dir"):
         OmegaConf.register_new_resolver("pkg_dir", package_dir)
 
 
+def enum_value(x) -> str:
+    return x.value if isinstance(x, Enum) else str(x)
+
+
 def validate(cfg: Any) -> None:
     """Cross-field checks the schema cannot express. Raises ConfigError naming the key and the fix."""
-    t, s, tr = cfg.teacher, cfg.student, cfg.train
+    t, s, tr, d = cfg.teacher, cfg.student, cfg.train, cfg.data
+    task, kind = enum_value(d.task), enum_value(t.kind)
     if not t.name and not t.path:
         raise ConfigError("teacher: set teacher.name (a hub name) or teacher.path=/local/dir")
-    if s.init == StudentInit.teacher_layers:
+    if TASK_OF_KIND[kind] != task:
+        fits = sorted(k for k, v in TASK_OF_KIND.items() if v == task)
+        raise ConfigError(f"teacher.kind={kind} is a {TASK_OF_KIND[kind]} teacher but data.task={task} "
+                          f"(set by data=); for {task} use teacher.kind in {fits}, or pick a matching "
+                          "teacher=/data= pair (see `kdrun --help`, or an experiment= preset)")
+    init = enum_value(s.init)
+    if init == "teacher_layers":
         if not s.layers:
             raise ConfigError("student.layers must list teacher layers to keep when student.init=teacher_layers, e.g. student.layers=[0,5]")
         if len(set(s.layers)) != len(s.layers) or min(s.layers) < 0:
             raise ConfigError(f"student.layers={list(s.layers)}: layer indices must be distinct and >= 0")
-    elif not s.name and not s.path:
+    elif init == "pretrained" and not s.name and not s.path:
         raise ConfigError("student: set student.name (a hub name) or student.path=/local/dir, or student.init=teacher_layers")
+    if init == "scratch":
+        for key, value in s.scratch.items():
+            if value is not None and value < 1:
+                raise ConfigError(f"student.scratch.{key}={value} must be >= 1 (or null: the teacher's)")
+    if task == "ranking" and init == "scratch":
+        raise ConfigError("student.init=scratch is for classification and causal-LM students; ranking students "
+                          "use pretrained or teacher_layers")
     for key in ("batch_size", "grad_accum", "log_every", "eval_batch_size"):
         if tr[key] < 1:
             raise ConfigError(f"train.{key}={tr[key]} must be >= 1")
@@ -207,18 +352,56 @@ def validate(cfg: Any) -> None:
         raise ConfigError("set train.max_steps > 0 or train.epochs > 0")
     if tr.eval_every < 0:
         raise ConfigError(f"train.eval_every={tr.eval_every} must be >= 0 (0: only before and after training)")
-    if not cfg.loss.terms:
-        raise ConfigError("loss.terms is empty: list at least one term, e.g. loss=margin_mse")
-    for i, term in enumerate(cfg.loss.terms):
-        if term.temperature <= 0:
-            raise ConfigError(f"loss.terms.{i}.temperature={term.temperature} must be > 0")
-    if not 0.0 < cfg.data.eval_fraction < 1.0:
-        raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be between 0 and 1")
-    if cfg.data.negatives_per_query < 1 or cfg.data.examples_per_pair < 1:
-        raise ConfigError("data.negatives_per_query and data.examples_per_pair must be >= 1")
-    if cfg.data.eval_candidates < 2:
-        raise ConfigError(f"data.eval_candidates={cfg.data.eval_candidates} must be >= 2")
+    _validate_loss(cfg, task)
+    if t.top_k < 0:
+        raise ConfigError(f"teacher.top_k={t.top_k} must be >= 0 (0: full logits)")
+    if t.top_k and task != "causal_lm":
+        raise ConfigError(f"teacher.top_k={t.top_k} is for causal-LM teachers only (data.task={task})")
+    if task == "causal_lm" and enum_value(t.mode) == "precompute" and not t.top_k:
+        raise ConfigError("teacher.mode=precompute for a causal LM stores the teacher's top-k log-probs per token; "
+                          "set teacher.top_k (e.g. 64), or use teacher.mode=online")
+    if t.finetune.steps < 0:
+        raise ConfigError(f"teacher.finetune.steps={t.finetune.steps} must be >= 0")
+    if t.finetune.steps and kind != "classifier":
+        raise ConfigError(f"teacher.finetune.steps={t.finetune.steps}: only classifier teachers are fine-tuned "
+                          f"by kdrun (teacher.kind={kind})")
+    if not 0.0 < d.eval_fraction < 1.0:
+        raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be between 0 and 1")
+    if task == "ranking":
+        if d.negatives_per_query < 1 or d.examples_per_pair < 1:
+            raise ConfigError("data.negatives_per_query and data.examples_per_pair must be >= 1")
+        if d.eval_candidates < 2:
+            raise ConfigError(f"data.eval_candidates={d.eval_candidates} must be >= 2")
+    if task == "causal_lm" and d.block_size < 2:
+        raise ConfigError(f"data.block_size={d.block_size} must be >= 2")
     if not 0.0 <= cfg.optimizer.warmup_ratio < 1.0:
         raise ConfigError(f"optimizer.warmup_ratio={cfg.optimizer.warmup_ratio} must be in [0, 1)")
     if cfg.optimizer.lr <= 0:
         raise ConfigError(f"optimizer.lr={cfg.optimizer.lr} must be > 0")
+
+
+def _validate_loss(cfg: Any, task: str) -> None:
+    terms = cfg.loss.terms
+    if not terms:
+        raise ConfigError("loss.terms is empty: list at least one term, e.g. loss=margin_mse")
+    names = [enum_value(term.name) for term in terms]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"loss.terms {names}: each term may appear once")
+    for i, term in enumerate(terms):
+        name = names[i]
+        if task not in TERM_TASKS[name]:
+            fits = sorted(n for n, tasks in TERM_TASKS.items() if task in tasks)
+            raise ConfigError(f"loss.terms.{i}.name={name} is a {'/'.join(TERM_TASKS[name])} loss, but data.task={task}; "
+                              f"losses for {task}: {fits}")
+        if term.temperature <= 0:
+            raise ConfigError(f"loss.terms.{i}.temperature={term.temperature} must be > 0")
+        if name == "jsd" and not 0.0 < term.beta < 1.0:
+            raise ConfigError(f"loss.terms.{i}.beta={term.beta} must be in (0, 1) for jsd")
+        if name in ("skew_kl", "skew_rkl") and not 0.0 <= term.alpha < 1.0:
+            raise ConfigError(f"loss.terms.{i}.alpha={term.alpha} must be in [0, 1) for {name}")
+        if name == "taid" and not 0.0 <= term.t_start < term.t_end <= 1.0:
+            raise ConfigError(f"loss.terms.{i}: taid needs 0 <= t_start < t_end <= 1 "
+                              f"(got t_start={term.t_start}, t_end={term.t_end})")
+        if name in NEEDS_ONLINE_TEACHER and enum_value(cfg.teacher.mode) != "online":
+            raise ConfigError(f"loss.terms.{i}.name={name} reads the teacher's internals, which a precomputed "
+                              "teacher does not keep; set teacher.mode=online")

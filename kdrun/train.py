@@ -19,6 +19,7 @@ class Optim:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     max_grad_norm: float  # <= 0: no clipping (the norm is still measured)
+    params: list  # what the optimizer trains (student and loss-term parameters), for clipping
 
 
 def warmup_then(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -32,16 +33,26 @@ def warmup_then(schedule: str, warmup_steps: int, total_steps: int) -> Callable[
     return factor
 
 
-def make_optim(model: torch.nn.Module, rt: Runtime, max_steps: int, *, lr: float, weight_decay: float, betas,
+def make_optim(modules, rt: Runtime, max_steps: int, *, lr: float, weight_decay: float, betas,
                eps: float, schedule: str, warmup_ratio: float, max_grad_norm: float) -> Optim:
-    """AdamW (fused on CUDA; no weight decay on biases and norms), warmup + decay, GradScaler for fp16."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    """AdamW over the trainable parameters of `modules` (the student, plus loss terms with parameters such as
+    TinyBERT's projections); fused on CUDA, no weight decay on biases and norms; warmup + decay; GradScaler
+    for fp16."""
+    modules = modules if isinstance(modules, (list, tuple)) else [modules]
+    params = list({id(p): p for m in modules for p in m.parameters() if p.requires_grad}.values())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=lr, betas=tuple(betas), eps=eps, fused=rt.device.type == "cuda")
     factor = warmup_then(schedule, int(warmup_ratio * max_steps), max_steps)
-    return Optim(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor), rt.grad_scaler(), max_grad_norm)
+    return Optim(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor), rt.grad_scaler(), max_grad_norm,
+                 params)
+
+
+def _clone(v):
+    """An inference-mode tensor (or tuple of them, e.g. hidden states) as an ordinary tensor."""
+    return tuple(x.clone() for x in v) if isinstance(v, (tuple, list)) else v.clone()
 
 
 def forever(loader) -> Iterator:
@@ -52,31 +63,31 @@ def forever(loader) -> Iterator:
 
 def train(student, teacher, loss_fn, batches: Iterator[Dict], optim: Optim, rt: Runtime, *, max_steps: int,
           grad_accum: int, log_every: int, eval_every: int, log: Callable[[Dict[str, float], int], None],
-          evaluate: Callable[[int], Dict[str, float]]) -> int:
+          evaluate: Callable[[int], Dict[str, float]], desc: str = "distil") -> int:
     """Train `student` to match `teacher` for `max_steps` optimizer steps; returns the steps done."""
     student.train()
     window: Dict[str, torch.Tensor] = {}  # per-term sums on the device: no host sync inside a step
     samples, t0 = 0, time.perf_counter()
-    bar = tqdm(total=max_steps, desc="distil", dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(total=max_steps, desc=desc, dynamic_ncols=True, mininterval=1.0)
     for step in range(1, max_steps + 1):
         # ---- one optimizer step over grad_accum micro-batches ----
         for _ in range(grad_accum):
             batch = to_device(next(batches), rt.device)
-            teacher_scores = batch.get("teacher_scores")  # [B, 1 + negatives], when precomputed
-            if teacher_scores is None:  # online teacher: frozen, no autograd graph
+            teacher_out = batch.get("teacher_out")  # precomputed teacher outputs, when there are any
+            if teacher_out is None:  # online teacher: frozen, no autograd graph
                 with torch.inference_mode(), rt.autocast():
-                    teacher_scores = teacher(batch["teacher"])
-                teacher_scores = teacher_scores.clone()  # an ordinary tensor again, usable in the loss
+                    teacher_out = teacher(batch["teacher"])
+                teacher_out = {k: _clone(v) for k, v in teacher_out.items()}  # ordinary tensors again
             with rt.autocast():
-                student_scores = student(batch["student"])  # [B, 1 + negatives]
-            losses = loss_fn(student_scores, teacher_scores)
+                student_out = student(batch["student"])  # {"scores": [B, n]} or {"logits": ...}, ...
+            losses = loss_fn(student_out, teacher_out, batch)
             optim.scaler.scale(losses["loss"] / grad_accum).backward()
             for k, v in losses.items():
                 window[k] = window.get(k, 0.0) + v.detach() / grad_accum
             samples += batch["size"]
         optim.scaler.unscale_(optim.optimizer)
         clip = optim.max_grad_norm if optim.max_grad_norm > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(optim.params, clip)
         window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm.detach()
         lr = optim.scheduler.get_last_lr()[0]  # the lr this step uses
         optim.scaler.step(optim.optimizer)  # skipped by the scaler when fp16 grads overflowed
@@ -93,7 +104,7 @@ def train(student, teacher, loss_fn, batches: Iterator[Dict], optim: Optim, rt: 
                 terms = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
                 raise NonFiniteLossError(f"non-finite loss between steps {step - n + 1} and {step}: {terms}")
             elapsed = time.perf_counter() - t0
-            values.update(lr=lr, samples_per_s=samples / max(elapsed, 1e-9))
+            values.update(lr=lr, samples_per_s=samples / max(elapsed, 1e-9), **loss_fn.logs())
             log({f"train/{k}": v for k, v in values.items()}, step)
             bar.set_postfix(loss=f"{values['loss']:.4g}", samples_s=f"{values['samples_per_s']:.1f}")
             window, samples, t0 = {}, 0, time.perf_counter()

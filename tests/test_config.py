@@ -11,8 +11,36 @@ from kdrun import config
 from kdrun.errors import ConfigError
 
 config.register()
-GROUPS = ["teacher", "student", "loss", "data", "hardware", "optimizer"]
+GROUPS = ["teacher", "student", "loss", "data", "hardware", "optimizer", "experiment"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+PRESET = {"ranking": [], "classification": ["experiment=classification_demo"],
+          "causal_lm": ["experiment=causal_lm_demo"]}
+
+
+def context(group: str, option: str) -> list:
+    """Overrides an option needs around it: its task family's preset, and an online teacher for terms that
+    read the teacher's internals (the default ranking teacher is precomputed)."""
+    if group == "experiment":
+        return []
+    extra = []
+    if group == "loss":
+        names = [t.name for t in OmegaConf.load(CONF / "loss" / f"{option}.yaml").terms]
+        extra = ["teacher.mode=online"] if config.NEEDS_ONLINE_TEACHER & set(names) else []
+    return PRESET[task_of(group, option)] + extra
+
+
+def task_of(group: str, option: str) -> str:
+    """The task family an option belongs to, read from its yaml (ranking for task-neutral groups)."""
+    node = OmegaConf.load(CONF / group / f"{option}.yaml")
+    if group == "loss":
+        return config.TERM_TASKS[node.terms[0].name][0]
+    if group == "teacher":
+        return config.TASK_OF_KIND[node.kind]
+    if group == "data":
+        return node.task
+    if group == "student" and node.get("init") == "scratch":
+        return "classification"
+    return "ranking"
 
 
 def _compose(overrides=()):
@@ -26,10 +54,31 @@ def test_every_group_has_options():
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_validates(group, option):
-    cfg = _compose([f"{group}={option}"])
+    """Each option, in the context of its task family (an experiment preset for classification/causal LM)."""
+    cfg = _compose([*context(group, option), f"{group}={option}"])
     config.validate(cfg)
-    node = OmegaConf.to_container(cfg[group], resolve=True)
-    assert node, f"{group}={option} is empty"
+    if group != "experiment":
+        node = OmegaConf.to_container(cfg[group], resolve=True, enum_to_str=True)
+        assert node, f"{group}={option} is empty"
+        if group == "loss":  # the command line wins over the preset's choice
+            expected = [t.name for t in OmegaConf.load(CONF / "loss" / f"{option}.yaml").terms]
+            assert [t["name"] for t in node["terms"]] == expected
+
+
+def test_every_loss_yaml_fits_exactly_the_tasks_of_its_terms():
+    for path in sorted((CONF / "loss").glob("*.yaml")):
+        names = [t.name for t in OmegaConf.load(path).terms]
+        tasks = set.intersection(*(set(config.TERM_TASKS[n]) for n in names))
+        assert tasks, f"{path.name}: its terms fit no common task"
+    assert set(config.TERM_TASKS) == {e.value for e in config.LossName}
+
+
+def test_experiment_presets_pick_their_task_families():
+    cls = _compose(["experiment=classification_demo"])
+    assert cls.data.task == config.Task.classification and cls.teacher.kind == config.TeacherKind.classifier
+    assert cls.teacher.finetune.steps > 0 and [t.name.value for t in cls.loss.terms] == ["kd_kl", "ce"]
+    lm = _compose(["experiment=causal_lm_demo"])
+    assert lm.data.task == config.Task.causal_lm and lm.teacher.gguf_file.endswith(".gguf")
 
 
 def test_design_card_command_composes():
@@ -56,6 +105,18 @@ def test_default_is_offline_minilm_teaching_its_two_layer_slice(minilm_dir):
     (["optimizer.lr=0"], "optimizer.lr"),
     (["teacher.path=null", "teacher.name=null"], "teacher.path"),
     (["student=tinybert", "student.name=null"], "student.path"),
+    (["loss=kd_kl"], r"kd_kl is a classification/causal_lm loss.*losses for ranking: \['in_batch_kl', 'listwise_kl'"),
+    (["experiment=classification_demo", "loss=margin_mse"], "margin_mse is a ranking loss"),
+    (["experiment=causal_lm_demo", "loss=hidden_mse"], "hidden_mse is a classification loss"),
+    (["data=fortunes"], "teacher.kind=bi_encoder is a ranking teacher but data.task=classification"),
+    (["experiment=classification_demo", "teacher.mode=precompute", "loss=tinybert"], "teacher.mode=online"),
+    (["loss=in_batch_kl", "teacher.mode=precompute"], "in_batch_kl reads the teacher's internals"),
+    (["experiment=causal_lm_demo", "teacher.mode=precompute"], "teacher.top_k"),
+    (["teacher.top_k=8"], "causal-LM teachers only"),
+    (["experiment=classification_demo", "loss=jsd", "loss.terms.0.beta=1.0"], "beta"),
+    (["experiment=causal_lm_demo", "loss=taid", "loss.terms.0.t_start=1.0"], "t_start < t_end"),
+    (["student=scratch"], "student.init=scratch is for classification and causal-LM"),
+    (["teacher.finetune.steps=10"], "only classifier teachers are fine-tuned"),
 ])
 def test_cross_field_validation_names_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -79,6 +140,10 @@ def _cli(args, tmp_path):
     (["train.max_steps=abc"], ["max_steps", "abc"]),  # wrong type
     (["teacher.kind=ranker"], ["teacher.kind", "bi_encoder", "cross_encoder"]),  # not a choice of an enum
     (["student.layers=[]"], ["student.layers"]),  # cross-field check
+    (["experiment=nope"], ["experiment/nope", "classification_demo", "causal_lm_demo"]),
+    (["experiment=classification_demo", "loss=margin_mse"], ["margin_mse", "losses for classification"]),
+    (["data=fortunes", "data.nope=1"], ["nope"]),  # a key the data option's own schema does not have
+    (["data=fortunes_lm", "data.block_size=big"], ["block_size", "big"]),
 ])
 def test_bad_config_fails_fast_with_one_message_and_no_torch(tmp_path, args, expect):
     r = _cli(args, tmp_path)
@@ -100,7 +165,7 @@ def test_help_and_cfg_job_do_not_import_torch(tmp_path):
 def test_console_script_help_lists_groups(tmp_path):
     r = run_kdrun(["--help"], cwd=tmp_path)
     assert r.returncode == 0
-    for group in ["teacher:", "student:", "loss:", "data:", "hardware:", "optimizer:"]:
+    for group in ["teacher:", "student:", "loss:", "data:", "hardware:", "optimizer:", "experiment:"]:
         assert group in r.stdout
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kdrun.losses import WeightedLoss
+from kdrun.losses import Context, WeightedLoss
 from kdrun.losses.functional import margin_mse
 
 
@@ -51,15 +51,18 @@ def test_margin_mse_rejects_bad_shapes():
         margin_mse(torch.zeros(4, 1), torch.zeros(4, 1))
 
 
+RANKING = Context(task="ranking")
+
+
 def test_weighted_loss_returns_total_and_every_term():
     s = torch.tensor([[3.0, 1.0], [0.0, 2.0]])
     t = torch.tensor([[0.9, 0.4], [0.5, 0.0]])
-    out = WeightedLoss([("margin_mse", 0.5)])(s, t)
+    out = WeightedLoss([("margin_mse", 0.5)], RANKING)({"scores": s}, {"scores": t}, {})
     assert set(out) == {"loss", "margin_mse"}
     assert out["margin_mse"].item() == pytest.approx(4.25)
     assert out["loss"].item() == pytest.approx(2.125)
     with pytest.raises(KeyError, match="known"):
-        WeightedLoss([("nope", 1.0)])
+        WeightedLoss([("nope", 1.0)], RANKING)
 
 
 from kdrun.losses.functional import listwise_kl, pointwise_mse  # noqa: E402
@@ -92,6 +95,7 @@ def test_pointwise_mse_known_value_and_scale_sensitivity():
 
 def test_weighted_loss_passes_temperature_to_terms_that_take_one():
     s, t = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 2.0]])
-    out = WeightedLoss([("listwise_kl", 1.0, 2.0), ("margin_mse", 0.1, 2.0)])(s, t)
+    terms = [("listwise_kl", 1.0, {"temperature": 2.0}), ("margin_mse", 0.1, {"temperature": 2.0})]
+    out = WeightedLoss(terms, RANKING)({"scores": s}, {"scores": t}, {})
     assert out["listwise_kl"].item() == pytest.approx(listwise_kl(s, t, temperature=2.0).item())
     assert out["loss"].item() == pytest.approx(out["listwise_kl"].item() + 0.1 * out["margin_mse"].item())

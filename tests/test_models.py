@@ -5,13 +5,15 @@ from kdrun.errors import ConfigError, ModelLoadError
 from kdrun.models import build_student, build_teacher
 from kdrun.models.hub import resolve_source
 
-STUDENT = dict(name=None, path=None, init="teacher_layers", pooling="mean", similarity="dot", max_length=64)
+STUDENT = dict(name=None, path=None, init="teacher_layers", pooling="mean", similarity="dot", max_length=64,
+               scratch={})
+TEACHER = dict(name=None, gguf_file=None, pooling="mean", similarity="cos", label_index=-1, max_length=64, top_k=0,
+               finetune={"steps": 0})
 
 
 @pytest.fixture(scope="module")
 def teacher(minilm_dir):
-    return build_teacher(name=None, path=minilm_dir, kind="bi_encoder", pooling="mean", similarity="cos",
-                         label_index=-1, max_length=64)
+    return build_teacher(path=minilm_dir, kind="bi_encoder", **TEACHER)
 
 
 def test_teacher_is_frozen_and_in_eval_mode(teacher):
@@ -20,7 +22,7 @@ def test_teacher_is_frozen_and_in_eval_mode(teacher):
 
 
 def test_student_keeps_embeddings_and_the_listed_teacher_layers(teacher, minilm_dir):
-    student = build_student(**STUDENT, layers=[0, 5], teacher_source=minilm_dir)
+    student = build_student(**STUDENT, layers=[0, 5], teacher=teacher)
     t_layers, s_layers = teacher.encoder.encoder.layer, student.encoder.encoder.layer
     assert len(s_layers) == 2 and student.encoder.config.num_hidden_layers == 2
     for s_idx, t_idx in [(0, 0), (1, 5)]:
@@ -34,24 +36,24 @@ def test_student_keeps_embeddings_and_the_listed_teacher_layers(teacher, minilm_
         teacher.encoder.embeddings.word_embeddings.weight.data_ptr()
 
 
-def test_layer_index_beyond_teacher_depth_is_a_config_error(minilm_dir):
+def test_layer_index_beyond_teacher_depth_is_a_config_error(teacher):
     with pytest.raises(ConfigError, match="has 6 layers"):
-        build_student(**STUDENT, layers=[0, 6], teacher_source=minilm_dir)
+        build_student(**STUDENT, layers=[0, 6], teacher=teacher)
 
 
 def test_teacher_scores_rank_the_right_answer_first(teacher):
     feats = teacher.featurize(["What is the capital of France?"],
                               [["Paris is the capital of France.", "Bananas are yellow."]])
     with torch.inference_mode():
-        scores = teacher(feats)
+        scores = teacher(feats)["scores"]
     assert scores.shape == (1, 2)
     assert scores[0, 0] > scores[0, 1]
 
 
-def test_saved_student_loads_back_with_plain_transformers(tmp_path, minilm_dir):
+def test_saved_student_loads_back_with_plain_transformers(tmp_path, teacher):
     from transformers import AutoModel, AutoTokenizer
 
-    student = build_student(**STUDENT, layers=[0, 5], teacher_source=minilm_dir).eval()
+    student = build_student(**STUDENT, layers=[0, 5], teacher=teacher).eval()
     student.save(tmp_path)
     model, tok = AutoModel.from_pretrained(tmp_path).eval(), AutoTokenizer.from_pretrained(tmp_path)
     assert model.config.num_hidden_layers == 2

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from kdrun.errors import NonFiniteLossError
-from kdrun.losses import WeightedLoss
+from kdrun.losses import Context, WeightedLoss
 from kdrun.runtime import make_runtime
 from kdrun.train import make_optim, train
 
@@ -24,17 +24,21 @@ class Scorer(nn.Module):
         self.lin = nn.Linear(d, 1, bias=False)  # a bias cancels in margins: its true gradient is 0
 
     def forward(self, x):
-        return self.lin(x).squeeze(-1)
+        return {"scores": self.lin(x).squeeze(-1)}
 
 
 def _batches(x, t, size):
     for i in range(0, len(x), size):
-        yield {"student": x[i:i + size], "teacher_scores": t[i:i + size], "size": size}
+        yield {"student": x[i:i + size], "teacher_out": {"scores": t[i:i + size]}, "size": size}
+
+
+def margin_mse():
+    return WeightedLoss([("margin_mse", 1.0)], Context(task="ranking"))
 
 
 def _run(student, batches, steps, accum, teacher=None, logs=None):
     optim = make_optim(student, RT, steps, **OPT)
-    train(student, teacher, WeightedLoss([("margin_mse", 1.0)]), batches, optim, RT, max_steps=steps,
+    train(student, teacher, margin_mse(), batches, optim, RT, max_steps=steps,
           grad_accum=accum, log_every=1, eval_every=0, log=lambda m, s: logs.append((s, m)) if logs is not None else None,
           evaluate=lambda s: {})
 
@@ -70,7 +74,7 @@ def test_loss_goes_down_on_a_learnable_target():
     x = torch.randn(64, 2, 4)
     target = Scorer(seed=9)
     with torch.no_grad():
-        t = target(x)
+        t = target(x)["scores"]
     logs = []
     _run(Scorer(), (b for _ in range(50) for b in _batches(x, t, 16)), steps=100, accum=1, logs=logs)
     assert logs[-1][1]["train/loss"] < 0.05 * logs[0][1]["train/loss"]
@@ -90,7 +94,7 @@ def test_bf16_autocast_step_runs_and_matches_fp32_closely():
         rt = make_runtime("cpu", precision)
         student = Scorer()
         optim = make_optim(student, rt, 1, **OPT)
-        train(student, None, WeightedLoss([("margin_mse", 1.0)]), _batches(x, t, 8), optim, rt, max_steps=1,
+        train(student, None, margin_mse(), _batches(x, t, 8), optim, rt, max_steps=1,
               grad_accum=1, log_every=1, eval_every=0, log=lambda m, s: results.append(m["train/loss"]),
               evaluate=lambda s: {})
     assert results[1] == pytest.approx(results[0], rel=2e-2)

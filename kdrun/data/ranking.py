@@ -33,6 +33,8 @@ class RankingData:
 
 
 def is_eval_query(query: str, salt: str, fraction: float) -> bool:
+    """Held out when a hash of (salt, text) falls in the lowest `fraction` of its range: stable across
+    seeds, runs and machines (also used for classification texts and LM documents)."""
     h = int(hashlib.sha1(f"{salt}\x00{query}".encode()).hexdigest()[:8], 16)
     return h / 2**32 < fraction
 

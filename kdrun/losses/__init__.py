@@ -1,44 +1,235 @@
-"""Loss terms: config names -> functions in losses.functional, combined as a weighted sum."""
+"""Loss terms: config names -> modules that read model outputs and call losses.functional, summed with weights.
+
+A term reads the student's and the teacher's output dicts (what the task's models return: "scores",
+"logits", "hidden_states", "attentions", "features", or the teacher's "topk_logprobs"/"topk_ids") and the
+batch ("labels", "loss_mask", "attention_mask"). The math stays in functional.py; a term only picks its
+inputs, and owns state where a method has some (learned projections, TAID's schedule).
+"""
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Dict, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+from torch import nn
 
-from kdrun.losses import functional
+from kdrun.config import TERM_TASKS
+from kdrun.losses import functional as F
 
-LOSSES: Dict[str, Callable[..., torch.Tensor]] = {
-    "margin_mse": functional.margin_mse,
-    "listwise_kl": functional.listwise_kl,
-    "pointwise_mse": functional.pointwise_mse,
-}
+@dataclass
+class Context:
+    """What terms need to know about the models (widths, depths, heads) and the run."""
+    task: str
+    student_hidden: int = 0
+    teacher_hidden: int = 0
+    student_layers: int = 0
+    teacher_layers: int = 0
+    default_layer_map: Optional[List[int]] = None  # student layer i -> teacher hidden_states index
+    max_steps: int = 1
+    class_centres: Optional[torch.Tensor] = None  # teacher classifier weights [C, H_t]
 
 
-def _takes_temperature(name: str) -> bool:
-    return "temperature" in inspect.signature(LOSSES[name]).parameters
+def _kwargs(fn: Callable, options: dict) -> dict:
+    """The options the function takes (temperature, alpha, beta), read from its signature."""
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in options.items() if k in params}
 
 
-class WeightedLoss:
-    """loss(student_scores, teacher_scores) -> {"loss": sum_i w_i * term_i, "<term_i>": term_i, ...}.
+def distributions(student: Dict, teacher: Dict):
+    """(student, teacher) logits over the same support: full logits, or (k+1)-way log-probs when the
+    teacher gives only its top-k (a precomputed or sparse teacher)."""
+    if "topk_ids" in teacher:
+        return F.topk_distributions(student["logits"], teacher["topk_logprobs"], teacher["topk_ids"])
+    return student["logits"], teacher["logits"]
 
-    terms: (name, weight) or (name, weight, temperature); the temperature goes to terms that take one.
+
+class Term(nn.Module):
+    needs: frozenset = frozenset()  # model outputs beyond scores/logits: "hidden_states", "attentions", "features"
+
+    def logs(self) -> Dict[str, float]:
+        return {}
+
+
+class ScoreTerm(Term):
+    """Ranking: [B, n] scores of (query, positive, negatives) lists; `in_batch` uses the [B, B*n] matrix."""
+
+    def __init__(self, fn: Callable, options: dict, key: str = "scores"):
+        super().__init__()
+        self.fn, self.kw, self.key = fn, _kwargs(fn, options), key
+        if key == "in_batch_scores":
+            self.needs = frozenset({"in_batch_scores"})
+
+    def forward(self, s: Dict, t: Dict, batch: Dict) -> torch.Tensor:
+        return self.fn(s[self.key], t[self.key], **self.kw)
+
+
+class DistributionTerm(Term):
+    """Classification logits [B, C] or LM logits [B, L, V] (masked by batch["loss_mask"])."""
+
+    def __init__(self, fn: Callable, options: dict):
+        super().__init__()
+        self.fn, self.kw = fn, _kwargs(fn, options)
+
+    def forward(self, s: Dict, t: Dict, batch: Dict) -> torch.Tensor:
+        student, teacher = distributions(s, t)
+        return self.fn(student, teacher, mask=batch.get("loss_mask"), **self.kw)
+
+
+class CrossEntropy(Term):
+    """Hard labels: classification labels, or next tokens of a causal LM (the data, not the teacher)."""
+
+    def forward(self, s: Dict, t: Dict, batch: Dict) -> torch.Tensor:
+        return F.cross_entropy(s["logits"], batch["labels"])
+
+
+class Taid(Term):
+    """TAID with its adaptive schedule (Shing et al. 2025, Algorithm 1): after each training call,
+    t <- min(1, max(t_linear, t + taid_alpha * sigmoid(m) * (1 - t))), where m is a momentum
+    (taid_beta) average of the loss's relative decrease and t_linear rises from t_start to t_end over
+    the run. A student that learns fast moves its target towards the teacher faster."""
+
+    def __init__(self, t_start: float, t_end: float, taid_alpha: float, taid_beta: float, max_steps: int):
+        super().__init__()
+        self.t_start, self.t_end, self.alpha, self.beta = t_start, t_end, taid_alpha, taid_beta
+        self.max_steps, self.calls = max(1, max_steps), 0
+        self.t, self.prev, self.momentum = t_start, None, 0.0
+
+    def forward(self, s: Dict, t: Dict, batch: Dict) -> torch.Tensor:
+        student, teacher = distributions(s, t)
+        loss = F.taid(student, teacher, self.t, mask=batch.get("loss_mask"))
+        if self.training:
+            self._update(float(loss.detach()))
+        return loss
+
+    def _update(self, loss: float) -> None:
+        self.calls += 1
+        if self.prev is not None:
+            self.momentum = self.beta * self.momentum + (1 - self.beta) * (self.prev - loss) / (self.prev + 1e-15)
+            linear = self.t_start + (self.t_end - self.t_start) * min(1.0, self.calls / self.max_steps)
+            step = self.alpha * torch.sigmoid(torch.tensor(self.momentum)).item() * (1 - self.t)
+            self.t = min(self.t_end, max(linear, self.t + step))
+        self.prev = loss
+
+    def logs(self) -> Dict[str, float]:
+        return {"taid_t": self.t}
+
+
+def _projection(d_in: int, d_out: int) -> nn.Module:
+    return nn.Identity() if d_in == d_out else nn.Linear(d_in, d_out)
+
+
+class HiddenMSE(Term):
+    """TinyBERT hidden-state transfer: student layer i -> teacher layer layer_map[i] (hidden_states
+    indices, 0 = embeddings), through a learned linear projection when widths differ. `embedding=True`
+    is TinyBERT's embedding-layer term (hidden_states[0] on both sides)."""
+    needs = frozenset({"hidden_states"})
+
+    def __init__(self, ctx: Context, layer_map: Optional[List[int]], embedding: bool = False):
+        super().__init__()
+        self.pairs = [(0, 0)] if embedding else _layer_pairs(ctx, layer_map, offset=1)
+        self.proj = _projection(ctx.student_hidden, ctx.teacher_hidden)
+
+    def forward(self, s: Dict, t: Dict, batch: Dict) -> torch.Tensor:
+        mask = batch.get("attention_mask")
+        losses = [F.hidden_mse(self.proj(s["hidden_states"][i]), t["hidden_states"][j], mask) for i, j in self.pairs]
+        return torch.stack(losses).mean()
+
+
+class AttentionTerm(Term):
+    """TinyBERT attention transfer (mse) or MiniLM attention distributions (kl), per head, layer-mapped."""
+    needs = frozenset({"attentions"})
+
+    def __init__(self, fn: Callable, ctx: Context, layer_map: Optional[List[int]]):
+        super().__init__()
+        self.fn, self.pairs = fn, _layer_pairs(ctx, layer_map, offset=0)
+
+    def forward(self, s: Dict, t: Dict, batch: Dict) -> torch.Tensor:
+        mask = batch.get("attention_mask")
+        return torch.stack([self.fn(s["attentions"][i], t["attentions"][j], mask) for i, j in self.pairs]).mean()
+
+
+class FeatureNormDirection(Term):
+    """ND loss on the classifier's input features, towards the teacher classifier's class directions."""
+    needs = frozenset({"features"})
+
+    def __init__(self, ctx: Context):
+        super().__init__()
+        if ctx.class_centres is None:
+            raise ValueError("feature_norm_direction needs the teacher's classifier weights")
+        self.register_buffer("centres", ctx.class_centres.detach().float().clone())
+        self.proj = _projection(ctx.student_hidden, ctx.teacher_hidden)
+
+    def forward(self, s: Dict, t: Dict, batch: Dict) -> torch.Tensor:
+        return F.feature_norm_direction(self.proj(s["features"]), t["features"], self.centres, batch["labels"])
+
+
+def _layer_pairs(ctx: Context, layer_map: Optional[List[int]], offset: int) -> List[tuple]:
+    """[(student index, teacher index)] into hidden_states (offset=1: index 0 is the embeddings) or
+    attentions (offset=0). The map gives, per student layer, the teacher layer in hidden_states numbering
+    (1..N); the default is the student's own origin (a slice of the teacher) or TinyBERT's uniform map
+    i -> i * N / M."""
+    m, n = ctx.student_layers, ctx.teacher_layers
+    mapping = layer_map or ctx.default_layer_map or [(i + 1) * n // m for i in range(m)]
+    if len(mapping) != m or not all(1 <= j <= n for j in mapping):
+        raise ValueError(f"layer_map={list(mapping)}: needs {m} entries (one per student layer), each in 1..{n} "
+                         "(teacher layers, 1-based as in hidden_states)")
+    return [(i + offset, j - 1 + offset) for i, j in enumerate(mapping)]
+
+
+def build_term(name: str, options: dict, ctx: Context) -> Term:
+    """A term by config name; `options` are the loss term's config fields (temperature, alpha, ...)."""
+    score_fns = {"margin_mse": F.margin_mse, "listwise_kl": F.listwise_kl, "pointwise_mse": F.pointwise_mse}
+    dist_fns = {"kd_kl": F.forward_kl, "forward_kl": F.forward_kl, "reverse_kl": F.reverse_kl, "jsd": F.jsd,
+                "skew_kl": F.skew_kl, "skew_rkl": F.skew_rkl, "bd_kd": F.bd_kd}
+    if name in score_fns:
+        return ScoreTerm(score_fns[name], options)
+    if name == "in_batch_kl":
+        return ScoreTerm(F.in_batch_kl, options, key="in_batch_scores")
+    if name in dist_fns:
+        return DistributionTerm(dist_fns[name], options)
+    if name == "ce":
+        return CrossEntropy()
+    if name == "taid":
+        return Taid(options["t_start"], options["t_end"], options["taid_alpha"], options["taid_beta"], ctx.max_steps)
+    if name in ("hidden_mse", "embedding_mse"):
+        return HiddenMSE(ctx, options.get("layer_map"), embedding=name == "embedding_mse")
+    if name in ("attention_mse", "attention_kl"):
+        return AttentionTerm(F.attention_mse if name == "attention_mse" else F.attention_kl, ctx,
+                             options.get("layer_map"))
+    if name == "feature_norm_direction":
+        return FeatureNormDirection(ctx)
+    raise KeyError(f"unknown loss term '{name}'; known: {sorted(TERM_TASKS)}")
+
+
+class WeightedLoss(nn.Module):
+    """loss(student_out, teacher_out, batch) -> {"loss": sum_i w_i * term_i, "<term_i>": term_i, ...}.
+
+    terms: [(name, weight, options)]. A module: terms with parameters (projections) train with the student.
     """
 
-    def __init__(self, terms: Sequence[Tuple]):
-        unknown = [t[0] for t in terms if t[0] not in LOSSES]
-        if unknown:
-            raise KeyError(f"unknown loss terms {unknown}; known: {sorted(LOSSES)}")
-        # (name, weight, keyword arguments), resolved once: the temperature goes where the function takes one
-        self.terms = [(t[0], t[1], {"temperature": t[2] if len(t) > 2 else 1.0} if _takes_temperature(t[0]) else {})
-                      for t in terms]
+    def __init__(self, terms: Sequence[tuple], ctx: Context):
+        super().__init__()
+        names = [t[0] for t in terms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"loss terms {names}: each term may appear once")
+        self.names, self.weights = names, [float(t[1]) for t in terms]
+        self.terms = nn.ModuleList([build_term(name, dict(t[2]) if len(t) > 2 else {}, ctx)
+                                    for name, t in zip(names, terms)])
 
-    def __call__(self, student_scores: torch.Tensor, teacher_scores: torch.Tensor) -> Dict[str, torch.Tensor]:
+    @property
+    def needs(self) -> set:
+        return set().union(*(t.needs for t in self.terms))
+
+    def forward(self, student_out: Dict, teacher_out: Dict, batch: Dict) -> Dict[str, torch.Tensor]:
         out: Dict[str, torch.Tensor] = {}
         total = None
-        for name, weight, kwargs in self.terms:
-            value = LOSSES[name](student_scores, teacher_scores, **kwargs)
+        for name, weight, term in zip(self.names, self.weights, self.terms):
+            value = term(student_out, teacher_out, batch)
             out[name] = value.detach()
             total = weight * value if total is None else total + weight * value
         out["loss"] = total
         return out
+
+    def logs(self) -> Dict[str, float]:
+        return {k: v for t in self.terms for k, v in t.logs().items()}

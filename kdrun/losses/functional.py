@@ -138,21 +138,136 @@ def skew_rkl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: O
 
 def taid(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float,
          mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """TAID (Shing et al. 2025, "Temporally Adaptive Interpolated Distillation"): the student matches an
-    intermediate target that moves from itself towards the teacher as the interpolation t goes to 1:
+    """TAID (Shing et al. 2025, "TAID: Temporally Adaptive Interpolated Distillation for Efficient Knowledge
+    Transfer in Language Models"): the student matches an intermediate target that moves from itself towards
+    the teacher as t goes to 1. As in the paper, the interpolation is in logit space:
 
-        p_t = (1 - t) * stopgrad(p_s) + t * p_teacher,   L = KL(p_t || p_s)
+        p_t = softmax((1 - t) * stopgrad(z_s) + t * z_teacher),   L = KL(p_t || p_s)
 
-    t = 1 is forward KL; t = 0 gives zero loss and zero gradient. The schedule that raises t (from
-    t_start to 1, adaptively) belongs to the caller; this function is the per-step math."""
+    t = 1 is forward KL; t = 0 gives zero loss and zero gradient. The schedule that raises t (from t_start
+    to 1, adaptively) is state, so it lives in the loss term (kdrun.losses.Taid); this is the per-step math."""
     if not 0.0 <= t <= 1.0:
         raise ValueError(f"taid: t={t} must be in [0, 1]")
     log_s = _logprobs(student_logits)
-    log_target = _log_mix(log_s.detach(), _logprobs(teacher_logits), 1.0 - t)
-    return masked_mean(_kl_from_logprobs(log_target, log_s), mask)
+    # log-probabilities are logits shifted by a per-position constant, which softmax ignores; they are
+    # finite-clamped so that -inf entries (ruled-out tokens) interpolate without NaN
+    low = torch.finfo(log_s.dtype).min / 4
+    mixed = (1.0 - t) * log_s.detach().clamp(min=low) + t * _logprobs(teacher_logits).clamp(min=low)
+    return masked_mean(_kl_from_logprobs(torch.log_softmax(mixed, dim=-1), log_s), mask)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Hard-label cross-entropy in fp32, mean over labels that are not ignore_index."""
     return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                              ignore_index=ignore_index)
+
+
+def bd_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: Optional[torch.Tensor] = None,
+          temperature: float = 1.0) -> torch.Tensor:
+    """Balanced forward + reverse KL with per-sample weights (BD-KD, Amara et al. 2022, "BD-KD: Balancing
+    the Divergences for Online Knowledge Distillation"). Each sample's weights follow the entropy gap
+    between student and teacher: an under-confident student (H_s > H_t) gets more mode-seeking reverse
+    KL, an over-confident one more mode-covering forward KL:
+
+        w_rev = H_s / (H_s + H_t),  w_fwd = 1 - w_rev   (weights detached, per sample)
+        L = T^2 * mean_b [ w_fwd * KL(p_t || p_s) + w_rev * KL(p_s || p_t) ]
+
+    (The paper's sample-wise weighting is driven by the same entropy gap; this normalised form keeps the
+    loss on the scale of one KL.) Equal distributions give w = 1/2 and zero loss."""
+    log_t, log_s = _logprobs(teacher_logits, temperature), _logprobs(student_logits, temperature)
+    h_t = -(log_t.exp() * torch.where(log_t.exp() > 0, log_t, torch.zeros_like(log_t))).sum(-1)
+    h_s = -(log_s.exp() * torch.where(log_s.exp() > 0, log_s, torch.zeros_like(log_s))).sum(-1)
+    w_rev = (h_s / (h_s + h_t).clamp(min=1e-12)).detach()
+    per = (1 - w_rev) * _kl_from_logprobs(log_t, log_s) + w_rev * _kl_from_logprobs(log_s, log_t)
+    return masked_mean(per, mask) * temperature**2
+
+
+def topk_distributions(student_logits: torch.Tensor, teacher_topk_logprobs: torch.Tensor,
+                       teacher_topk_ids: torch.Tensor):
+    """Teacher top-k -> both sides as (k+1)-way log-probabilities: the teacher's k tokens plus one "rest"
+    bucket holding the remaining mass. Shapes: student_logits [..., V], teacher_topk_* [..., k] (log-probs
+    already normalised over the full vocabulary, e.g. logits - logsumexp). Every divergence above applied
+    to these is the exact divergence between the coarse-grained distributions, a lower bound on the
+    full-vocabulary one (data-processing inequality) that is equal when the teacher's mass is all in its
+    top k. Returns (student, teacher) log-probabilities of shape [..., k+1], fp32."""
+    log_s = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, teacher_topk_ids.long())
+    log_t = teacher_topk_logprobs.float()
+
+    def with_rest(lp: torch.Tensor) -> torch.Tensor:
+        rest = torch.log1p(-lp.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6))
+        return torch.cat([lp, rest], dim=-1)
+
+    return with_rest(log_s), with_rest(log_t)
+
+
+def hidden_mse(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
+               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Hidden-state transfer (TinyBERT, Jiao et al. 2020, "TinyBERT: Distilling BERT for Natural Language
+    Understanding"): L = mean over real tokens and dimensions of (h_s W - h_t)^2, where the caller has
+    already applied the learned projection W when widths differ. Shapes [B, L, H]; mask [B, L]."""
+    if student_hidden.shape != teacher_hidden.shape:
+        raise ValueError(f"hidden_mse: shapes {tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)} differ "
+                         "(project the student first)")
+    per_token = (student_hidden.float() - teacher_hidden.float()).pow(2).mean(-1)
+    return masked_mean(per_token, mask)
+
+
+def _match_heads(s: torch.Tensor, t: torch.Tensor):
+    """Attention maps [B, H, L, L]: as they are when head counts match, else both averaged over heads."""
+    if s.shape[1] == t.shape[1]:
+        return s, t
+    return s.mean(1, keepdim=True), t.mean(1, keepdim=True)
+
+
+def attention_mse(student_attn: torch.Tensor, teacher_attn: torch.Tensor,
+                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention transfer (TinyBERT, Jiao et al. 2020): MSE between per-head attention maps [B, H, L, L],
+    mean over heads, real query rows and real key columns (mask [B, L]). Different head counts: both
+    sides are averaged over heads first."""
+    s, t = _match_heads(student_attn.float(), teacher_attn.float())
+    sq = (s - t).pow(2)  # [B, H, L, L]
+    if mask is None:
+        return sq.mean()
+    m = mask.to(sq.dtype)
+    pair = m[:, None, :, None] * m[:, None, None, :]  # query row and key column both real
+    return (sq * pair).sum() / (pair.sum() * sq.shape[1]).clamp(min=1.0)
+
+
+def attention_kl(student_attn: torch.Tensor, teacher_attn: torch.Tensor,
+                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention-distribution transfer (MiniLM, Wang et al. 2020, "MiniLM: Deep Self-Attention
+    Distillation"): per head and query row, KL(teacher attention row || student attention row), mean over
+    heads and real query rows. Inputs are attention probabilities [B, H, L, L] (rows sum to 1 over real
+    keys); heads are averaged first when their counts differ."""
+    s, t = _match_heads(student_attn.float(), teacher_attn.float())
+    tiny = torch.finfo(torch.float32).tiny
+    kl = _kl_from_logprobs(t.clamp(min=tiny).log().where(t > 0, torch.full_like(t, float("-inf"))),
+                           s.clamp(min=tiny).log())  # [B, H, L]
+    if mask is None:
+        return kl.mean()
+    return masked_mean(kl, mask[:, None, :].expand_as(kl))
+
+
+def feature_norm_direction(student_features: torch.Tensor, teacher_features: torch.Tensor,
+                           class_centres: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """ND loss (Wang et al. 2023, "Improving Knowledge Distillation via Regularizing Feature Norm and
+    Direction"): pull the student's feature towards the direction of its class centre (here the teacher
+    classifier's weight row for the label, as the issue asks) while pushing its norm up to at least the
+    teacher's:
+
+        L = mean_b [ 1 - <f_s, c_y / |c_y|> / max(|f_s|, |f_t|) ]
+
+    f_s [B, H] (projected to the teacher's width), f_t [B, H], class_centres [C, H], labels [B]."""
+    f_s, f_t = student_features.float(), teacher_features.float()
+    e = torch.nn.functional.normalize(class_centres.float(), dim=-1)[labels.long()]
+    norm = torch.maximum(f_s.norm(dim=-1), f_t.norm(dim=-1)).clamp(min=1e-12)
+    return (1 - (f_s * e).sum(-1) / norm).mean()
+
+
+def in_batch_kl(student_scores: torch.Tensor, teacher_scores: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """In-batch negatives for bi-encoders (as in TAS-Balanced, Hofstaetter et al. 2021): every query is
+    scored against every passage of the batch, [B, B*n], and the student's softmax over that row is matched
+    to the teacher's: T^2 * mean_b KL(softmax(t_b / T) || softmax(s_b / T)). Passages of other queries act
+    as extra negatives at no extra encoder cost."""
+    _check_lists("in_batch_kl", student_scores, teacher_scores)
+    return forward_kl(student_scores, teacher_scores, temperature=temperature)

@@ -1,51 +1,162 @@
-"""Builders named by `_target_` in conf/teacher and conf/student: config values in, scoring modules out."""
+"""Builders named by `_target_` in conf/teacher and conf/student: config values in, modules out.
+
+Every model returns a dict of outputs (ranking: "scores"; classification and causal LM: "logits", and
+what the loss terms request). Teachers come back frozen: eval mode, requires_grad off everywhere.
+"""
 from __future__ import annotations
 
+import copy
 from typing import List, Optional
 
 from torch import nn
 
-from kdrun.errors import ConfigError
+from kdrun.errors import ConfigError, ModelLoadError
 from kdrun.models.encoders import BiEncoder, CrossEncoder
 from kdrun.models.hub import load_pretrained, resolve_source
 
 
-def build_teacher(*, name: Optional[str], path: Optional[str], kind: str, pooling: str, similarity: str,
-                  label_index: int, max_length: int) -> nn.Module:
-    """A frozen scorer in eval mode: requires_grad is off for every parameter."""
-    source = resolve_source("teacher", name, path)
-    if kind == "cross_encoder":
-        model, tok = load_pretrained("teacher", source, "AutoModelForSequenceClassification")
-        n_labels = model.config.num_labels
-        if not -n_labels <= label_index < n_labels:
-            raise ConfigError(f"teacher.label_index={label_index}: '{source}' has {n_labels} output logits")
-        teacher: nn.Module = CrossEncoder(model, tok, label_index, max_length)
-    else:
-        model, tok = load_pretrained("teacher", source, "AutoModel")
-        teacher = BiEncoder(model, tok, pooling, similarity, max_length)
+def _freeze(teacher: nn.Module, source: str) -> nn.Module:
     teacher.source = source
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher
 
 
-def build_student(*, name: Optional[str], path: Optional[str], init: str, layers: Optional[List[int]], pooling: str,
-                  similarity: str, max_length: int, teacher_source: Optional[str] = None) -> BiEncoder:
-    """A trainable bi-encoder: a pretrained encoder, or the teacher's embeddings + a subset of its layers."""
+def build_teacher(*, name: Optional[str], path: Optional[str], gguf_file: Optional[str], kind: str, pooling: str,
+                  similarity: str, label_index: int, max_length: int, top_k: int, finetune: dict,
+                  data=None, runtime=None) -> nn.Module:
+    """A frozen teacher of the given kind. Classifier teachers may be fine-tuned first on `data`."""
+    source = resolve_source("teacher", name, path, gguf_file)
+    if kind == "cross_encoder":
+        model, tok = load_pretrained("teacher", source, "AutoModelForSequenceClassification")
+        n_labels = model.config.num_labels
+        if not -n_labels <= label_index < n_labels:
+            raise ConfigError(f"teacher.label_index={label_index}: '{source}' has {n_labels} output logits")
+        return _freeze(CrossEncoder(model, tok, label_index, max_length), source)
+    if kind == "bi_encoder":
+        model, tok = load_pretrained("teacher", source, "AutoModel")
+        return _freeze(BiEncoder(model, tok, pooling, similarity, max_length), source)
+    if kind == "classifier":
+        return _freeze(_classifier_teacher(source, max_length, finetune, data, runtime), source)
+    if kind == "causal_lm":
+        from kdrun.models.causal_lm import CausalLM
+
+        model, tok = load_pretrained("teacher", source, "AutoModelForCausalLM", gguf_file=gguf_file)
+        return _freeze(CausalLM(model, tok, top_k), source)
+    raise ConfigError(f"teacher.kind={kind}: unknown")
+
+
+def _classifier_teacher(source: str, max_length: int, finetune: dict, data, runtime):
+    from kdrun.models.classifier import SequenceClassifier, classifier_head
+
+    n_classes = len(data.label_names)
+    if finetune["steps"] > 0:
+        from kdrun.models.finetune import finetuned_teacher
+
+        source, info = finetuned_teacher(source, data, max_length=max_length, runtime=runtime, **finetune)
+    else:
+        info = {"teacher/finetune_cache_hit": 0.0, "teacher/finetune_seconds": 0.0}
+    model, tok = load_pretrained("teacher", source, "AutoModelForSequenceClassification")
+    if finetune["steps"] == 0 and not _head_in_checkpoint(source, model):
+        raise ConfigError(f"teacher '{source}' has no trained classification head (it would be random); set "
+                          "teacher.finetune.steps=N so kdrun fine-tunes it first, or pass a fine-tuned classifier")
+    if model.config.num_labels != n_classes:
+        raise ConfigError(f"teacher '{source}' has {model.config.num_labels} labels but the data has {n_classes} "
+                          f"classes {list(data.label_names)}; set teacher.finetune.steps=N to fine-tune a head for them")
+    teacher = SequenceClassifier(model, tok, max_length)
+    teacher.finetune_info = info
+    return teacher
+
+
+def _head_in_checkpoint(source: str, model: nn.Module) -> bool:
+    """Whether the source's weights contain the classification head (not a freshly initialised one)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from kdrun.models.classifier import classifier_head
+
+    files = sorted(Path(source).glob("*.safetensors")) if Path(source).is_dir() else []
+    if not files:
+        return True  # a hub name or .bin weights: trust the user's choice of teacher
+    head = classifier_head(model)
+    suffix = next(n for n, m in model.named_modules() if m is head) + ".weight"
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            if any(k.endswith(suffix) for k in st.keys()):
+                return True
+    return False
+
+
+def build_student(*, name: Optional[str], path: Optional[str], init: str, layers: Optional[List[int]], scratch: dict,
+                  pooling: str, similarity: str, max_length: int, teacher: nn.Module) -> nn.Module:
+    """A trainable student for the teacher's task: a pretrained model, a slice of the teacher's layers
+    (DistilBERT/TinyBERT-style), or the teacher's architecture resized and randomly initialised."""
+    from kdrun.models.causal_lm import CausalLM
+    from kdrun.models.classifier import SequenceClassifier
+
+    if isinstance(teacher, (BiEncoder, CrossEncoder)):
+        student = _ranking_student(name, path, init, layers, pooling, similarity, max_length, teacher.source)
+    elif isinstance(teacher, SequenceClassifier):
+        model, tok = _hf_student(name, path, init, layers, scratch, teacher, "AutoModelForSequenceClassification",
+                                 num_labels=teacher.num_labels)
+        student = SequenceClassifier(model, tok, max_length)
+    elif isinstance(teacher, CausalLM):
+        model, tok = _hf_student(name, path, init, layers, scratch, teacher, "AutoModelForCausalLM")
+        if tok.get_vocab() != teacher.tokenizer.get_vocab():
+            raise ConfigError(f"student '{name or path}' and teacher '{teacher.source}' use different tokenizers; "
+                              "causal-LM distillation compares token distributions, so they must share one "
+                              "(use student.init=teacher_layers or scratch, or a student of the same family)")
+        student = CausalLM(model, tok)
+    else:
+        raise ConfigError(f"no student for a {type(teacher).__name__} teacher")
+    student.requires_grad_(True)
+    student.train()
+    return student
+
+
+def _ranking_student(name, path, init, layers, pooling, similarity, max_length, teacher_source) -> BiEncoder:
     if init == "teacher_layers":
-        if name or path:
-            source = resolve_source("student", name, path)
-        elif teacher_source:
-            source = teacher_source
-        else:
-            raise ConfigError("student.init=teacher_layers needs the teacher's source (teacher.name or teacher.path)")
+        source = resolve_source("student", name, path) if (name or path) else teacher_source
         model, tok = load_pretrained("student", source, "AutoModel")
         keep_layers(model, list(layers or []))
     else:
         model, tok = load_pretrained("student", resolve_source("student", name, path), "AutoModel")
-    student = BiEncoder(model, tok, pooling, similarity, max_length)
-    student.train()
-    return student
+    return BiEncoder(model, tok, pooling, similarity, max_length)
+
+
+def _hf_student(name, path, init, layers, scratch, teacher, model_class: str, **kwargs):
+    """(model, tokenizer) of a classification or causal-LM student."""
+    import transformers
+
+    if init == "teacher_layers":  # an own copy of the teacher, then keep the listed layers
+        model = copy.deepcopy(teacher.model)
+        keep_layers(model, list(layers or []))
+        return model, teacher.tokenizer
+    if init == "scratch":
+        config = resized_config(teacher.model.config, **scratch)
+        return getattr(transformers, model_class).from_config(config), teacher.tokenizer
+    return load_pretrained("student", resolve_source("student", name, path), model_class, **kwargs)
+
+
+def resized_config(config, *, num_layers=None, hidden_size=None, num_heads=None, intermediate_size=None):
+    """A copy of a transformers config with other sizes (the names BERT- and Llama-style configs share)."""
+    config = copy.deepcopy(config)
+    heads = num_heads or config.num_attention_heads
+    hidden = hidden_size or config.hidden_size
+    if hidden % heads:
+        raise ConfigError(f"student.scratch: hidden_size={hidden} is not a multiple of num_heads={heads}")
+    config.num_hidden_layers = num_layers or config.num_hidden_layers
+    config.hidden_size, config.num_attention_heads = hidden, heads
+    config.intermediate_size = intermediate_size or config.intermediate_size
+    if getattr(config, "num_key_value_heads", None):  # grouped-query attention: kv heads must divide heads
+        config.num_key_value_heads = max(k for k in range(1, heads + 1) if heads % k == 0
+                                         and k <= config.num_key_value_heads)
+    if getattr(config, "head_dim", None):
+        config.head_dim = hidden // heads
+    if hasattr(config, "layer_types") and config.layer_types:
+        config.layer_types = config.layer_types[:config.num_hidden_layers]
+    return config
 
 
 def _layer_stack(model: nn.Module):
@@ -71,3 +182,8 @@ def keep_layers(model: nn.Module, layers: List[int]) -> None:
     for key in ("num_hidden_layers", "n_layers"):
         if hasattr(model.config, key):
             setattr(model.config, key, len(layers))
+    if getattr(model.config, "layer_types", None):  # per-layer attention types (transformers 5)
+        model.config.layer_types = [model.config.layer_types[i] for i in layers]
+
+
+__all__ = ["build_teacher", "build_student", "keep_layers", "resized_config", "ModelLoadError"]

@@ -1,8 +1,9 @@
 """Scoring models for ranking: a bi-encoder (pooled embeddings, dot or cosine) and a cross-encoder.
 
 Both take raw text through `featurize` (their own tokenizer: teacher and student may differ) and
-return scores of shape [B, n] for B queries with n passages each (column 0 is the positive in
-training batches). `score_lists` scores arbitrary candidate lists for evaluation.
+return {"scores": [B, n]} for B queries with n passages each (column 0 is the positive in training
+batches), plus {"in_batch_scores": [B, B*n]} (every query against every passage of the batch) when
+a loss term asks for it. `score_lists` scores arbitrary candidate lists for evaluation.
 """
 from __future__ import annotations
 
@@ -38,7 +39,22 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
-class BiEncoder(nn.Module):
+def own_scores(in_batch: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, B*n] in-batch scores -> [B, n]: each query's own passages (columns b*n .. b*n+n-1)."""
+    b = in_batch.shape[0]
+    cols = torch.arange(b, device=in_batch.device)[:, None] * n + torch.arange(n, device=in_batch.device)
+    return in_batch.gather(1, cols)
+
+
+class Scorer(nn.Module):
+    outputs: set = set()
+
+    def request(self, outputs: set) -> None:
+        """Extra outputs for the loss terms: "in_batch_scores"."""
+        self.outputs = set(outputs) & {"in_batch_scores"}
+
+
+class BiEncoder(Scorer):
     """Query and passage encoded separately by one transformer; score = dot or cosine of pooled vectors."""
 
     def __init__(self, encoder: nn.Module, tokenizer, pooling: str, similarity: str, max_length: int):
@@ -56,11 +72,13 @@ class BiEncoder(nn.Module):
         emb = pool(out, features["attention_mask"], self.pooling)
         return F.normalize(emb.float(), dim=-1) if self.similarity == "cos" else emb
 
-    def forward(self, features: Dict[str, Features]) -> torch.Tensor:
-        q = self.embed(features["query"])  # [B, H]
-        p = self.embed(features["passage"])  # [B*n, H]
-        p = p.view(q.shape[0], -1, p.shape[-1])  # [B, n, H]
-        return torch.einsum("bh,bnh->bn", q.float(), p.float())
+    def forward(self, features: Dict[str, Features]) -> Dict[str, torch.Tensor]:
+        q = self.embed(features["query"]).float()  # [B, H]
+        p = self.embed(features["passage"]).float()  # [B*n, H]
+        if "in_batch_scores" in self.outputs:
+            in_batch = q @ p.T  # [B, B*n]
+            return {"scores": own_scores(in_batch, p.shape[0] // q.shape[0]), "in_batch_scores": in_batch}
+        return {"scores": torch.einsum("bh,bnh->bn", q, p.view(q.shape[0], -1, p.shape[-1]))}
 
     @torch.inference_mode()
     def score_lists(self, queries: List[str], candidates: List[List[str]], batch_size: int, device) -> List[torch.Tensor]:
@@ -98,7 +116,7 @@ class BiEncoder(nn.Module):
             {"similarity_fn_name": "cosine" if self.similarity == "cos" else "dot"}))
 
 
-class CrossEncoder(nn.Module):
+class CrossEncoder(Scorer):
     """(query, passage) encoded together; score = one logit of a sequence-classification head."""
 
     def __init__(self, model: nn.Module, tokenizer, label_index: int, max_length: int):
@@ -107,13 +125,21 @@ class CrossEncoder(nn.Module):
         self.label_index, self.max_length = label_index, max_length
 
     def featurize(self, queries: Sequence[str], passages: Sequence[Sequence[str]]) -> Dict[str, Features]:
-        qs = [q for q, ps in zip(queries, passages) for _ in ps]
         flat = [p for ps in passages for p in ps]
-        return {"pairs": _tokenize(self.tokenizer, qs, self.max_length, pair_texts=flat), "n": len(passages[0])}
+        if "in_batch_scores" in self.outputs:  # every query with every passage of the batch: B * B*n pairs
+            qs, ps = [q for q in queries for _ in flat], flat * len(queries)
+        else:
+            qs, ps = [q for q, group in zip(queries, passages) for _ in group], flat
+        return {"pairs": _tokenize(self.tokenizer, qs, self.max_length, pair_texts=ps), "n": len(passages[0])}
 
-    def forward(self, features: Dict[str, Features]) -> torch.Tensor:
-        logits = self.model(**features["pairs"]).logits[:, self.label_index]
-        return logits.float().view(-1, int(features["n"]))
+    def forward(self, features: Dict[str, Features]) -> Dict[str, torch.Tensor]:
+        logits = self.model(**features["pairs"]).logits[:, self.label_index].float()
+        n = int(features["n"])
+        if "in_batch_scores" in self.outputs:
+            b = int(round((logits.numel() / n) ** 0.5))
+            in_batch = logits.view(b, b * n)
+            return {"scores": own_scores(in_batch, n), "in_batch_scores": in_batch}
+        return {"scores": logits.view(-1, n)}
 
     @torch.inference_mode()
     def score_lists(self, queries: List[str], candidates: List[List[str]], batch_size: int, device) -> List[torch.Tensor]:

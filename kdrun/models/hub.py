@@ -6,7 +6,9 @@ transformers' retries and a traceback.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import socket
 from pathlib import Path
 from typing import Optional
@@ -34,13 +36,17 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def resolve_source(role: str, name: Optional[str], path: Optional[str]) -> str:
+def resolve_source(role: str, name: Optional[str], path: Optional[str], gguf_file: Optional[str] = None) -> str:
     """A local directory or a hub name that from_pretrained can load now; else ModelLoadError."""
     if path:
         p = Path(path).expanduser()
         if not p.is_dir():
             raise ModelLoadError(f"{role}.path={path}: no such directory")
-        if not (p / "config.json").is_file():
+        if gguf_file:
+            if not (p / gguf_file).is_file():
+                found = sorted(f.name for f in p.glob("*.gguf"))
+                raise ModelLoadError(f"{role}.gguf_file={gguf_file}: no such file in {p} (GGUF files there: {found})")
+        elif not (p / "config.json").is_file():
             raise ModelLoadError(
                 f"{role}.path={path}: no config.json there; expected a Hugging Face model directory "
                 "(what save_pretrained writes)"
@@ -50,12 +56,12 @@ def resolve_source(role: str, name: Optional[str], path: Optional[str]) -> str:
         raise ModelLoadError(f"{role}: set {role}.name (a hub name) or {role}.path=/local/dir")
     local = Path(name).expanduser()
     if local.is_dir():
-        return resolve_source(role, None, str(local))
+        return resolve_source(role, None, str(local), gguf_file)
     from huggingface_hub import snapshot_download
 
     try:
         cached = snapshot_download(repo_id=name, local_files_only=True)
-        if (Path(cached) / "config.json").is_file():
+        if (Path(cached) / (gguf_file or "config.json")).is_file():
             return cached
     except Exception:  # not cached (or not a valid repo id): decided below
         pass
@@ -68,18 +74,67 @@ def resolve_source(role: str, name: Optional[str], path: Optional[str]) -> str:
     )
 
 
-def load_pretrained(role: str, source: str, model_class: str = "AutoModel"):
-    """(model, tokenizer) from a directory or hub name, with readable errors."""
+def cache_root() -> Path:
+    """kdrun's own cache (fine-tuned teachers, converted GGUF models): $KDRUN_CACHE or ~/.cache/kdrun."""
+    return Path(os.environ.get("KDRUN_CACHE") or "~/.cache/kdrun").expanduser()
+
+
+def _gguf_as_hf_dir(role: str, source: str, gguf_file: str, model_class: str) -> str:
+    """A GGUF checkpoint, de-quantised once into a Hugging Face directory under the cache (keyed by the
+    file's path, size and mtime), so later runs and every job of a sweep load it in about a second."""
     import transformers
 
+    f = Path(source) / gguf_file
+    st = f.stat() if f.is_file() else None
+    key = hashlib.sha1(f"{f.resolve() if st else source}|{gguf_file}|{st.st_size if st else ''}|"
+                       f"{st.st_mtime_ns if st else ''}|{model_class}".encode()).hexdigest()[:16]
+    out = cache_root() / "gguf" / f"{Path(gguf_file).stem}-{key}"
+    if (out / "kdrun_complete").is_file():
+        return str(out)
     cls = getattr(transformers, model_class)
     try:
-        model = cls.from_pretrained(source)
+        model = cls.from_pretrained(source, gguf_file=gguf_file)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    except (OSError, ValueError, KeyError, ImportError) as e:
+        raise ModelLoadError(f"{role}: cannot load GGUF file '{gguf_file}' from '{source}': {_first_line(e)}. "
+                             "GGUF loading needs the packages gguf and accelerate (`make install`)") from e
+    # the weights are de-quantised (plain fp32 tensors) but transformers still marks the model as GGUF-quantized,
+    # which save_pretrained refuses: drop the marker so it saves as an ordinary checkpoint
+    model.hf_quantizer = None
+    for obj in (model, model.config):
+        if hasattr(obj, "quantization_config"):
+            delattr(obj, "quantization_config")
+    model.is_quantized = False
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "kdrun_complete").write_text(str(f))
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished first: use its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def load_pretrained(role: str, source: str, model_class: str = "AutoModel", gguf_file: Optional[str] = None,
+                    **kwargs):
+    """(model, tokenizer) from a directory or hub name (or a GGUF file in it), with readable errors."""
+    import transformers
+
+    if gguf_file:
+        source = _gguf_as_hf_dir(role, source, gguf_file, model_class)
+    cls = getattr(transformers, model_class)
+    try:
+        model = cls.from_pretrained(source, **kwargs)
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(
-            f"{role}: cannot load '{source}' with transformers.{model_class}: {first}. "
+            f"{role}: cannot load '{source}' with transformers.{model_class}: {_first_line(e)}. "
             f"Check {role}.name, or pass a local Hugging Face model directory with {role}.path=DIR"
         ) from e
     return model, tokenizer

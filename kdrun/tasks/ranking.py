@@ -12,8 +12,8 @@ from kdrun.data.ranking import Example
 class Collate:
     """Raw examples -> each model's own features (teacher and student may tokenize differently).
 
-    With `teacher=None` the examples carry precomputed teacher scores as a third item, which are
-    batched into "teacher_scores" instead of teacher features.
+    With `teacher=None` the examples carry precomputed teacher outputs ({"scores": [n]}) as a third item,
+    which are batched into "teacher_out" instead of teacher features.
     """
 
     def __init__(self, teacher, student):
@@ -24,7 +24,7 @@ class Collate:
         passages = [ex[1] for ex in examples]
         batch = {"student": self.student.featurize(queries, passages), "size": len(examples)}
         if self.teacher is None:
-            batch["teacher_scores"] = torch.stack([ex[2] for ex in examples])
+            batch["teacher_out"] = {"scores": torch.stack([ex[2]["scores"] for ex in examples])}
         else:
             batch["teacher"] = self.teacher.featurize(queries, passages)
         return batch
@@ -76,3 +76,33 @@ def evaluate(model, queries: List[str], candidates: List[List[str]], labels: Lis
         scores = model.score_lists(queries, candidates, batch_size, runtime.device)
     model.train(was_training)
     return ranking_metrics(scores, labels)
+
+
+class RankingTask:
+    """(query, [positive, negatives]) examples; models score them; MRR@10, nDCG@10, Recall@10 held out."""
+    name, primary = "ranking", "mrr_at_10"
+
+    def __init__(self, data, teacher, student, runtime, eval_batch_size: int):
+        self.data, self.teacher, self.student = data, teacher, student
+        self.rt, self.eval_batch_size = runtime, eval_batch_size
+
+    def examples(self) -> list:
+        return self.data.train
+
+    def lengths(self) -> List[int]:
+        return [example_length(ex) for ex in self.data.train]
+
+    def precompute(self) -> list:
+        scores = precompute_teacher_scores(self.teacher, self.data.train, self.eval_batch_size, self.rt).cpu()
+        return [(q, ps, {"scores": row}) for (q, ps), row in zip(self.data.train, scores)]
+
+    def collate(self, online: bool) -> Collate:
+        return Collate(self.teacher if online else None, self.student)
+
+    def evaluate(self, model, who: str) -> Dict[str, float]:
+        d = self.data
+        return evaluate(model, d.eval_queries, d.eval_candidates, d.eval_labels, self.eval_batch_size, self.rt)
+
+    def describe(self) -> str:
+        return (f"held-out queries: {len(self.data.eval_queries)}, candidates per query: "
+                f"{self.data.stats['eval_candidates_per_query']:.0f}")

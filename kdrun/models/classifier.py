@@ -1,0 +1,87 @@
+"""A sequence classifier (any transformers AutoModelForSequenceClassification) that returns a dict of
+outputs: logits always; hidden states, attentions and the classifier's input features when the loss
+terms ask for them (`outputs`)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import torch
+from torch import nn
+
+from kdrun.errors import ModelLoadError
+
+Features = Dict[str, torch.Tensor]
+
+
+def classifier_head(model: nn.Module) -> nn.Linear:
+    """The final linear layer (BERT-like: `classifier`, decoder-style: `score`)."""
+    for name in ("classifier", "score"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Linear):
+            return head
+        if isinstance(head, nn.Module) and isinstance(getattr(head, "out_proj", None), nn.Linear):
+            return head.out_proj  # RoBERTa-style head: dense -> out_proj
+    raise ModelLoadError(f"cannot find the classification head (`classifier` or `score`) of a {type(model).__name__}")
+
+
+class SequenceClassifier(nn.Module):
+    def __init__(self, model: nn.Module, tokenizer, max_length: int):
+        super().__init__()
+        self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
+        self.outputs: set = set()  # extra outputs: "hidden_states", "attentions", "features"
+        self._features = None
+        classifier_head(model).register_forward_pre_hook(self._keep_features)
+
+    def _keep_features(self, module, args):
+        if "features" in self.outputs:
+            self._features = args[0]
+
+    def request(self, outputs: set) -> None:
+        """Ask for extra outputs; attention maps need eager attention (SDPA does not return them)."""
+        self.outputs = set(outputs) & {"hidden_states", "attentions", "features"}
+        if "attentions" in self.outputs:
+            self.model.set_attn_implementation("eager")
+
+    @property
+    def num_labels(self) -> int:
+        return self.model.config.num_labels
+
+    def featurize(self, texts: Sequence[str]) -> Features:
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                             pad_to_multiple_of=8, return_tensors="pt")
+        return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    def forward(self, features: Features) -> Dict[str, torch.Tensor]:
+        out = self.model(**features, output_hidden_states="hidden_states" in self.outputs,
+                         output_attentions="attentions" in self.outputs)
+        result = {"logits": out.logits.float()}
+        if "hidden_states" in self.outputs:
+            result["hidden_states"] = out.hidden_states
+        if "attentions" in self.outputs:
+            result["attentions"] = out.attentions
+        if "features" in self.outputs:
+            result["features"] = self._features
+        return result
+
+    @torch.inference_mode()
+    def predict_logits(self, texts: List[str], batch_size: int, device) -> torch.Tensor:
+        """[N, C] fp32 logits, in the order of `texts` (batched by length: little padding)."""
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = torch.empty(len(texts), self.num_labels)
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            feats = {k: v.to(device) for k, v in self.featurize([texts[j] for j in idx]).items()}
+            out[idx] = self.model(**feats).logits.float().cpu()
+        return out
+
+    def save(self, directory: str | Path, label_names: Sequence[str] = ()) -> None:
+        """Hugging Face format: AutoModelForSequenceClassification and AutoTokenizer load it back."""
+        d = Path(directory)
+        if label_names:
+            self.model.config.id2label = {i: n for i, n in enumerate(label_names)}
+            self.model.config.label2id = {n: i for i, n in enumerate(label_names)}
+        self.model.save_pretrained(d)
+        self.tokenizer.save_pretrained(d)
+        (d / "kdrun_scorer.json").write_text(json.dumps({"kind": "classifier", "max_length": self.max_length}))

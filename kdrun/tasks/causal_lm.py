@@ -1,0 +1,116 @@
+"""Causal LM: documents packed into fixed-length token blocks; next-token logits; held-out perplexity of
+student and teacher, token-level top-1 agreement and mean KL(teacher || student) per token."""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Sequence
+
+import torch
+
+from kdrun.errors import DataError
+from kdrun.losses.functional import forward_kl
+
+
+def pack(texts: Sequence[str], tokenizer, block_size: int, max_blocks=None) -> torch.Tensor:
+    """Tokenise documents, join them with the EOS token and cut the stream into [N, block_size] blocks
+    (the tail that does not fill a block is dropped)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the teacher's tokenizer has no EOS token to separate packed documents")
+    ids: List[int] = []
+    need = None if max_blocks is None else max_blocks * block_size
+    for chunk in range(0, len(texts), 512):
+        for doc in tokenizer(list(texts[chunk:chunk + 512]), add_special_tokens=False)["input_ids"]:
+            ids += doc + [eos]
+        if need is not None and len(ids) >= need:
+            break
+    n = len(ids) // block_size
+    if max_blocks is not None:
+        n = min(n, max_blocks)
+    return torch.tensor(ids[:n * block_size], dtype=torch.long).view(n, block_size)
+
+
+class Collate:
+    """Blocks -> input ids for both models (they share a tokenizer), next-token labels and a loss mask."""
+
+    def __init__(self, online: bool):
+        self.online = online
+
+    def __call__(self, examples: Sequence) -> Dict:
+        ids = torch.stack([ex[0] for ex in examples])
+        feats = {"input_ids": ids}
+        batch = {"student": feats, "labels": ids[:, 1:], "loss_mask": torch.ones_like(ids[:, 1:], dtype=torch.bool),
+                 "size": len(examples)}
+        if self.online:
+            batch["teacher"] = feats
+        else:
+            batch["teacher_out"] = {k: torch.stack([ex[1][k] for ex in examples]) for k in examples[0][1]}
+        return batch
+
+
+class CausalLMTask:
+    name, primary = "causal_lm", "perplexity"
+
+    def __init__(self, data, teacher, student, runtime, eval_batch_size: int):
+        self.teacher, self.student, self.rt = teacher, student, runtime
+        self.eval_batch_size = max(1, eval_batch_size)
+        tok = teacher.tokenizer
+        self.train_blocks = pack(data.train_texts, tok, data.block_size, data.max_train_blocks)
+        self.eval_blocks = pack(data.eval_texts, tok, data.block_size, data.max_eval_blocks)
+        if len(self.train_blocks) == 0 or len(self.eval_blocks) == 0:
+            raise DataError(f"{data.source}: {len(self.train_blocks)} training and {len(self.eval_blocks)} held-out "
+                            f"blocks of data.block_size={data.block_size} tokens; both must be non-empty")
+        data.stats.update(train_blocks=len(self.train_blocks), eval_blocks=len(self.eval_blocks),
+                          train_tokens=self.train_blocks.numel())
+        self.data = data
+
+    def examples(self) -> list:
+        return [(block,) for block in self.train_blocks]
+
+    def lengths(self) -> List[int]:
+        return [self.data.block_size] * len(self.train_blocks)
+
+    @torch.inference_mode()
+    def precompute(self) -> list:
+        """The teacher's top-k log-probs for every training block (teacher.top_k), computed once."""
+        out = []
+        for i in range(0, len(self.train_blocks), self.eval_batch_size):
+            blocks = self.train_blocks[i:i + self.eval_batch_size]
+            with self.rt.autocast():
+                top = self.teacher({"input_ids": blocks.to(self.rt.device)})
+            out += [(b, {k: v[j].cpu() for k, v in top.items()}) for j, b in enumerate(blocks)]
+        return out
+
+    def collate(self, online: bool) -> Collate:
+        return Collate(online)
+
+    @torch.inference_mode()
+    def evaluate(self, model, who: str) -> Dict[str, float]:
+        """Perplexity = exp(mean next-token NLL) over every held-out token; for the student also top-1
+        agreement with the teacher and the mean KL(teacher || student) per token (full vocabulary)."""
+        was_training = model.training
+        model.eval()
+        nll = agree = kl = 0.0
+        tokens = 0
+        for i in range(0, len(self.eval_blocks), self.eval_batch_size):
+            ids = self.eval_blocks[i:i + self.eval_batch_size].to(self.rt.device)
+            with self.rt.autocast():
+                logits = model.logits({"input_ids": ids}).float()
+                teacher_logits = self.teacher.logits({"input_ids": ids}).float() if who == "student" else None
+            labels = ids[:, 1:]
+            n = labels.numel()
+            nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                     reduction="sum").item()
+            if teacher_logits is not None:
+                agree += (logits.argmax(-1) == teacher_logits.argmax(-1)).sum().item()
+                kl += forward_kl(logits, teacher_logits).item() * n
+            tokens += n
+        model.train(was_training)
+        metrics = {"perplexity": math.exp(nll / tokens), "nll": nll / tokens}
+        if who == "student":
+            metrics.update(top1_agreement=agree / tokens, kl_to_teacher=kl / tokens)
+        return metrics
+
+    def describe(self) -> str:
+        return (f"held-out blocks: {len(self.eval_blocks)} x {self.data.block_size} tokens, "
+                f"training blocks: {len(self.train_blocks)}")

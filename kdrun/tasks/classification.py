@@ -1,0 +1,94 @@
+"""Classification: texts -> class logits; accuracy, macro-F1 for student and teacher, and how often the
+student predicts what the teacher predicts (agreement)."""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+
+from kdrun.errors import ConfigError
+
+
+class Collate:
+    """(text, label[, teacher outputs]) -> student features, teacher features (online teacher) or the
+    precomputed teacher logits, labels.
+    When teacher and student share a tokenizer, one tokenisation serves both, so token-level terms
+    (hidden states, attentions) line up position by position."""
+
+    def __init__(self, teacher, student, teacher_outputs: bool = True):
+        self.teacher, self.student, self.teacher_outputs = teacher, student, teacher_outputs
+        self.shared = teacher is not None and (teacher.tokenizer.get_vocab() == student.tokenizer.get_vocab()
+                                               and teacher.max_length == student.max_length)
+
+    def __call__(self, examples: Sequence) -> Dict:
+        texts = [ex[0] for ex in examples]
+        feats = self.student.featurize(texts)
+        batch = {"student": feats, "labels": torch.tensor([ex[1] for ex in examples]),
+                 "attention_mask": feats["attention_mask"], "size": len(examples)}
+        if self.teacher is not None:
+            batch["teacher"] = feats if self.shared else self.teacher.featurize(texts)
+        elif self.teacher_outputs:  # precomputed: the examples carry the teacher's logits
+            batch["teacher_out"] = {"logits": torch.stack([ex[2]["logits"] for ex in examples])}
+        else:  # no teacher at all (fine-tuning the teacher itself on labels)
+            batch["teacher_out"] = {}
+        return batch
+
+
+def classification_metrics(pred: torch.Tensor, labels: torch.Tensor, n_classes: int) -> Dict[str, float]:
+    """Accuracy and macro-F1: the unweighted mean of per-class F1 over the classes that occur in the labels
+    or the predictions (a class absent from both is left out)."""
+    acc = (pred == labels).float().mean().item()
+    f1s = []
+    for c in range(n_classes):
+        tp = ((pred == c) & (labels == c)).sum().item()
+        fp = ((pred == c) & (labels != c)).sum().item()
+        fn = ((pred != c) & (labels == c)).sum().item()
+        if tp + fp + fn:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    return {"accuracy": acc, "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0}
+
+
+class ClassificationTask:
+    name, primary = "classification", "accuracy"
+
+    def __init__(self, data, teacher, student, runtime, eval_batch_size: int):
+        self.data, self.teacher, self.student = data, teacher, student
+        self.rt, self.eval_batch_size = runtime, eval_batch_size
+        self.teacher_pred = None  # the teacher's held-out predictions, for agreement
+        names = list(data.label_names)
+        student.model.config.id2label = dict(enumerate(names))  # the saved student names its classes
+        student.model.config.label2id = {n: i for i, n in enumerate(names)}
+        if student.num_labels != len(names):
+            raise ConfigError(f"the student has {student.num_labels} output classes but the data has {len(names)} "
+                              f"({names}); use a student with a matching head (student.init=teacher_layers)")
+
+    def examples(self) -> list:
+        return list(zip(self.data.train_texts, self.data.train_labels))
+
+    def lengths(self) -> List[int]:
+        return [len(t) for t in self.data.train_texts]
+
+    def precompute(self) -> list:
+        with self.rt.autocast():
+            logits = self.teacher.predict_logits(self.data.train_texts, self.eval_batch_size, self.rt.device)
+        return [(t, y, {"logits": row}) for t, y, row in zip(self.data.train_texts, self.data.train_labels, logits)]
+
+    def collate(self, online: bool) -> Collate:
+        return Collate(self.teacher if online else None, self.student)
+
+    def evaluate(self, model, who: str) -> Dict[str, float]:
+        was_training = model.training
+        model.eval()
+        with self.rt.autocast():
+            pred = model.predict_logits(self.data.eval_texts, self.eval_batch_size, self.rt.device).argmax(-1)
+        model.train(was_training)
+        metrics = classification_metrics(pred, torch.tensor(self.data.eval_labels), len(self.data.label_names))
+        if who == "teacher":
+            self.teacher_pred = pred
+        elif self.teacher_pred is not None:
+            metrics["agreement"] = (pred == self.teacher_pred).float().mean().item()
+        return metrics
+
+    def describe(self) -> str:
+        return (f"held-out texts: {len(self.data.eval_texts)}, classes: {len(self.data.label_names)} "
+                f"({', '.join(self.data.label_names)})")

@@ -39,10 +39,10 @@ def _overrides() -> list:
 
 def _hf_config(model):
     """The transformers config under a kdrun model wrapper."""
-    return (getattr(model, "model", None) or model.encoder).config
+    return (model.model if hasattr(model, "model") else model.encoder).config
 
 
-def loss_context(task: str, student, teacher, student_cfg, max_steps: int):
+def loss_context(task: str, student, teacher, student_cfg, total_batches: int):
     """What loss terms need to know about the models: widths, depths, the student's origin, class centres."""
     from kdrun.losses import Context
 
@@ -55,7 +55,7 @@ def loss_context(task: str, student, teacher, student_cfg, max_steps: int):
         centres = classifier_head(teacher.model).weight
     return Context(task=task, student_hidden=sc.hidden_size, teacher_hidden=tc.hidden_size,
                    student_layers=sc.num_hidden_layers, teacher_layers=tc.num_hidden_layers,
-                   default_layer_map=default_map, max_steps=max_steps, class_centres=centres)
+                   default_layer_map=default_map, total_batches=total_batches, class_centres=centres)
 
 
 def run(cfg: DictConfig) -> Dict[str, object]:
@@ -88,7 +88,8 @@ def run(cfg: DictConfig) -> Dict[str, object]:
     batches_per_epoch = len(examples) // tr.batch_size
     max_steps = tr.max_steps if tr.max_steps > 0 else max(1, math.ceil(tr.epochs * batches_per_epoch / tr.grad_accum))
     terms = [(t.pop("name"), t.pop("weight"), t) for t in _node(cfg.loss)["terms"]]
-    loss_fn = WeightedLoss(terms, loss_context(task_name, student, teacher, cfg.student, max_steps)).to(rt.device)
+    loss_fn = WeightedLoss(terms, loss_context(task_name, student, teacher, cfg.student,
+                                                   max_steps * tr.grad_accum)).to(rt.device)
     for model in (student, teacher):
         model.request(loss_fn.needs)  # hidden states, attentions, features, in-batch scores
 

@@ -4,12 +4,12 @@ import math
 import pytest
 import torch
 
-from kdrun.losses.functional import (cross_entropy, forward_kl, jsd, listwise_kl, masked_mean, reverse_kl, skew_kl,
-                                     skew_rkl, taid)
+from kdrun.losses.functional import (bd_kd, cross_entropy, forward_kl, jsd, listwise_kl, masked_mean, reverse_kl,
+                                     skew_kl, skew_rkl, taid)
 
 ALL = {
     "forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd, "skew_kl": skew_kl, "skew_rkl": skew_rkl,
-    "taid_half": lambda s, t, mask=None: taid(s, t, 0.5, mask),
+    "taid_half": lambda s, t, mask=None: taid(s, t, 0.5, mask), "bd_kd": bd_kd,
 }
 
 
@@ -89,7 +89,7 @@ def test_taid_endpoints(logits):
         taid(s, t, 1.5)
 
 
-@pytest.mark.parametrize("fn", [forward_kl, listwise_kl], ids=["forward_kl", "listwise_kl"])
+@pytest.mark.parametrize("fn", [forward_kl, listwise_kl, bd_kd], ids=["forward_kl", "listwise_kl", "bd_kd"])
 def test_kl_temperature_scaling_keeps_gradients_comparable(fn):
     # T^2 (Hinton et al.): for large T the gradient tends to a T-independent logit matching
     torch.manual_seed(2)
@@ -105,10 +105,10 @@ def test_kl_temperature_scaling_keeps_gradients_comparable(fn):
 def test_minus_inf_logits_give_finite_values_and_gradients():
     t = torch.tensor([[0.0, float("-inf"), 1.0]])  # a token the teacher rules out
     s = torch.tensor([[0.5, float("-inf"), 0.0]], requires_grad=True)
-    for fn in (forward_kl, reverse_kl, jsd, skew_kl, skew_rkl):
+    for fn in (forward_kl, reverse_kl, jsd, skew_kl, skew_rkl, bd_kd, lambda a, b: taid(a, b, 0.5)):
         value = fn(s, t)
         value.backward()
-        assert torch.isfinite(value) and torch.isfinite(s.grad).all(), fn.__name__
+        assert torch.isfinite(value) and torch.isfinite(s.grad).all(), fn
         s.grad = None
 
 

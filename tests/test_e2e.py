@@ -47,7 +47,9 @@ def test_params_tags_and_metric_histories_land_in_mlflow(default_run):
     p = run.data.params
     assert p["teacher.kind"] == "bi_encoder" and p["student.init"] == "teacher_layers"
     assert p["student.layers"] == "[0, 5]" and p["train.max_steps"] == "4"
-    assert json.loads(p["loss.terms"]) == [{"name": "margin_mse", "weight": 1.0, "temperature": 1.0}]
+    terms = json.loads(p["loss.terms"])
+    assert len(terms) == 1 and {"name": "margin_mse", "weight": 1.0, "temperature": 1.0}.items() <= terms[0].items()
+    assert p["data.task"] == "ranking" and run.data.tags["kdrun.task"] == "ranking"
     assert "kdrun.command" in run.data.tags and "train.max_steps=4" in run.data.tags["kdrun.command"]
     hist = lambda key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
     assert [s for s, _ in hist("train/loss")] == [2, 4]
@@ -146,16 +148,3 @@ def test_default_job_improves_the_student(tmp_path):
     assert mrr[-1] > mrr[0] + 0.05, mrr
     assert ndcg[-1] > ndcg[0] + 0.05, ndcg
     assert mrr[-1] < run.data.metrics["eval/teacher/mrr_at_10"]  # a 2-layer student stays below its teacher
-
-
-def test_sweep_over_losses_logs_one_run_per_job(tmp_path):
-    r = run_kdrun(["-m", "loss=margin_mse,listwise_kl", *SMALL, "data.max_eval_queries=3",
-                   "tracking.experiment=sweep", f"hydra.sweep.dir={tmp_path / 'multi'}"],
-                  cwd=tmp_path, env=offline_env(tmp_path))
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    client = _client(tmp_path)
-    runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
-    assert sorted(json.loads(x.data.params["loss.terms"])[0]["name"] for x in runs) == ["listwise_kl", "margin_mse"]
-    assert all(x.info.status == "FINISHED" for x in runs)
-    assert {"train/margin_mse", "train/listwise_kl"} == {k for x in runs for k in x.data.metrics if k in
-                                                         ("train/margin_mse", "train/listwise_kl")}

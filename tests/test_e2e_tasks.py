@@ -108,6 +108,8 @@ def test_classification_teacher_is_fine_tuned_once_per_sweep(cls_sweep):
     assert hits == [0.0] + [1.0] * (len(runs) - 1)
 
 
+# the causal-LM runs load a 135M-parameter teacher (de-quantised from GGUF once per cache, ~20 s): slow suite
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", LM_LOSSES)
 def test_causal_lm_loss_trains_through_kdrun(lm_sweep, loss):
     client, run = _check_run(lm_sweep, loss, ["perplexity"], student_only=["top1_agreement", "kl_to_teacher"])
@@ -138,6 +140,7 @@ def test_classification_precomputed_teacher_scratch_student_and_a_loadable_save(
     assert model.config.id2label[0] == "computers"
 
 
+@pytest.mark.slow
 def test_causal_lm_topk_teacher_online_and_precomputed_and_a_loadable_save(tmp_path, kdrun_cache):
     for mode, save in (("online", "false"), ("precompute", "true")):
         r = run_kdrun([*LM, "teacher.top_k=16", f"teacher.mode={mode}", "loss=jsd", f"tracking.log_student={save}",
@@ -157,6 +160,7 @@ def test_causal_lm_topk_teacher_online_and_precomputed_and_a_loadable_save(tmp_p
     assert AutoModelForCausalLM.from_pretrained(local).config.num_hidden_layers == 2
 
 
+@pytest.mark.slow
 def test_causal_lm_student_with_another_tokenizer_is_a_config_error(tmp_path, kdrun_cache, minilm_dir):
     r = run_kdrun([*LM, "student.init=pretrained", f"student.path={minilm_dir}", f"hydra.run.dir={tmp_path / 'o'}"],
                   cwd=tmp_path, env=offline_env(tmp_path, kdrun_cache))
@@ -190,3 +194,39 @@ def test_missing_fortunes_folder_names_the_key(tmp_path, kdrun_cache):
     r = run_kdrun([*CLS, f"data.path={tmp_path / 'nowhere'}", f"hydra.run.dir={tmp_path / 'o'}"], cwd=tmp_path,
                   env=offline_env(tmp_path, kdrun_cache))
     assert r.returncode == 2 and "data.path=" in r.stderr and "no such directory" in r.stderr
+
+
+def _demo(tmp_path, experiment):
+    r = run_kdrun([f"experiment={experiment}", f"hydra.run.dir={tmp_path / 'out'}"], cwd=tmp_path,
+                  env=offline_env(tmp_path), timeout=1200)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    client = _client(tmp_path)
+    run = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])[0]
+    return run, lambda key: [m.value for m in client.get_metric_history(run.info.run_id, key)]
+
+
+@pytest.mark.slow
+def test_classification_demo_distils_a_better_student(tmp_path):
+    """`kdrun experiment=classification_demo`: fine-tuned teacher well above chance, the 2-layer student
+    gains accuracy and agreement through KD and stays at or below its teacher."""
+    run, hist = _demo(tmp_path, "classification_demo")
+    acc, agree = hist("eval/student/accuracy"), hist("eval/student/agreement")
+    teacher = run.data.metrics["eval/teacher/accuracy"]
+    assert teacher > 0.7, teacher  # 4 classes: chance is 0.25
+    assert acc[-1] > acc[0] + 0.1, acc
+    assert agree[-1] > agree[0] + 0.1, agree
+    assert acc[-1] <= teacher + 0.02
+    assert run.data.metrics["teacher/finetune_cache_hit"] == 0.0 and run.data.metrics["teacher/finetune_seconds"] > 0
+
+
+@pytest.mark.slow
+def test_causal_lm_demo_distils_a_better_student(tmp_path):
+    """`kdrun experiment=causal_lm_demo`: the 8-layer slice's perplexity and KL to the teacher fall by
+    orders of magnitude and its top-1 agreement with the teacher rises."""
+    run, hist = _demo(tmp_path, "causal_lm_demo")
+    ppl, kl = hist("eval/student/perplexity"), hist("eval/student/kl_to_teacher")
+    agree = hist("eval/student/top1_agreement")
+    assert ppl[-1] < ppl[0] / 1000, ppl
+    assert kl[-1] < kl[0] / 2, kl
+    assert agree[-1] > agree[0] + 0.1, agree
+    assert run.data.metrics["eval/teacher/perplexity"] < ppl[-1]

@@ -106,7 +106,7 @@ def test_in_batch_kl_and_own_scores():
 
 
 def _taid_ts(losses, alpha=0.3):
-    term = Taid(t_start=0.4, t_end=1.0, taid_alpha=alpha, taid_beta=0.5, max_steps=10)
+    term = Taid(t_start=0.4, t_end=1.0, taid_alpha=alpha, taid_beta=0.5, total_batches=10)
     ts = []
     for loss in losses:
         term._update(loss)
@@ -128,7 +128,7 @@ def test_taid_schedule_rises_from_t_start_to_t_end_and_adapts_to_progress():
 
 def test_taid_term_logs_t_and_only_moves_in_training():
     loss = WeightedLoss([("taid", 1.0, {"t_start": 0.4, "t_end": 1.0, "taid_alpha": 0.5, "taid_beta": 0.5})],
-                        Context(task="causal_lm", max_steps=4))
+                        Context(task="causal_lm", total_batches=4))
     s, t = {"logits": torch.randn(2, 3, 7)}, {"logits": torch.randn(2, 3, 7)}
     loss.eval()
     loss(s, t, {})

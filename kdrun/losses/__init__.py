@@ -26,7 +26,7 @@ class Context:
     student_layers: int = 0
     teacher_layers: int = 0
     default_layer_map: Optional[List[int]] = None  # student layer i -> teacher hidden_states index
-    max_steps: int = 1
+    total_batches: int = 1  # training micro-batches in the run (optimizer steps x grad_accum)
     class_centres: Optional[torch.Tensor] = None  # teacher classifier weights [C, H_t]
 
 
@@ -87,12 +87,12 @@ class Taid(Term):
     """TAID with its adaptive schedule (Shing et al. 2025, Algorithm 1): after each training call,
     t <- min(1, max(t_linear, t + taid_alpha * sigmoid(m) * (1 - t))), where m is a momentum
     (taid_beta) average of the loss's relative decrease and t_linear rises from t_start to t_end over
-    the run. A student that learns fast moves its target towards the teacher faster."""
+    the run. It updates once per training call (micro-batch), so the run's length is counted in those. A student that learns fast moves its target towards the teacher faster."""
 
-    def __init__(self, t_start: float, t_end: float, taid_alpha: float, taid_beta: float, max_steps: int):
+    def __init__(self, t_start: float, t_end: float, taid_alpha: float, taid_beta: float, total_batches: int):
         super().__init__()
         self.t_start, self.t_end, self.alpha, self.beta = t_start, t_end, taid_alpha, taid_beta
-        self.max_steps, self.calls = max(1, max_steps), 0
+        self.total, self.calls = max(1, total_batches), 0
         self.t, self.prev, self.momentum = t_start, None, 0.0
 
     def forward(self, s: Dict, t: Dict, batch: Dict) -> torch.Tensor:
@@ -106,7 +106,7 @@ class Taid(Term):
         self.calls += 1
         if self.prev is not None:
             self.momentum = self.beta * self.momentum + (1 - self.beta) * (self.prev - loss) / (self.prev + 1e-15)
-            linear = self.t_start + (self.t_end - self.t_start) * min(1.0, self.calls / self.max_steps)
+            linear = self.t_start + (self.t_end - self.t_start) * min(1.0, self.calls / self.total)
             step = self.alpha * torch.sigmoid(torch.tensor(self.momentum)).item() * (1 - self.t)
             self.t = min(self.t_end, max(linear, self.t + step))
         self.prev = loss
@@ -191,7 +191,7 @@ def build_term(name: str, options: dict, ctx: Context) -> Term:
     if name == "ce":
         return CrossEntropy()
     if name == "taid":
-        return Taid(options["t_start"], options["t_end"], options["taid_alpha"], options["taid_beta"], ctx.max_steps)
+        return Taid(options["t_start"], options["t_end"], options["taid_alpha"], options["taid_beta"], ctx.total_batches)
     if name in ("hidden_mse", "embedding_mse"):
         return HiddenMSE(ctx, options.get("layer_map"), embedding=name == "embedding_mse")
     if name in ("attention_mse", "attention_kl"):

@@ -6,7 +6,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf

@@ -6,7 +6,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import CONF, ROOT, run_kdrun
+from conftest import CONF, run_kdrun
 from kdrun import config
 from kdrun.errors import ConfigError
 

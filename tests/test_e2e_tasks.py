@@ -108,6 +108,19 @@ def test_classification_teacher_is_fine_tuned_once_per_sweep(cls_sweep):
     assert hits == [0.0] + [1.0] * (len(runs) - 1)
 
 
+def test_an_already_fine_tuned_classifier_directory_is_used_as_it_is(cls_sweep, tmp_path, kdrun_cache):
+    """teacher.path=DIR with teacher.finetune.steps=0: the sweep's fine-tuned teacher, a plain HF directory."""
+    fine_tuned = next(p for p in (kdrun_cache / "teachers").iterdir() if (p / "kdrun_complete").is_file())
+    r = run_kdrun([*CLS, f"teacher.path={fine_tuned}", "teacher.finetune.steps=0", "tracking.experiment=cls_dir",
+                   f"hydra.run.dir={tmp_path / 'o'}"], cwd=tmp_path, env=offline_env(tmp_path, kdrun_cache))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    client = _client(tmp_path)
+    run = client.search_runs([client.get_experiment_by_name("cls_dir").experiment_id])[0]
+    # the same teacher as the sweep's: the same held-out accuracy
+    _, sweep_runs = cls_sweep
+    assert run.data.metrics["eval/teacher/accuracy"] == sweep_runs[0].data.metrics["eval/teacher/accuracy"]
+
+
 # the causal-LM runs load a 135M-parameter teacher (de-quantised from GGUF once per cache, ~20 s): slow suite
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", LM_LOSSES)

@@ -6,11 +6,12 @@ what the loss terms request). Teachers come back frozen: eval mode, requires_gra
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import List, Optional
 
 from torch import nn
 
-from kdrun.errors import ConfigError, ModelLoadError
+from kdrun.errors import ConfigError
 from kdrun.models.encoders import BiEncoder, CrossEncoder
 from kdrun.models.hub import load_pretrained, resolve_source
 
@@ -47,7 +48,7 @@ def build_teacher(*, name: Optional[str], path: Optional[str], gguf_file: Option
 
 
 def _classifier_teacher(source: str, max_length: int, finetune: dict, data, runtime):
-    from kdrun.models.classifier import SequenceClassifier, classifier_head
+    from kdrun.models.classifier import SequenceClassifier
 
     n_classes = len(data.label_names)
     if finetune["steps"] > 0:
@@ -70,8 +71,6 @@ def _classifier_teacher(source: str, max_length: int, finetune: dict, data, runt
 
 def _head_in_checkpoint(source: str, model: nn.Module) -> bool:
     """Whether the source's weights contain the classification head (not a freshly initialised one)."""
-    from pathlib import Path
-
     from safetensors import safe_open
 
     from kdrun.models.classifier import classifier_head
@@ -186,4 +185,4 @@ def keep_layers(model: nn.Module, layers: List[int]) -> None:
         model.config.layer_types = [model.config.layer_types[i] for i in layers]
 
 
-__all__ = ["build_teacher", "build_student", "keep_layers", "resized_config", "ModelLoadError"]
+__all__ = ["build_teacher", "build_student", "keep_layers", "resized_config"]

@@ -29,11 +29,18 @@ def _load(name: Optional[str], path: Optional[str]):
             raise DataError(f"data.path={path}: cannot read as {builder}: {str(e).strip().splitlines()[0]}") from e
     if not name:
         raise DataError("data: set data.name (a Hugging Face dataset) or data.path=FILE")
+    from kdrun.models.hub import hub_reachable
+
+    previous = datasets.config.HF_HUB_OFFLINE
+    # hub unreachable: the local datasets cache only, failing at once instead of retrying for half a minute
+    datasets.config.HF_HUB_OFFLINE = previous or not hub_reachable()
     try:
         return datasets.load_dataset(name), name
     except Exception as e:
         raise DataError(f"data.name={name}: cannot load the dataset ({str(e).strip().splitlines()[0]}). Where the "
                         "hub is not reachable, save it as a file and pass data.path=FILE (csv, json, jsonl, parquet)") from e
+    finally:
+        datasets.config.HF_HUB_OFFLINE = previous
 
 
 def load(*, name: Optional[str], path: Optional[str], text_field: str, label_field: str, train_split: str,

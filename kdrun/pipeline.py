@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdrun.config import enum_value
 from kdrun.data.batching import BucketBatchSampler
-from kdrun.errors import DataError
+from kdrun.errors import ConfigError, DataError
 from kdrun.tracking import Tracker, flatten, summary_table
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,10 @@ def run(cfg: DictConfig) -> Dict[str, object]:
     terms = [(t.pop("name"), t.pop("weight"), t) for t in _node(cfg.loss)["terms"]]
     loss_fn = WeightedLoss(terms, loss_context(task_name, student, teacher, cfg.student,
                                                    max_steps * tr.grad_accum)).to(rt.device)
+    if {"hidden_states", "attentions"} & loss_fn.needs and not task.collate(online=True).shared:
+        raise ConfigError("loss terms on hidden states or attentions compare teacher and student token by token, so "
+                          "both must tokenize alike: the same tokenizer and teacher.max_length == student.max_length "
+                          f"(now {cfg.teacher.max_length} and {cfg.student.max_length})")
     for model in (student, teacher):
         model.request(loss_fn.needs)  # hidden states, attentions, features, in-batch scores
 

@@ -203,6 +203,12 @@ def test_local_jsonl_classification_through_datasets(tmp_path, kdrun_cache):
     assert run.data.metrics["data/classes"] == 2 and "eval/student/accuracy" in run.data.metrics
 
 
+def test_token_level_terms_need_teacher_and_student_to_tokenize_alike(tmp_path, kdrun_cache):
+    r = run_kdrun([*CLS, "loss=hidden_mse", "student.max_length=16", f"hydra.run.dir={tmp_path / 'o'}"], cwd=tmp_path,
+                  env=offline_env(tmp_path, kdrun_cache))
+    assert r.returncode == 2 and "token by token" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_missing_fortunes_folder_names_the_key(tmp_path, kdrun_cache):
     r = run_kdrun([*CLS, f"data.path={tmp_path / 'nowhere'}", f"hydra.run.dir={tmp_path / 'o'}"], cwd=tmp_path,
                   env=offline_env(tmp_path, kdrun_cache))

@@ -17,9 +17,10 @@ from torch import nn
 from kdrun.config import TERM_TASKS
 from kdrun.losses import functional as F
 
+
 @dataclass
 class Context:
-    """What terms need to know about the models (widths, depths, heads) and the run."""
+    """What terms need to know about the models (widths, depths, the student's origin) and the run."""
     task: str
     student_hidden: int = 0
     teacher_hidden: int = 0

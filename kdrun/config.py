@@ -290,8 +290,8 @@ class KdrunConfig:
     output_dir: str = "${hydra:runtime.output_dir}"
 
 
-DATA_SCHEMAS = {"chatterbot_schema": ChatterbotData, "fortunes_schema": FortunesData,
-                "text_classification_schema": TextClassificationData, "fortunes_lm_schema": FortunesLMData}
+DATA_SCHEMAS = {"chatterbot": ChatterbotData, "fortunes": FortunesData,
+                "text_classification": TextClassificationData, "fortunes_lm": FortunesLMData}
 
 
 def package_dir(package: str, subdir: str = "") -> str:
@@ -309,8 +309,8 @@ def register() -> None:
     """Put the schemas in Hydra's ConfigStore and the resolvers in OmegaConf (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(name="kdrun_schema", node=KdrunConfig)
-    for name, node in DATA_SCHEMAS.items():  # each data option extends one of these (its defaults list)
-        cs.store(group="data", name=name, node=node)
+    for name, node in DATA_SCHEMAS.items():  # each data option extends one (`- /schema/data/<name>@_here_`)
+        cs.store(group="schema/data", name=name, node=node)
     if not OmegaConf.has_resolver("pkg_dir"):
         OmegaConf.register_new_resolver("pkg_dir", package_dir)
 

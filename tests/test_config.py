@@ -167,6 +167,8 @@ def test_console_script_help_lists_groups(tmp_path):
     assert r.returncode == 0
     for group in ["teacher:", "student:", "loss:", "data:", "hardware:", "optimizer:", "experiment:"]:
         assert group in r.stdout
+    # the data options only: their typed schemas live in their own group, not among the choices
+    assert "data: chatterbot, fortunes, fortunes_lm, text_classification\n" in r.stdout
 
 
 def test_python_dash_m_kdrun_works(tmp_path):

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import List, Optional
 
-from kdrun.data.ranking import is_eval_query
+from kdrun.data.ranking import hash_split
 from kdrun.data.text import ClassificationData, CorpusData, split_labelled
 from kdrun.errors import DataError
 
@@ -49,11 +49,13 @@ def categories(directory: Path) -> List[str]:
 def read_category(file: Path) -> List[str]:
     """The entries of one fortune file, cleaned: overstrikes removed, whitespace trimmed, empty ones dropped."""
     try:
-        raw = file.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        raw = file.read_bytes().decode("latin-1")
+        data = file.read_bytes()
     except OSError as e:
         raise DataError(f"{file}: cannot read: {e.strerror}") from e
+    try:
+        raw = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raw = data.decode("latin-1")
     entries = re.split(r"^%\s*$", _OVERSTRIKE.sub("", raw), flags=re.M)
     return [e.strip() for e in entries if e.strip()]
 
@@ -98,8 +100,7 @@ def load_corpus(*, path: Optional[str], categories: Optional[List[str]], block_s
     directory = find_dir(path)
     _, texts = _read(directory, categories)
     docs = list(dict.fromkeys(t for group in texts.values() for t in group))  # distinct, in file order
-    train = [d for d in docs if not is_eval_query(d, split_salt, eval_fraction)]
-    held = [d for d in docs if is_eval_query(d, split_salt, eval_fraction)]
+    train, held = hash_split(docs, split_salt, eval_fraction)
     if not train or not held:
         raise DataError(f"fortunes:{directory}: {len(train)} training and {len(held)} held-out documents")
     return CorpusData(train, held, block_size, max_train_blocks, max_eval_blocks, source=f"fortunes:{directory}",

@@ -39,6 +39,14 @@ def is_eval_query(query: str, salt: str, fraction: float) -> bool:
     return h / 2**32 < fraction
 
 
+def hash_split(items: Sequence, salt: str, fraction: float, text=lambda item: item) -> Tuple[list, list]:
+    """(kept for training, held out) by `is_eval_query` on each item's text, in the items' order."""
+    train, held = [], []
+    for item in items:
+        (held if is_eval_query(text(item), salt, fraction) else train).append(item)
+    return train, held
+
+
 def _mined(bm25: BM25, query: str, exclude: set, depth: int, rng: random.Random) -> List[int]:
     scored = [(s, rng.random(), i) for i, s in bm25.scores(query).items() if i not in exclude]
     return [i for _, _, i in sorted(scored, reverse=True)[:depth]]
@@ -68,8 +76,7 @@ def build(pairs: Sequence[Tuple[str, str]], *, eval_fraction: float, split_salt:
     if len(passages) < negatives_per_query + 1:
         raise DataError(f"{source}: only {len(passages)} distinct passages; need more than data.negatives_per_query")
 
-    train_q = [q for q in qrels if not is_eval_query(q, split_salt, eval_fraction)]
-    eval_q = [q for q in qrels if is_eval_query(q, split_salt, eval_fraction)]
+    train_q, eval_q = hash_split(list(qrels), split_salt, eval_fraction)
     if max_train_queries:
         train_q = train_q[:max_train_queries]
     if max_eval_queries:

@@ -5,7 +5,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from kdrun.data.ranking import is_eval_query
+from kdrun.data.ranking import hash_split
 from kdrun.errors import DataError
 
 
@@ -35,8 +35,7 @@ class CorpusData:
 def split_labelled(items: Sequence[Tuple[str, int]], label_names: List[str], *, eval_fraction: float, split_salt: str,
                    max_train: Optional[int], max_eval: Optional[int], source: str) -> ClassificationData:
     """Hash split of (text, label) items (a text is on one side only), with optional caps."""
-    train = [(t, y) for t, y in items if not is_eval_query(t, split_salt, eval_fraction)]
-    held = [(t, y) for t, y in items if is_eval_query(t, split_salt, eval_fraction)]
+    train, held = hash_split(items, split_salt, eval_fraction, text=lambda item: item[0])
     return from_splits(train, held, label_names, max_train=max_train, max_eval=max_eval, source=source,
                        salt=split_salt)
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from kdrun.errors import ModelLoadError
+from kdrun.models.encoders import tokenize
 
 Features = Dict[str, torch.Tensor]
 
@@ -49,9 +50,7 @@ class SequenceClassifier(nn.Module):
         return self.model.config.num_labels
 
     def featurize(self, texts: Sequence[str]) -> Features:
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                             pad_to_multiple_of=8, return_tensors="pt")
-        return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        return tokenize(self.tokenizer, texts, self.max_length)
 
     def forward(self, features: Features) -> Dict[str, torch.Tensor]:
         out = self.model(**features, output_hidden_states="hidden_states" in self.outputs,
@@ -76,12 +75,10 @@ class SequenceClassifier(nn.Module):
             out[idx] = self.model(**feats).logits.float().cpu()
         return out
 
-    def save(self, directory: str | Path, label_names: Sequence[str] = ()) -> None:
-        """Hugging Face format: AutoModelForSequenceClassification and AutoTokenizer load it back."""
+    def save(self, directory: str | Path) -> None:
+        """Hugging Face format: AutoModelForSequenceClassification and AutoTokenizer load it back (with the
+        class names its config carries)."""
         d = Path(directory)
-        if label_names:
-            self.model.config.id2label = {i: n for i, n in enumerate(label_names)}
-            self.model.config.label2id = {n: i for i, n in enumerate(label_names)}
         self.model.save_pretrained(d)
         self.tokenizer.save_pretrained(d)
         (d / "kdrun_scorer.json").write_text(json.dumps({"kind": "classifier", "max_length": self.max_length}))

@@ -18,7 +18,7 @@ from torch import nn
 Features = Dict[str, torch.Tensor]
 
 
-def _tokenize(tokenizer, texts, max_length: int, pair_texts=None) -> Features:
+def tokenize(tokenizer, texts, max_length: int, pair_texts=None) -> Features:
     enc = tokenizer(
         list(texts),
         list(pair_texts) if pair_texts is not None else None,
@@ -64,8 +64,8 @@ class BiEncoder(Scorer):
 
     def featurize(self, queries: Sequence[str], passages: Sequence[Sequence[str]]) -> Dict[str, Features]:
         flat = [p for ps in passages for p in ps]
-        return {"query": _tokenize(self.tokenizer, queries, self.max_length),
-                "passage": _tokenize(self.tokenizer, flat, self.max_length)}
+        return {"query": tokenize(self.tokenizer, queries, self.max_length),
+                "passage": tokenize(self.tokenizer, flat, self.max_length)}
 
     def embed(self, features: Features) -> torch.Tensor:
         out = self.encoder(**features).last_hidden_state
@@ -86,7 +86,7 @@ class BiEncoder(Scorer):
         index = {t: i for i, t in enumerate(texts)}
         chunks = []
         for i in range(0, len(texts), batch_size):
-            feats = _tokenize(self.tokenizer, texts[i:i + batch_size], self.max_length)
+            feats = tokenize(self.tokenizer, texts[i:i + batch_size], self.max_length)
             chunks.append(self.embed({k: v.to(device) for k, v in feats.items()}).float().cpu())
         emb = torch.cat(chunks)
         return [emb[[index[t] for t in ts]] @ emb[index[q]] for q, ts in zip(queries, candidates)]
@@ -130,7 +130,7 @@ class CrossEncoder(Scorer):
             qs, ps = [q for q in queries for _ in flat], flat * len(queries)
         else:
             qs, ps = [q for q, group in zip(queries, passages) for _ in group], flat
-        return {"pairs": _tokenize(self.tokenizer, qs, self.max_length, pair_texts=ps), "n": len(passages[0])}
+        return {"pairs": tokenize(self.tokenizer, qs, self.max_length, pair_texts=ps), "n": len(passages[0])}
 
     def forward(self, features: Dict[str, Features]) -> Dict[str, torch.Tensor]:
         logits = self.model(**features["pairs"]).logits[:, self.label_index].float()
@@ -147,7 +147,7 @@ class CrossEncoder(Scorer):
         scores = []
         for i in range(0, len(pairs), batch_size):
             qs, ts = zip(*pairs[i:i + batch_size])
-            feats = _tokenize(self.tokenizer, qs, self.max_length, pair_texts=ts)
+            feats = tokenize(self.tokenizer, qs, self.max_length, pair_texts=ts)
             scores.append(self.model(**{k: v.to(device) for k, v in feats.items()}).logits[:, self.label_index].float().cpu())
         flat, out, start = torch.cat(scores), [], 0
         for ts in candidates:

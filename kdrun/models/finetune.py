@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -41,11 +39,11 @@ def finetuned_teacher(source: str, data, *, steps: int, lr: float, batch_size: i
     """(directory of the fine-tuned classifier, info metrics). Trains on a cache miss, else reuses."""
     settings = dict(steps=steps, lr=lr, batch_size=batch_size, warmup_ratio=warmup_ratio, seed=seed,
                     max_length=max_length)
-    from kdrun.models.hub import cache_root
+    from kdrun.models.hub import cache_root, cached, publish, staging_dir
 
     root = Path(cache_dir).expanduser() if cache_dir else cache_root() / "teachers"
     out = root / _fingerprint(source, data, settings)
-    if (out / "kdrun_complete").is_file():
+    if cached(out):
         log.info("teacher: fine-tuned classifier from the cache: %s", out)
         return str(out), {"teacher/finetune_cache_hit": 1.0, "teacher/finetune_seconds": 0.0}
     t0 = time.perf_counter()
@@ -53,13 +51,9 @@ def finetuned_teacher(source: str, data, *, steps: int, lr: float, batch_size: i
              len(data.train_texts), out)
     model = _train(source, data, runtime=runtime, **settings)
     seconds = time.perf_counter() - t0
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    model.save(tmp, data.label_names)
-    (tmp / "kdrun_complete").write_text(json.dumps({"source": source, **settings, "seconds": seconds}))
-    try:
-        tmp.rename(out)
-    except OSError:  # another job of the sweep finished first: keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_dir(out)
+    model.save(tmp)
+    publish(tmp, out, json.dumps({"source": source, **settings, "seconds": seconds}))
     return str(out), {"teacher/finetune_cache_hit": 0.0, "teacher/finetune_seconds": seconds}
 
 
@@ -75,8 +69,9 @@ def _train(source: str, data, *, steps, lr, batch_size, warmup_ratio, seed, max_
     from kdrun.tasks.classification import Collate
 
     torch.manual_seed(seed)
-    model, tok = load_pretrained("teacher", source, "AutoModelForSequenceClassification",
-                                 num_labels=len(data.label_names))
+    names = list(data.label_names)
+    model, tok = load_pretrained("teacher", source, "AutoModelForSequenceClassification", num_labels=len(names),
+                                 id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
     clf = SequenceClassifier(model, tok, max_length).to(runtime.device)
     examples = list(zip(data.train_texts, data.train_labels))
     sampler = BucketBatchSampler([len(t) for t in data.train_texts], min(batch_size, len(examples)), seed)

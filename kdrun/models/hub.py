@@ -79,6 +79,26 @@ def cache_root() -> Path:
     return Path(os.environ.get("KDRUN_CACHE") or "~/.cache/kdrun").expanduser()
 
 
+def cached(out: Path) -> bool:
+    """Whether a cache entry was completely written (see `publish`)."""
+    return (out / "kdrun_complete").is_file()
+
+
+def staging_dir(out: Path) -> Path:
+    """Where to write a cache entry before `publish` moves it to `out` (private to this process)."""
+    return out.with_name(out.name + f".tmp{os.getpid()}")
+
+
+def publish(tmp: Path, out: Path, note: str) -> None:
+    """Mark a filled staging directory complete and rename it to `out` in one step, so a reader never sees
+    half an entry; when another process (a sweep job) published first, its copy is kept."""
+    (tmp / "kdrun_complete").write_text(note)
+    try:
+        tmp.rename(out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _gguf_as_hf_dir(role: str, source: str, gguf_file: str, model_class: str) -> str:
     """A GGUF checkpoint, de-quantised once into a Hugging Face directory under the cache (keyed by the
     file's path, size and mtime), so later runs and every job of a sweep load it in about a second."""
@@ -89,7 +109,7 @@ def _gguf_as_hf_dir(role: str, source: str, gguf_file: str, model_class: str) ->
     key = hashlib.sha1(f"{f.resolve() if st else source}|{gguf_file}|{st.st_size if st else ''}|"
                        f"{st.st_mtime_ns if st else ''}|{model_class}".encode()).hexdigest()[:16]
     out = cache_root() / "gguf" / f"{Path(gguf_file).stem}-{key}"
-    if (out / "kdrun_complete").is_file():
+    if cached(out):
         return str(out)
     cls = getattr(transformers, model_class)
     try:
@@ -105,14 +125,10 @@ def _gguf_as_hf_dir(role: str, source: str, gguf_file: str, model_class: str) ->
         if hasattr(obj, "quantization_config"):
             delattr(obj, "quantization_config")
     model.is_quantized = False
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp = staging_dir(out)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "kdrun_complete").write_text(str(f))
-    try:
-        tmp.rename(out)
-    except OSError:  # another process finished first: use its copy
-        shutil.rmtree(tmp, ignore_errors=True)
+    publish(tmp, out, str(f))
     return str(out)
 
 

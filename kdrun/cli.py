@@ -33,7 +33,7 @@ def _main(cfg: DictConfig):
         config.validate(cfg)
         from kdrun import pipeline  # heavy imports start here, after validation
 
-        result = pipeline.run(cfg)
+        result = pipeline.score(cfg) if config.enum_value(cfg.mode) == "score" else pipeline.run(cfg)
     except (KdrunError, OmegaConfBaseException) as e:
         print(f"kdrun: error: {e}", file=sys.stderr)
         sys.exit(2)

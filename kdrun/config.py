@@ -10,7 +10,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -37,7 +37,19 @@ TASK_OF_KIND = {"bi_encoder": "ranking", "cross_encoder": "ranking", "classifier
 
 class TeacherMode(Enum):
     online = "online"  # the teacher runs on each training batch as it comes
-    precompute = "precompute"  # the teacher runs over every training example once before training
+    precompute = "precompute"  # the teacher's outputs over the training data, computed once and cached on disk
+    scores_file = "scores_file"  # ranking: precomputed scores read from a file (score_pos score_neg qid pos_id neg_id)
+
+
+class RunMode(Enum):
+    train = "train"  # distil a student
+    score = "score"  # ranking: write the teacher's scores of the training triples to a file (scores_out)
+
+
+class StudentArch(Enum):
+    bi_encoder = "bi_encoder"  # query and passage encoded apart; dot or cosine of pooled vectors
+    late_interaction = "late_interaction"  # ColBERT: per-token vectors projected to student.dim, MaxSim
+    cross_encoder = "cross_encoder"  # (query, passage) encoded together; one relevance logit
 
 
 class Pooling(Enum):
@@ -137,6 +149,11 @@ class TeacherConfig:
     max_length: int = 128
     top_k: int = 0  # causal_lm: keep the teacher's top-k log-probs per token (0: full logits)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    cache: bool = True  # mode=precompute: reuse the teacher's outputs across runs (content-addressed, on disk)
+    cache_dir: Optional[str] = None  # None: $KDRUN_CACHE/teacher_outputs (KDRUN_CACHE defaults to ~/.cache/kdrun)
+    scores_file: Optional[str] = None  # mode=scores_file: tab-separated score_pos score_neg query_id pos_id neg_id
+    max_missing_fraction: float = 0.0  # mode=scores_file: training examples without scores above this share fail
+    weight: float = 1.0  # with several teachers (teachers.<name>): this teacher's share of the averaged outputs
 
 
 @dataclass
@@ -156,8 +173,11 @@ class StudentConfig:
     init: StudentInit = StudentInit.pretrained
     layers: Optional[List[int]] = None  # init=teacher_layers: which teacher layers to keep
     scratch: ScratchConfig = field(default_factory=ScratchConfig)
+    tokenizer: Optional[str] = None  # hub name or local dir; None: the student's own, or the teacher's (teacher_layers, scratch)
+    arch: StudentArch = StudentArch.bi_encoder  # ranking students
     pooling: Pooling = Pooling.mean  # ranking bi-encoder
     similarity: Similarity = Similarity.dot  # ranking bi-encoder
+    dim: int = 128  # ranking late_interaction: per-token vector size
     max_length: int = 128
 
 
@@ -173,6 +193,7 @@ class LossTerm:
     taid_alpha: float = 5e-4  # taid: adaptive step size
     taid_beta: float = 0.99  # taid: momentum of the loss's relative change
     layer_map: Optional[List[int]] = None  # hidden_mse / attention_*: teacher layer (1-based) per student layer
+    teacher: Optional[str] = None  # with several teachers: which one feeds this term ("teacher" or a teachers.<name>); None: their weighted mean
 
 
 @dataclass
@@ -280,6 +301,7 @@ class TrackingConfig:
 @dataclass
 class KdrunConfig:
     teacher: TeacherConfig = MISSING
+    teachers: Dict[str, TeacherConfig] = field(default_factory=dict)  # more teachers: +teacher@teachers.NAME=OPTION
     student: StudentConfig = MISSING
     loss: LossConfig = MISSING
     data: DataConfig = MISSING
@@ -288,6 +310,8 @@ class KdrunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_dir: str = "${hydra:runtime.output_dir}"
+    mode: RunMode = RunMode.train
+    scores_out: str = "${output_dir}/teacher_scores.tsv"  # mode=score: where the scores go
 
 
 DATA_SCHEMAS = {"chatterbot": ChatterbotData, "fortunes": FortunesData,
@@ -322,15 +346,21 @@ def enum_value(x) -> str:
 def validate(cfg: Any) -> None:
     """Cross-field checks the schema cannot express. Raises ConfigError naming the key and the fix."""
     t, s, tr, d = cfg.teacher, cfg.student, cfg.train, cfg.data
-    task, kind = enum_value(d.task), enum_value(t.kind)
-    if not t.name and not t.path:
-        raise ConfigError("teacher: set teacher.name (a hub name) or teacher.path=/local/dir")
-    if TASK_OF_KIND[kind] != task:
-        fits = sorted(k for k, v in TASK_OF_KIND.items() if v == task)
-        raise ConfigError(f"teacher.kind={kind} is a {TASK_OF_KIND[kind]} teacher but data.task={task} "
-                          f"(set by data=); for {task} use teacher.kind in {fits}, or pick a matching "
-                          "teacher=/data= pair (see `kdrun --help`, or an experiment= preset)")
+    task, mode = enum_value(d.task), enum_value(t.mode)
+    _validate_teacher(t, "teacher", task)
+    _validate_teachers(cfg, task, mode)
+    if enum_value(cfg.mode) == "score" and (task != "ranking" or mode == "scores_file"):
+        raise ConfigError("mode=score writes a ranking teacher's scores of the training triples to a file: it needs "
+                          f"ranking data and a teacher model (now data.task={task}, teacher.mode={mode})")
     init = enum_value(s.init)
+    if task != "ranking" and enum_value(s.arch) != "bi_encoder":
+        raise ConfigError(f"student.arch={enum_value(s.arch)} is a ranking student; data.task={task} "
+                          "(classification and causal-LM students follow the teacher's architecture)")
+    if s.dim < 1:
+        raise ConfigError(f"student.dim={s.dim} must be >= 1")
+    if mode == "scores_file" and init in ("teacher_layers", "scratch") and not (t.name or t.path or s.name or s.path):
+        raise ConfigError(f"student.init={init} copies or resizes a model, and a scores_file teacher has none: set "
+                          "teacher.path (the model the scores came from) or student.path/student.name")
     if init == "teacher_layers":
         if not s.layers:
             raise ConfigError("student.layers must list teacher layers to keep when student.init=teacher_layers, e.g. student.layers=[0,5]")
@@ -342,9 +372,6 @@ def validate(cfg: Any) -> None:
         for key, value in s.scratch.items():
             if value is not None and value < 1:
                 raise ConfigError(f"student.scratch.{key}={value} must be >= 1 (or null: the teacher's)")
-    if task == "ranking" and init == "scratch":
-        raise ConfigError("student.init=scratch is for classification and causal-LM students; ranking students "
-                          "use pretrained or teacher_layers")
     for key in ("batch_size", "grad_accum", "log_every", "eval_batch_size"):
         if tr[key] < 1:
             raise ConfigError(f"train.{key}={tr[key]} must be >= 1")
@@ -380,6 +407,44 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"optimizer.lr={cfg.optimizer.lr} must be > 0")
 
 
+def _validate_teacher(t: Any, where: str, task: str) -> None:
+    kind, mode = enum_value(t.kind), enum_value(t.mode)
+    if mode == "scores_file":
+        if task != "ranking":
+            raise ConfigError(f"{where}.mode=scores_file reads ranking scores (score_pos score_neg query_id pos_id "
+                              f"neg_id); data.task={task} needs a teacher model (mode=online or precompute)")
+        if not t.scores_file:
+            raise ConfigError(f"{where}.mode=scores_file: set {where}.scores_file=FILE (tab-separated score_pos "
+                              "score_neg query_id pos_id neg_id, as written by `kdrun mode=score`)")
+    elif not t.name and not t.path:
+        raise ConfigError(f"{where}: set {where}.name (a hub name) or {where}.path=/local/dir")
+    if not 0.0 <= t.max_missing_fraction < 1.0:
+        raise ConfigError(f"{where}.max_missing_fraction={t.max_missing_fraction} must be in [0, 1)")
+    if t.weight <= 0:
+        raise ConfigError(f"{where}.weight={t.weight} must be > 0")
+    if TASK_OF_KIND[kind] != task:
+        fits = sorted(k for k, v in TASK_OF_KIND.items() if v == task)
+        raise ConfigError(f"{where}.kind={kind} is a {TASK_OF_KIND[kind]} teacher but data.task={task} "
+                          f"(set by data=); for {task} use {where}.kind in {fits}, or pick a matching "
+                          "teacher=/data= pair (see `kdrun --help`, or an experiment= preset)")
+
+
+def _validate_teachers(cfg: Any, task: str, mode: str) -> None:
+    """Several teachers: cfg.teachers holds the ones beyond cfg.teacher; all run in cfg.teacher.mode."""
+    if not cfg.teachers:
+        return
+    if task == "causal_lm":
+        raise ConfigError("several teachers (teachers.*) are for ranking and classification; a causal-LM run takes one")
+    if mode == "scores_file":
+        raise ConfigError("several teachers need teacher models: teacher.mode=scores_file takes one scores file")
+    for name, t in cfg.teachers.items():
+        if name == "teacher":
+            raise ConfigError("teachers.teacher: the name 'teacher' means the main teacher; pick another name")
+        _validate_teacher(t, f"teachers.{name}", task)
+        if enum_value(t.mode) == "scores_file":
+            raise ConfigError(f"teachers.{name}.mode=scores_file: extra teachers must be models")
+
+
 def _validate_loss(cfg: Any, task: str) -> None:
     terms = cfg.loss.terms
     if not terms:
@@ -405,3 +470,10 @@ def _validate_loss(cfg: Any, task: str) -> None:
         if name in NEEDS_ONLINE_TEACHER and enum_value(cfg.teacher.mode) != "online":
             raise ConfigError(f"loss.terms.{i}.name={name} reads the teacher's internals, which a precomputed "
                               "teacher does not keep; set teacher.mode=online")
+        if name in NEEDS_ONLINE_TEACHER and cfg.teachers:
+            raise ConfigError(f"loss.terms.{i}.name={name} reads one teacher's internals; it does not work with "
+                              "several teachers (teachers.*)")
+        known = ["teacher", *cfg.teachers]
+        if term.teacher is not None and term.teacher not in known:
+            raise ConfigError(f"loss.terms.{i}.teacher={term.teacher}: no such teacher; choose one of {known} "
+                              "(or null: the weighted mean of all)")

@@ -2,16 +2,18 @@
 optimizer; then evaluates, trains, evaluates again and records everything in MLflow."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Dict
 
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
+from kdrun import teacher_cache
 from kdrun.config import enum_value
+from kdrun.data import scores_file
 from kdrun.data.batching import BucketBatchSampler
 from kdrun.errors import ConfigError, DataError
 from kdrun.tracking import Tracker, flatten, summary_table
@@ -37,25 +39,75 @@ def _overrides() -> list:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def _hf_config(model):
-    """The transformers config under a kdrun model wrapper."""
-    return (model.model if hasattr(model, "model") else model.encoder).config
+def _hf_model(model):
+    """The transformers model under a kdrun model wrapper (the main teacher of several)."""
+    model = getattr(model, "main", model)
+    return model.model if hasattr(model, "model") else model.encoder
 
 
 def loss_context(task: str, student, teacher, student_cfg, total_batches: int):
     """What loss terms need to know about the models: widths, depths, the student's origin, class centres."""
     from kdrun.losses import Context
 
-    sc, tc = _hf_config(student), _hf_config(teacher)
+    sc = _hf_model(student).config
+    tc = _hf_model(teacher).config if teacher is not None else None
     default_map = [i + 1 for i in student_cfg.layers] if enum_value(student_cfg.init) == "teacher_layers" else None
     centres = None
-    if task == "classification":
+    if task == "classification" and teacher is not None:
         from kdrun.models.classifier import classifier_head
 
-        centres = classifier_head(teacher.model).weight
-    return Context(task=task, student_hidden=sc.hidden_size, teacher_hidden=tc.hidden_size,
-                   student_layers=sc.num_hidden_layers, teacher_layers=tc.num_hidden_layers,
+        centres = classifier_head(_hf_model(teacher)).weight
+    return Context(task=task, student_hidden=sc.hidden_size, teacher_hidden=tc.hidden_size if tc else 0,
+                   student_layers=sc.num_hidden_layers, teacher_layers=tc.num_hidden_layers if tc else 0,
                    default_layer_map=default_map, total_batches=total_batches, class_centres=centres)
+
+
+_NOT_BUILDER_ARGS = ("mode", "cache", "cache_dir", "scores_file", "max_missing_fraction", "weight")
+
+
+def build_teachers(cfg: DictConfig, data, rt):
+    """(teacher module, its source): one frozen teacher, several as an Ensemble (cfg.teachers), or for a scores
+    file no module and the source of the model the scores came from (for student init), when given."""
+    if enum_value(cfg.teacher.mode) == "scores_file":
+        from kdrun.models.hub import resolve_source
+
+        t = cfg.teacher
+        return None, (resolve_source("teacher", t.name, t.path) if (t.name or t.path) else None)
+    nodes = {"teacher": _node(cfg.teacher), **{name: _node(c) for name, c in cfg.teachers.items()}}
+    models, weights = {}, {}
+    for name, node in nodes.items():
+        weights[name] = node["weight"]
+        for key in _NOT_BUILDER_ARGS:
+            node.pop(key)
+        models[name] = build(node, data=data, runtime=rt).to(rt.device, dtype=rt.teacher_dtype)  # low precision
+    if len(models) == 1:
+        return models["teacher"], models["teacher"].source
+    from kdrun.models.ensemble import Ensemble
+
+    teacher = Ensemble(models, weights)
+    return teacher, teacher.source
+
+
+def teacher_outputs(task, teacher, cfg: DictConfig, rt, info):
+    """Every teacher's outputs over the training data, through the teacher-output cache; several teachers'
+    are averaged with their weights (each one's own kept for loss terms that name it)."""
+    from kdrun import teacher_cache
+
+    members = dict(teacher.members) if hasattr(teacher, "members") else {"teacher": teacher}
+    outputs = {name: teacher_cache.teacher_outputs(task, m, rt, cfg.teacher.cache_dir, cfg.teacher.cache, info, name)
+               for name, m in members.items()}
+    if len(outputs) == 1:
+        return outputs["teacher"]
+    from kdrun.models.ensemble import combine
+
+    return combine(outputs, teacher.weights)
+
+
+def _forward_counter(teacher):
+    from kdrun.teacher_cache import ForwardCounter
+
+    members = dict(teacher.members).values() if hasattr(teacher, "members") else [teacher]
+    return ForwardCounter([_hf_model(m) for m in members])
 
 
 def run(cfg: DictConfig) -> Dict[str, object]:
@@ -76,10 +128,17 @@ def run(cfg: DictConfig) -> Dict[str, object]:
     data_node = _node(cfg.data)
     task_name = data_node.pop("task")  # picks the task family; the loader does not need it
     data = build(data_node)
-    teacher_node = _node(cfg.teacher)
-    teacher_mode = teacher_node.pop("mode")
-    teacher = build(teacher_node, data=data, runtime=rt).to(rt.device)
-    student = build(_node(cfg.student), teacher=teacher).to(rt.device)
+    teacher_mode = enum_value(cfg.teacher.mode)
+    teacher, teacher_source = build_teachers(cfg, data, rt)  # None for a scores file
+    student = build(_node(cfg.student), teacher=teacher, teacher_source=teacher_source).to(rt.device)
+    teacher_metrics: Dict[str, float] = {}
+    if teacher_mode == "scores_file":  # join before the task sees the data: examples without scores are dropped
+        table = scores_file.read(cfg.teacher.scores_file)
+        data.train, file_scores, missing = scores_file.join(data, table, cfg.teacher.scores_file,
+                                                            cfg.teacher.max_missing_fraction)
+        if missing:
+            log.warning("teacher.scores_file: %d training examples have no score and were left out", missing)
+        teacher_metrics["teacher/scores_missing"] = missing
     task = task_class(task_name)(data, teacher, student, rt, tr.eval_batch_size)
 
     examples = task.examples()
@@ -90,18 +149,22 @@ def run(cfg: DictConfig) -> Dict[str, object]:
     terms = [(t.pop("name"), t.pop("weight"), t) for t in _node(cfg.loss)["terms"]]
     loss_fn = WeightedLoss(terms, loss_context(task_name, student, teacher, cfg.student,
                                                    max_steps * tr.grad_accum)).to(rt.device)
-    if {"hidden_states", "attentions"} & loss_fn.needs and not task.collate(online=True).shared:
+    task.token_level = bool({"hidden_states", "attentions"} & loss_fn.needs)
+    if task.token_level and not task.collate(online=True).shared:
         raise ConfigError("loss terms on hidden states or attentions compare teacher and student token by token, so "
                           "both must tokenize alike: the same tokenizer and teacher.max_length == student.max_length "
                           f"(now {cfg.teacher.max_length} and {cfg.student.max_length})")
     for model in (student, teacher):
-        model.request(loss_fn.needs)  # hidden states, attentions, features, in-batch scores
+        if model is not None:
+            model.request(loss_fn.needs)  # hidden states, attentions, features, in-batch scores
 
-    teacher_seconds = 0.0
-    if teacher_mode == "precompute":  # the teacher runs over every example once; no teacher in the loop
-        t0 = time.perf_counter()
-        examples = task.precompute()
-        teacher_seconds = time.perf_counter() - t0
+    counter = _forward_counter(teacher) if teacher is not None else None  # teacher forward calls on training data
+    cache = teacher_cache.CacheInfo()
+    if teacher_mode == "precompute":  # the teacher's outputs over every example: from the cache, or computed once
+        examples = task.attach(teacher_outputs(task, teacher, cfg, rt, cache))
+        teacher_metrics.update(cache.metrics())
+    elif teacher_mode == "scores_file":
+        examples = task.attach({"scores": file_scores})
     sampler = BucketBatchSampler(task.lengths(), tr.batch_size, tr.seed)
     loader = DataLoader(examples, batch_sampler=sampler, num_workers=hw["num_workers"],
                         collate_fn=task.collate(online=teacher_mode == "online"), pin_memory=rt.device.type == "cuda")
@@ -115,29 +178,33 @@ def run(cfg: DictConfig) -> Dict[str, object]:
         tracker.text("\n".join(_overrides()) + "\n", "overrides.txt")
         n_params = lambda m: sum(p.numel() for p in m.parameters())
         tracker.metrics({**{f"data/{k}": v for k, v in data.stats.items()},
-                         **getattr(teacher, "finetune_info", {}),
-                         "model/student_params": n_params(student), "model/teacher_params": n_params(teacher),
-                         "model/loss_params": n_params(loss_fn),
-                         "train/max_steps": max_steps, "teacher/precompute_seconds": teacher_seconds}, step=0)
+                         **getattr(getattr(teacher, "main", teacher), "finetune_info", {}), **teacher_metrics,
+                         "model/student_params": n_params(student), "model/loss_params": n_params(loss_fn),
+                         "model/teacher_params": n_params(teacher) if teacher is not None else 0,
+                         "train/max_steps": max_steps}, step=0)
 
         def evaluate(model, who: str, step: int) -> Dict[str, float]:
-            metrics = task.evaluate(model, who)
+            with counter.paused() if counter else contextlib.nullcontext():  # only training data is counted
+                metrics = task.evaluate(model, who)
             tracker.metrics({f"eval/{who}/{k}": v for k, v in metrics.items()}, step=step)
             return metrics
 
-        teacher_metrics = evaluate(teacher, "teacher", 0)  # first: the student's agreement is measured against it
+        # the teacher first: the student's agreement is measured against it (a scores file has no teacher to evaluate)
+        teacher_eval = evaluate(teacher, "teacher", 0) if teacher is not None else {}
         before = evaluate(student, "student", 0)
-        log.info("before training: student %s | teacher %s", _fmt(before), _fmt(teacher_metrics))
+        log.info("before training: student %s | teacher %s", _fmt(before), _fmt(teacher_eval))
 
         def periodic_eval(step: int) -> Dict[str, float]:
             m = evaluate(student, "student", step)
-            tracker.metrics({f"eval/teacher/{k}": v for k, v in teacher_metrics.items()}, step=step)
+            tracker.metrics({f"eval/teacher/{k}": v for k, v in teacher_eval.items()}, step=step)
             log.info("step %d: student %s", step, _fmt(m))
             return m
 
         loop.train(student, teacher, loss_fn, loop.forever(loader), optim, rt, max_steps=max_steps,
                    grad_accum=tr.grad_accum, log_every=tr.log_every, eval_every=tr.eval_every,
                    log=tracker.metrics, evaluate=periodic_eval)
+        if counter is not None:  # precompute: 0 when every output came from the cache
+            tracker.metrics({"teacher/train_forward_calls": counter.calls}, step=max_steps)
         after = periodic_eval(max_steps)
 
         if cfg.tracking.log_student:
@@ -153,7 +220,7 @@ def run(cfg: DictConfig) -> Dict[str, object]:
         tracker.end("FAILED")
         raise
 
-    rows = [(k, f"{before[k]:.4f}", f"{after[k]:.4f}", f"{teacher_metrics[k]:.4f}" if k in teacher_metrics else "-")
+    rows = [(k, f"{before[k]:.4f}", f"{after[k]:.4f}", f"{teacher_eval[k]:.4f}" if k in teacher_eval else "-")
             for k in after]
     print(f"\nkdrun: MLflow {tracker.run_url()} (experiment '{cfg.tracking.experiment}')")
     print(f"{task.describe()}, steps: {max_steps}")
@@ -164,3 +231,29 @@ def run(cfg: DictConfig) -> Dict[str, object]:
 
 def _fmt(metrics: Dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+
+
+def score(cfg: DictConfig) -> Dict[str, object]:
+    """mode=score: the teacher's scores of every training triple, written to cfg.scores_out in the Margin-MSE
+    authors' format (score_pos score_neg query_id pos_id neg_id), through the teacher-output cache. Score once
+    on a big machine; train students anywhere with teacher.mode=scores_file teacher.scores_file=FILE."""
+    import transformers
+
+    from kdrun.runtime import make_runtime
+    from kdrun.tasks import task_class
+
+    transformers.logging.set_verbosity_error()
+    hw = _node(cfg.hardware)
+    rt = make_runtime(hw["device"], hw["precision"])
+    data_node = _node(cfg.data)
+    data_node.pop("task")
+    data = build(data_node)
+    teacher, _ = build_teachers(cfg, data, rt)
+    task = task_class("ranking")(data, teacher, None, rt, cfg.train.eval_batch_size)
+    info = teacher_cache.CacheInfo()
+    scores = teacher_outputs(task, teacher, cfg, rt, info)["scores"]
+    lines = scores_file.write(cfg.scores_out, data, scores)
+    how = "read from the teacher cache" if info.hits and not info.misses else f"computed in {info.teacher_seconds:.1f} s"
+    print(f"kdrun: wrote {lines} scored triples ({len(data.train)} training examples, {how}) to {cfg.scores_out}\n"
+          f"train on them with: teacher.mode=scores_file teacher.scores_file={cfg.scores_out}")
+    return {"objective": float(lines), "lines": lines, "path": cfg.scores_out}

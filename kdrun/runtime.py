@@ -26,6 +26,11 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.precision])
 
+    @property
+    def teacher_dtype(self) -> torch.dtype:
+        """A frozen teacher's weights: the profile's low precision (bf16/fp16), else fp32."""
+        return _DTYPES[self.precision]
+
     def grad_scaler(self) -> torch.amp.GradScaler:
         """Active only for fp16 (bf16 and fp32 need no loss scaling)."""
         return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")

@@ -34,7 +34,7 @@ class BM25:
     def scores(self, query: str) -> Dict[int, float]:
         """Non-zero scores only: {doc index: score}."""
         out: Dict[int, float] = defaultdict(float)
-        for t in set(terms(query)):
+        for t in dict.fromkeys(terms(query)):  # first-seen order: float sums (and so ties) do not vary with PYTHONHASHSEED
             for i in self.postings.get(t, ()):
                 tf = self.tfs[i][t]
                 norm = tf + self.k1 * (1 - self.b + self.b * self.lens[i] / self.avglen)

@@ -22,6 +22,11 @@ from kdrun.errors import DataError
 Example = Tuple[str, List[str]]  # (query, [positive, negatives...])
 
 
+def text_id(text: str) -> str:
+    """A stable id for a query or passage of data that has none: the first 16 hex digits of its SHA-1."""
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
 @dataclass
 class RankingData:
     train: List[Example]
@@ -30,6 +35,14 @@ class RankingData:
     eval_labels: List[List[int]]
     source: str = ""
     stats: Dict[str, float] = field(default_factory=dict)
+    query_ids: Dict[str, str] = field(default_factory=dict)  # text -> id where the data has ids; else text_id
+    passage_ids: Dict[str, str] = field(default_factory=dict)
+
+    def qid(self, query: str) -> str:
+        return self.query_ids.get(query) or text_id(query)
+
+    def pid(self, passage: str) -> str:
+        return self.passage_ids.get(passage) or text_id(passage)
 
 
 def is_eval_query(query: str, salt: str, fraction: float) -> bool:

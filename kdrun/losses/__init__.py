@@ -203,6 +203,15 @@ def build_term(name: str, options: dict, ctx: Context) -> Term:
     raise KeyError(f"unknown loss term '{name}'; known: {sorted(TERM_TASKS)}")
 
 
+def pick(teacher_out: Dict[str, torch.Tensor], name) -> Dict[str, torch.Tensor]:
+    """The teacher outputs a loss term sees: all of them (name None: several teachers' weighted mean), or with
+    one teacher's own "<key>@<name>" outputs in place of the mean (kdrun.models.ensemble.combine)."""
+    if name is None:
+        return teacher_out
+    own = {k.rsplit("@", 1)[0]: v for k, v in teacher_out.items() if k.endswith(f"@{name}")}
+    return {**teacher_out, **own}
+
+
 class WeightedLoss(nn.Module):
     """loss(student_out, teacher_out, batch) -> {"loss": sum_i w_i * term_i, "<term_i>": term_i, ...}.
 
@@ -214,9 +223,10 @@ class WeightedLoss(nn.Module):
         names = [t[0] for t in terms]
         if len(set(names)) != len(names):
             raise ValueError(f"loss terms {names}: each term may appear once")
+        options = [dict(t[2]) if len(t) > 2 else {} for t in terms]
         self.names, self.weights = names, [float(t[1]) for t in terms]
-        self.terms = nn.ModuleList([build_term(name, dict(t[2]) if len(t) > 2 else {}, ctx)
-                                    for name, t in zip(names, terms)])
+        self.sources = [o.pop("teacher", None) for o in options]  # which teacher feeds the term (None: the mean)
+        self.terms = nn.ModuleList([build_term(name, o, ctx) for name, o in zip(names, options)])
 
     @property
     def needs(self) -> set:
@@ -225,8 +235,8 @@ class WeightedLoss(nn.Module):
     def forward(self, student_out: Dict, teacher_out: Dict, batch: Dict) -> Dict[str, torch.Tensor]:
         out: Dict[str, torch.Tensor] = {}
         total = None
-        for name, weight, term in zip(self.names, self.weights, self.terms):
-            value = term(student_out, teacher_out, batch)
+        for name, weight, term, source in zip(self.names, self.weights, self.terms, self.sources):
+            value = term(student_out, pick(teacher_out, source), batch)
             out[name] = value.detach()
             total = weight * value if total is None else total + weight * value
         out["loss"] = total

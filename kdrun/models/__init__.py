@@ -12,12 +12,13 @@ from typing import List, Optional
 from torch import nn
 
 from kdrun.errors import ConfigError
-from kdrun.models.encoders import BiEncoder, CrossEncoder
+from kdrun.models.encoders import BiEncoder, CrossEncoder, LateInteraction
 from kdrun.models.hub import load_pretrained, resolve_source
 
 
 def _freeze(teacher: nn.Module, source: str) -> nn.Module:
     teacher.source = source
+    teacher.exact = True  # batch-invariant padding: online, cached and score-file outputs agree
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher
@@ -88,20 +89,25 @@ def _head_in_checkpoint(source: str, model: nn.Module) -> bool:
 
 
 def build_student(*, name: Optional[str], path: Optional[str], init: str, layers: Optional[List[int]], scratch: dict,
-                  pooling: str, similarity: str, max_length: int, teacher: nn.Module) -> nn.Module:
+                  tokenizer: Optional[str], arch: str, pooling: str, similarity: str, dim: int, max_length: int,
+                  teacher: Optional[nn.Module], teacher_source: Optional[str] = None) -> nn.Module:
     """A trainable student for the teacher's task: a pretrained model, a slice of the teacher's layers
-    (DistilBERT/TinyBERT-style), or the teacher's architecture resized and randomly initialised."""
+    (DistilBERT/TinyBERT-style), or the teacher's architecture resized and randomly initialised. Ranking
+    students may differ from the teacher in architecture (`arch`); `teacher` is None for a scores file, and
+    `teacher_source` (the model the scores came from, when known) then serves teacher_layers and scratch."""
     from kdrun.models.causal_lm import CausalLM
     from kdrun.models.classifier import SequenceClassifier
 
-    if isinstance(teacher, (BiEncoder, CrossEncoder)):
-        student = _ranking_student(name, path, init, layers, pooling, similarity, max_length, teacher.source)
-    elif isinstance(teacher, SequenceClassifier):
-        model, tok = _hf_student(name, path, init, layers, scratch, teacher, "AutoModelForSequenceClassification",
-                                 num_labels=teacher.num_labels)
+    if teacher is None or isinstance(teacher, (BiEncoder, CrossEncoder)) or getattr(teacher, "task", "") == "ranking":
+        source = teacher.source if teacher is not None else teacher_source
+        student = _ranking_student(name, path, init, layers, scratch, tokenizer, arch, pooling, similarity, dim,
+                                   max_length, source)
+    elif isinstance(teacher, SequenceClassifier) or getattr(teacher, "task", "") == "classification":
+        model, tok = _hf_student(name, path, init, layers, scratch, tokenizer, teacher,
+                                 "AutoModelForSequenceClassification", num_labels=teacher.num_labels)
         student = SequenceClassifier(model, tok, max_length)
     elif isinstance(teacher, CausalLM):
-        model, tok = _hf_student(name, path, init, layers, scratch, teacher, "AutoModelForCausalLM")
+        model, tok = _hf_student(name, path, init, layers, scratch, tokenizer, teacher, "AutoModelForCausalLM")
         if tok.get_vocab() != teacher.tokenizer.get_vocab():
             raise ConfigError(f"student '{name or path}' and teacher '{teacher.source}' use different tokenizers; "
                               "causal-LM distillation compares token distributions, so they must share one "
@@ -114,28 +120,69 @@ def build_student(*, name: Optional[str], path: Optional[str], init: str, layers
     return student
 
 
-def _ranking_student(name, path, init, layers, pooling, similarity, max_length, teacher_source) -> BiEncoder:
-    if init == "teacher_layers":
-        source = resolve_source("student", name, path) if (name or path) else teacher_source
-        model, tok = load_pretrained("student", source, "AutoModel")
-        keep_layers(model, list(layers or []))
+def _load_tokenizer(spec: str, model):
+    """student.tokenizer: a tokenizer other than the model's own; its ids must fit the model's embeddings."""
+    import transformers
+
+    local = Path(spec).expanduser()
+    source = str(local) if local.is_dir() else resolve_source("student.tokenizer", spec, None)
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"student.tokenizer={spec}: cannot load a tokenizer there ({e})") from e
+    if len(tok) > model.get_input_embeddings().num_embeddings:
+        raise ConfigError(f"student.tokenizer={spec} has {len(tok)} tokens but the student's embeddings hold "
+                          f"{model.get_input_embeddings().num_embeddings}; use a tokenizer of the student's family")
+    return tok
+
+
+_ARCH_CLASS = {"bi_encoder": "AutoModel", "late_interaction": "AutoModel",
+               "cross_encoder": "AutoModelForSequenceClassification"}
+
+
+def _ranking_student(name, path, init, layers, scratch, tokenizer, arch, pooling, similarity, dim, max_length,
+                     teacher_source):
+    """A bi-encoder, late-interaction or cross-encoder student from any ranking teacher's source or its own."""
+    import transformers
+
+    own = resolve_source("student", name, path) if (name or path) else None
+    source = own if (own or init == "pretrained") else teacher_source
+    if source is None:
+        raise ConfigError(f"student.init={init}: no model to start from; set student.path or student.name")
+    model_class = _ARCH_CLASS[arch]
+    kwargs = {"num_labels": 1, "ignore_mismatched_sizes": True} if arch == "cross_encoder" else {}
+    if init == "scratch":
+        config = resized_config(transformers.AutoConfig.from_pretrained(source, **({"num_labels": 1} if kwargs else {})),
+                                **scratch)
+        model = getattr(transformers, model_class).from_config(config)
+        tok = transformers.AutoTokenizer.from_pretrained(source)
     else:
-        model, tok = load_pretrained("student", resolve_source("student", name, path), "AutoModel")
+        model, tok = load_pretrained("student", source, model_class, **kwargs)
+        if init == "teacher_layers":
+            keep_layers(model, list(layers or []))
+    if tokenizer:
+        tok = _load_tokenizer(tokenizer, model)
+    if arch == "cross_encoder":
+        return CrossEncoder(model, tok, 0, max_length)
+    if arch == "late_interaction":
+        return LateInteraction(model, tok, dim, max_length)
     return BiEncoder(model, tok, pooling, similarity, max_length)
 
 
-def _hf_student(name, path, init, layers, scratch, teacher, model_class: str, **kwargs):
+def _hf_student(name, path, init, layers, scratch, tokenizer, teacher, model_class: str, **kwargs):
     """(model, tokenizer) of a classification or causal-LM student."""
     import transformers
 
     if init == "teacher_layers":  # an own copy of the teacher, then keep the listed layers
         model = copy.deepcopy(teacher.model)
         keep_layers(model, list(layers or []))
-        return model, teacher.tokenizer
-    if init == "scratch":
+        tok = teacher.tokenizer
+    elif init == "scratch":
         config = resized_config(teacher.model.config, **scratch)
-        return getattr(transformers, model_class).from_config(config), teacher.tokenizer
-    return load_pretrained("student", resolve_source("student", name, path), model_class, **kwargs)
+        model, tok = getattr(transformers, model_class).from_config(config), teacher.tokenizer
+    else:
+        model, tok = load_pretrained("student", resolve_source("student", name, path), model_class, **kwargs)
+    return model, (_load_tokenizer(tokenizer, model) if tokenizer else tok)
 
 
 def resized_config(config, *, num_layers=None, hidden_size=None, num_heads=None, intermediate_size=None):

@@ -37,5 +37,6 @@ class CausalLM(nn.Module):
 def topk_logprobs(logits: torch.Tensor, k: int) -> Dict[str, torch.Tensor]:
     """The k most likely tokens per position as log-probabilities over the full vocabulary (so the
     log-normaliser is folded in): {"topk_logprobs": [..., k] fp32, "topk_ids": [..., k] int64}."""
-    values, ids = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
-    return {"topk_logprobs": values, "topk_ids": ids}
+    logits = logits.float()
+    values, ids = logits.topk(k, dim=-1)  # the same arithmetic as the cache (CausalLMTask.teacher_outputs)
+    return {"topk_logprobs": values - torch.logsumexp(logits, dim=-1, keepdim=True), "topk_ids": ids}

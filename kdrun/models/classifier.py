@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from kdrun.errors import ModelLoadError
-from kdrun.models.encoders import tokenize
+from kdrun.runtime import to_device
+from kdrun.models.encoders import run_groups, tokenize, tokenize_groups
 
 Features = Dict[str, torch.Tensor]
 
@@ -49,10 +50,16 @@ class SequenceClassifier(nn.Module):
     def num_labels(self) -> int:
         return self.model.config.num_labels
 
+    exact = False  # teachers: batch-invariant padding (see encoders.tokenize_groups)
+
     def featurize(self, texts: Sequence[str]) -> Features:
+        if self.exact:
+            return tokenize_groups(self.tokenizer, texts, self.max_length)
         return tokenize(self.tokenizer, texts, self.max_length)
 
     def forward(self, features: Features) -> Dict[str, torch.Tensor]:
+        if "groups" in features:  # a teacher's own tokenisation: logits only (token-level terms share the student's)
+            return {"logits": run_groups(lambda f: self.model(**f).logits.float(), features)}
         out = self.model(**features, output_hidden_states="hidden_states" in self.outputs,
                          output_attentions="attentions" in self.outputs)
         result = {"logits": out.logits.float()}
@@ -71,8 +78,8 @@ class SequenceClassifier(nn.Module):
         out = torch.empty(len(texts), self.num_labels)
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
-            feats = {k: v.to(device) for k, v in self.featurize([texts[j] for j in idx]).items()}
-            out[idx] = self.model(**feats).logits.float().cpu()
+            feats = to_device(self.featurize([texts[j] for j in idx]), device)
+            out[idx] = run_groups(lambda f: self.model(**f).logits.float(), feats).cpu()
         return out
 
     def save(self, directory: str | Path) -> None:

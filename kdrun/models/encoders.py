@@ -1,4 +1,5 @@
-"""Scoring models for ranking: a bi-encoder (pooled embeddings, dot or cosine) and a cross-encoder.
+"""Scoring models for ranking: a bi-encoder (pooled embeddings, dot or cosine), a late-interaction model
+(ColBERT: per-token vectors, MaxSim) and a cross-encoder.
 
 Both take raw text through `featurize` (their own tokenizer: teacher and student may differ) and
 return {"scores": [B, n]} for B queries with n passages each (column 0 is the positive in training
@@ -15,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdrun.runtime import to_device
+
 Features = Dict[str, torch.Tensor]
 
 
@@ -29,6 +32,36 @@ def tokenize(tokenizer, texts, max_length: int, pair_texts=None) -> Features:
         return_tensors="pt",
     )
     return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def tokenize_groups(tokenizer, texts, max_length: int, pair_texts=None) -> Dict:
+    """Texts (or pairs) grouped by their own length rounded up to a multiple of 8, each group padded to
+    exactly that: {"groups": [{"index": rows, features...}], "count": N}. A model's output for a text then does
+    not depend on which texts share its batch (batch-dependent padding changes results in the 7th digit), so a
+    teacher scores a text the same online, in the cache and in a score file (`run_groups` puts rows back)."""
+    enc = tokenizer(list(texts), list(pair_texts) if pair_texts is not None else None,
+                    truncation=True if pair_texts is None else "longest_first", max_length=max_length)
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    by_length: Dict[int, List[int]] = {}
+    for i, ids in enumerate(enc["input_ids"]):
+        by_length.setdefault(-(-len(ids) // 8) * 8, []).append(i)
+    groups = []
+    for _, rows in sorted(by_length.items()):
+        padded = tokenizer.pad({k: [enc[k][i] for i in rows] for k in keys}, pad_to_multiple_of=8, return_tensors="pt")
+        groups.append({"index": torch.tensor(rows), **{k: padded[k] for k in keys}})
+    return {"groups": groups, "count": len(texts)}
+
+
+def run_groups(fn, features: Dict) -> torch.Tensor:
+    """fn(features) for ordinary features; for `tokenize_groups` output, fn per group, rows back in order."""
+    if "groups" not in features:
+        return fn(features)
+    outs = [(g["index"], fn({k: v for k, v in g.items() if k != "index"})) for g in features["groups"]]
+    first = outs[0][1]
+    out = first.new_empty((features["count"], *first.shape[1:]))
+    for rows, o in outs:
+        out[rows.to(o.device)] = o
+    return out
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -48,6 +81,7 @@ def own_scores(in_batch: torch.Tensor, n: int) -> torch.Tensor:
 
 class Scorer(nn.Module):
     outputs: set = set()
+    exact: bool = False  # teachers: batch-invariant padding (tokenize_groups), so cached outputs equal online ones
 
     def request(self, outputs: set) -> None:
         """Extra outputs for the loss terms: "in_batch_scores"."""
@@ -62,15 +96,22 @@ class BiEncoder(Scorer):
         self.encoder, self.tokenizer = encoder, tokenizer
         self.pooling, self.similarity, self.max_length = pooling, similarity, max_length
 
+    def tokenize(self, texts: Sequence[str], pair_texts=None):
+        if self.exact:
+            return tokenize_groups(self.tokenizer, texts, self.max_length, pair_texts)
+        return tokenize(self.tokenizer, texts, self.max_length, pair_texts)
+
     def featurize(self, queries: Sequence[str], passages: Sequence[Sequence[str]]) -> Dict[str, Features]:
         flat = [p for ps in passages for p in ps]
-        return {"query": tokenize(self.tokenizer, queries, self.max_length),
-                "passage": tokenize(self.tokenizer, flat, self.max_length)}
+        return {"query": self.tokenize(queries), "passage": self.tokenize(flat)}
 
-    def embed(self, features: Features) -> torch.Tensor:
+    def _embed(self, features: Features) -> torch.Tensor:
         out = self.encoder(**features).last_hidden_state
         emb = pool(out, features["attention_mask"], self.pooling)
         return F.normalize(emb.float(), dim=-1) if self.similarity == "cos" else emb
+
+    def embed(self, features: Features) -> torch.Tensor:
+        return run_groups(self._embed, features)
 
     def forward(self, features: Dict[str, Features]) -> Dict[str, torch.Tensor]:
         q = self.embed(features["query"]).float()  # [B, H]
@@ -86,8 +127,7 @@ class BiEncoder(Scorer):
         index = {t: i for i, t in enumerate(texts)}
         chunks = []
         for i in range(0, len(texts), batch_size):
-            feats = tokenize(self.tokenizer, texts[i:i + batch_size], self.max_length)
-            chunks.append(self.embed({k: v.to(device) for k, v in feats.items()}).float().cpu())
+            chunks.append(self.embed(to_device(self.tokenize(texts[i:i + batch_size]), device)).float().cpu())
         emb = torch.cat(chunks)
         return [emb[[index[t] for t in ts]] @ emb[index[q]] for q, ts in zip(queries, candidates)]
 
@@ -130,10 +170,15 @@ class CrossEncoder(Scorer):
             qs, ps = [q for q in queries for _ in flat], flat * len(queries)
         else:
             qs, ps = [q for q, group in zip(queries, passages) for _ in group], flat
-        return {"pairs": tokenize(self.tokenizer, qs, self.max_length, pair_texts=ps), "n": len(passages[0])}
+        return {"pairs": self.tokenize(qs, ps), "n": len(passages[0])}
+
+    tokenize = BiEncoder.tokenize
+
+    def logits(self, pairs: Features) -> torch.Tensor:
+        return run_groups(lambda f: self.model(**f).logits[:, self.label_index].float(), pairs)
 
     def forward(self, features: Dict[str, Features]) -> Dict[str, torch.Tensor]:
-        logits = self.model(**features["pairs"]).logits[:, self.label_index].float()
+        logits = self.logits(features["pairs"])
         n = int(features["n"])
         if "in_batch_scores" in self.outputs:
             b = int(round((logits.numel() / n) ** 0.5))
@@ -147,10 +192,106 @@ class CrossEncoder(Scorer):
         scores = []
         for i in range(0, len(pairs), batch_size):
             qs, ts = zip(*pairs[i:i + batch_size])
-            feats = tokenize(self.tokenizer, qs, self.max_length, pair_texts=ts)
-            scores.append(self.model(**{k: v.to(device) for k, v in feats.items()}).logits[:, self.label_index].float().cpu())
+            scores.append(self.logits(to_device(self.tokenize(qs, ts), device)).cpu())
         flat, out, start = torch.cat(scores), [], 0
         for ts in candidates:
             out.append(flat[start:start + len(ts)])
             start += len(ts)
         return out
+
+    def save(self, directory: str | Path) -> None:
+        """Hugging Face format: AutoModelForSequenceClassification loads it (and sentence-transformers' CrossEncoder)."""
+        d = Path(directory)
+        self.model.save_pretrained(d)
+        self.tokenizer.save_pretrained(d)
+        (d / "kdrun_scorer.json").write_text(json.dumps(
+            {"kind": "cross_encoder", "label_index": self.label_index, "max_length": self.max_length}, indent=2))
+
+
+def maxsim(q: torch.Tensor, q_mask: torch.Tensor, p: torch.Tensor, p_mask: torch.Tensor) -> torch.Tensor:
+    """ColBERT's late interaction: for each query token the best-matching passage token, summed over the
+    query's real tokens. q [B, Lq, d], q_mask [B, Lq]; p [P, Lp, d], p_mask [P, Lp] -> [B, P] scores."""
+    sim = torch.einsum("bid,ptd->bpit", q, p)  # [B, P, Lq, Lp]
+    sim = sim.masked_fill(~p_mask.bool()[None, :, None, :], float("-inf"))
+    best = sim.max(-1).values  # [B, P, Lq]
+    return (best * q_mask[:, None, :].to(best.dtype)).sum(-1)
+
+
+class LateInteraction(Scorer):
+    """ColBERT-style (Khattab & Zaharia 2020): every token's last hidden state, projected to `dim` by a linear
+    layer and L2-normalised; score = sum over query tokens of the max similarity to any passage token."""
+
+    def __init__(self, encoder: nn.Module, tokenizer, dim: int, max_length: int, linear: nn.Linear = None):
+        super().__init__()
+        self.encoder, self.tokenizer, self.max_length = encoder, tokenizer, max_length
+        self.linear = linear or nn.Linear(encoder.config.hidden_size, dim, bias=False)
+
+    featurize = BiEncoder.featurize
+
+    def vectors(self, features: Features) -> torch.Tensor:
+        hidden = self.encoder(**features).last_hidden_state
+        return F.normalize(self.linear(hidden).float(), dim=-1)
+
+    def forward(self, features: Dict[str, Features]) -> Dict[str, torch.Tensor]:
+        qf, pf = features["query"], features["passage"]
+        q, p = self.vectors(qf), self.vectors(pf)  # [B, Lq, d], [B*n, Lp, d]
+        b, n = q.shape[0], p.shape[0] // q.shape[0]
+        if "in_batch_scores" in self.outputs:
+            in_batch = maxsim(q, qf["attention_mask"], p, pf["attention_mask"])  # [B, B*n]
+            return {"scores": own_scores(in_batch, n), "in_batch_scores": in_batch}
+        p_own = p.view(b, n, *p.shape[1:])  # each query against its own n passages only
+        pm = pf["attention_mask"].view(b, n, -1)
+        sim = torch.einsum("bid,bntd->bnit", q, p_own).masked_fill(~pm.bool()[:, :, None, :], float("-inf"))
+        best = sim.max(-1).values  # [B, n, Lq]
+        return {"scores": (best * qf["attention_mask"][:, None, :].to(best.dtype)).sum(-1)}
+
+    @torch.inference_mode()
+    def score_lists(self, queries: List[str], candidates: List[List[str]], batch_size: int, device) -> List[torch.Tensor]:
+        """Each distinct text is encoded once (length-sorted batches); its token vectors are kept without padding."""
+        texts = sorted({t for ts in candidates for t in ts} | set(queries), key=len)
+        vecs: Dict[str, torch.Tensor] = {}
+        for i in range(0, len(texts), batch_size):
+            chunk = texts[i:i + batch_size]
+            feats = {k: v.to(device) for k, v in tokenize(self.tokenizer, chunk, self.max_length).items()}
+            v, mask = self.vectors(feats).cpu(), feats["attention_mask"].bool().cpu()
+            vecs.update((t, v[j][mask[j]]) for j, t in enumerate(chunk))
+        pad = torch.nn.utils.rnn.pad_sequence
+        out = []
+        for q, ts in zip(queries, candidates):
+            p = pad([vecs[t] for t in ts], batch_first=True)
+            p_mask = pad([torch.ones(len(vecs[t]), dtype=torch.long) for t in ts], batch_first=True)
+            qv = vecs[q][None]
+            out.append(maxsim(qv, torch.ones(qv.shape[:2], dtype=torch.long), p, p_mask)[0])
+        return out
+
+    def save(self, directory: str | Path) -> None:
+        """The encoder in Hugging Face format (AutoModel loads it), the projection in colbert_linear.safetensors."""
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        self.encoder.save_pretrained(d)
+        self.tokenizer.save_pretrained(d)
+        save_file({"weight": self.linear.weight.detach().cpu().contiguous()}, str(d / "colbert_linear.safetensors"))
+        (d / "kdrun_scorer.json").write_text(json.dumps(
+            {"kind": "late_interaction", "dim": self.linear.out_features, "max_length": self.max_length}, indent=2))
+
+
+def load_scorer(directory: str | Path) -> Scorer:
+    """A ranking student saved by kdrun, back as the scorer it was trained as (reads kdrun_scorer.json)."""
+    import transformers
+
+    d = Path(directory)
+    info = json.loads((d / "kdrun_scorer.json").read_text())
+    tok = transformers.AutoTokenizer.from_pretrained(d)
+    if info["kind"] == "cross_encoder":
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(d)
+        return CrossEncoder(model, tok, info["label_index"], info["max_length"])
+    encoder = transformers.AutoModel.from_pretrained(d)
+    if info["kind"] == "late_interaction":
+        from safetensors.torch import load_file
+
+        weight = load_file(str(d / "colbert_linear.safetensors"))["weight"]
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        linear.weight.data.copy_(weight)
+        return LateInteraction(encoder, tok, info["dim"], info["max_length"], linear)
+    return BiEncoder(encoder, tok, info["pooling"], info["similarity"], info["max_length"])

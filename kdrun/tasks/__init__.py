@@ -2,7 +2,9 @@
 when asked, and evaluates student and teacher on the same held-out data.
 
     examples() / lengths()      training examples, and their lengths for bucketing
-    precompute()                the examples with the teacher's outputs attached (teacher.mode=precompute)
+    fingerprint()               SHA-256 of the training data as a teacher sees it (for the teacher-output cache)
+    teacher_outputs(teacher)    a teacher's outputs over every training example, stacked tensors
+    attach(outputs)             the examples with those outputs attached (teacher.mode=precompute, scores_file)
     collate(online)             examples -> a batch: model features, labels, masks, teacher outputs
     evaluate(model, who)        held-out metrics ("teacher" first: the student's agreement needs it)
 """

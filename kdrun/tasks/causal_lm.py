@@ -2,6 +2,7 @@
 student and teacher, token-level top-1 agreement and mean KL(teacher || student) per token."""
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Dict, List, Sequence
 
@@ -70,19 +71,29 @@ class CausalLMTask:
     def lengths(self) -> List[int]:
         return [self.data.block_size] * len(self.train_blocks)
 
+    def fingerprint(self) -> str:
+        """SHA-256 of the packed training blocks (token ids), which already reflect the tokenizer."""
+        return hashlib.sha256(self.train_blocks.numpy().tobytes()).hexdigest()
+
     @torch.inference_mode()
-    def precompute(self) -> list:
-        """The teacher's top-k log-probs for every training block (teacher.top_k), computed once and kept in
-        memory: (block_size - 1) * k * 8 bytes per block (fp32 values, int32 ids)."""
-        out = []
+    def teacher_outputs(self, teacher) -> Dict[str, torch.Tensor]:
+        """The teacher's top-k logits per position (teacher.top_k), their token ids and the log-normaliser
+        (logsumexp over the full vocabulary): (block_size - 1) * (2k + 1) * 4 bytes per block."""
+        parts = []
         for i in range(0, len(self.train_blocks), self.eval_batch_size):
-            blocks = self.train_blocks[i:i + self.eval_batch_size]
+            blocks = self.train_blocks[i:i + self.eval_batch_size].to(self.rt.device)
             with self.rt.autocast():
-                top = self.teacher({"input_ids": blocks.to(self.rt.device)})
-            ids = top["topk_ids"].int().cpu()  # vocabulary ids fit in int32: half the memory of int64
-            out += [(b, {"topk_logprobs": top["topk_logprobs"][j].cpu(), "topk_ids": ids[j]})
-                    for j, b in enumerate(blocks)]
-        return out
+                logits = teacher.logits({"input_ids": blocks}).float()
+            values, ids = logits.topk(teacher.top_k, dim=-1)
+            parts.append({"topk_logits": values.cpu(), "topk_ids": ids.int().cpu(),  # int32: half of int64
+                          "log_normaliser": torch.logsumexp(logits, dim=-1).cpu()})
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def attach(self, outputs: Dict[str, torch.Tensor]) -> list:
+        """Blocks with the teacher's top-k log-probs (top-k logits minus the log-normaliser)."""
+        logprobs = outputs["topk_logits"] - outputs["log_normaliser"].unsqueeze(-1)
+        return [(b, {"topk_logprobs": logprobs[j], "topk_ids": outputs["topk_ids"][j]})
+                for j, b in enumerate(self.train_blocks)]
 
     def collate(self, online: bool) -> Collate:
         return Collate(online)

@@ -2,6 +2,7 @@
 student predicts what the teacher predicts (agreement)."""
 from __future__ import annotations
 
+import hashlib
 from typing import Dict, List, Sequence
 
 import torch
@@ -12,13 +13,16 @@ from kdrun.errors import ConfigError
 class Collate:
     """(text, label[, teacher outputs]) -> student features, teacher features (online teacher) or the
     precomputed teacher logits, labels.
-    When teacher and student share a tokenizer, one tokenisation serves both, so token-level terms
-    (hidden states, attentions) line up position by position."""
+    For token-level terms (hidden states, attentions: `token_level`) one tokenisation serves both models, so
+    positions line up; this needs a shared tokenizer (`shared`). Otherwise the teacher tokenizes on its own,
+    batch-invariantly, so its logits equal its cached ones."""
 
-    def __init__(self, teacher, student, teacher_outputs: bool = True):
+    def __init__(self, teacher, student, teacher_outputs: bool = True, token_level: bool = False):
         self.teacher, self.student, self.teacher_outputs = teacher, student, teacher_outputs
-        self.shared = teacher is not None and (teacher.tokenizer.get_vocab() == student.tokenizer.get_vocab()
-                                               and teacher.max_length == student.max_length)
+        self.shared = (teacher is not None and not hasattr(teacher, "members")  # several teachers tokenize apart
+                       and teacher.tokenizer.get_vocab() == student.tokenizer.get_vocab()
+                       and teacher.max_length == student.max_length)
+        self.token_level = token_level and self.shared
 
     def __call__(self, examples: Sequence) -> Dict:
         texts = [ex[0] for ex in examples]
@@ -26,9 +30,9 @@ class Collate:
         batch = {"student": feats, "labels": torch.tensor([ex[1] for ex in examples]),
                  "attention_mask": feats["attention_mask"], "size": len(examples)}
         if self.teacher is not None:
-            batch["teacher"] = feats if self.shared else self.teacher.featurize(texts)
+            batch["teacher"] = feats if self.token_level else self.teacher.featurize(texts)
         elif self.teacher_outputs:  # precomputed: the examples carry the teacher's logits
-            batch["teacher_out"] = {"logits": torch.stack([ex[2]["logits"] for ex in examples])}
+            batch["teacher_out"] = {k: torch.stack([ex[2][k] for ex in examples]) for k in examples[0][2]}
         else:  # no teacher at all (fine-tuning the teacher itself on labels)
             batch["teacher_out"] = {}
         return batch
@@ -68,13 +72,25 @@ class ClassificationTask:
     def lengths(self) -> List[int]:
         return [len(t) for t in self.data.train_texts]
 
-    def precompute(self) -> list:
+    def fingerprint(self) -> str:
+        """SHA-256 of the training texts, in order (labels do not change the teacher's logits)."""
+        h = hashlib.sha256()
+        for t in self.data.train_texts:
+            h.update((t + "\x1e").encode())
+        return h.hexdigest()
+
+    def teacher_outputs(self, teacher) -> Dict[str, torch.Tensor]:
         with self.rt.autocast():
-            logits = self.teacher.predict_logits(self.data.train_texts, self.eval_batch_size, self.rt.device)
-        return [(t, y, {"logits": row}) for t, y, row in zip(self.data.train_texts, self.data.train_labels, logits)]
+            return {"logits": teacher.predict_logits(self.data.train_texts, self.eval_batch_size, self.rt.device).float().cpu()}
+
+    def attach(self, outputs: Dict[str, torch.Tensor]) -> list:
+        return [(t, y, {k: v[i] for k, v in outputs.items()})
+                for i, (t, y) in enumerate(zip(self.data.train_texts, self.data.train_labels))]
+
+    token_level = False  # set by the pipeline when a loss term compares hidden states or attentions
 
     def collate(self, online: bool) -> Collate:
-        return Collate(self.teacher if online else None, self.student)
+        return Collate(self.teacher if online else None, self.student, token_level=self.token_level)
 
     def evaluate(self, model, who: str) -> Dict[str, float]:
         was_training = model.training

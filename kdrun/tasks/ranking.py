@@ -1,6 +1,7 @@
 """Ranking: batches of (query, [positive, negatives]) -> [B, n] scores; MRR@10, nDCG@10, Recall@10."""
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Dict, List, Sequence
 
@@ -23,8 +24,8 @@ class Collate:
         queries = [ex[0] for ex in examples]
         passages = [ex[1] for ex in examples]
         batch = {"student": self.student.featurize(queries, passages), "size": len(examples)}
-        if self.teacher is None:
-            batch["teacher_out"] = {"scores": torch.stack([ex[2]["scores"] for ex in examples])}
+        if self.teacher is None:  # every output the examples carry: "scores" (and each teacher's "scores@<name>")
+            batch["teacher_out"] = {k: torch.stack([ex[2][k] for ex in examples]) for k in examples[0][2]}
         else:
             batch["teacher"] = self.teacher.featurize(queries, passages)
         return batch
@@ -92,9 +93,19 @@ class RankingTask:
     def lengths(self) -> List[int]:
         return [example_length(ex) for ex in self.data.train]
 
-    def precompute(self) -> list:
-        scores = precompute_teacher_scores(self.teacher, self.data.train, self.eval_batch_size, self.rt).cpu()
-        return [(q, ps, {"scores": row}) for (q, ps), row in zip(self.data.train, scores)]
+    def fingerprint(self) -> str:
+        """SHA-256 of the training examples as a teacher sees them: query and passage texts, in order."""
+        h = hashlib.sha256()
+        for q, ps in self.data.train:
+            h.update(("\x1f".join([q, *ps]) + "\x1e").encode())
+        return h.hexdigest()
+
+    def teacher_outputs(self, teacher) -> Dict[str, torch.Tensor]:
+        return {"scores": precompute_teacher_scores(teacher, self.data.train, self.eval_batch_size, self.rt).cpu()}
+
+    def attach(self, outputs: Dict[str, torch.Tensor]) -> list:
+        """The training examples with the teacher's outputs (a row of each tensor) as their third item."""
+        return [(q, ps, {k: v[i] for k, v in outputs.items()}) for i, (q, ps) in enumerate(self.data.train)]
 
     def collate(self, online: bool) -> Collate:
         return Collate(self.teacher if online else None, self.student)

@@ -1,0 +1,180 @@
+"""Content-addressed teacher outputs on disk, reused across runs and every job of a sweep.
+
+An entry is keyed by everything the outputs depend on: the teacher wrapper and its settings (kind, pooling,
+similarity, label index, max length, top-k), a fingerprint of its weights (every tensor of the state dict),
+its tokenizer, the training data as the teacher sees it, the device type and the precision. It holds the
+task's stacked outputs (ranking: scores [N, n]; classification: logits [N, C]; causal LM: top-k logits,
+their token ids and the log-normaliser per position) in safetensors, plus meta.json with the key, the
+description the key was made from, the outputs file's SHA-256 and the shapes. An entry whose meta, checksum
+or shapes do not match is reported and rebuilt, never used.
+
+Entries are written to a private staging directory and renamed into place, so concurrent sweep jobs never
+read half an entry; when two jobs compute the same entry, the first rename wins.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from kdrun.models.hub import cache_root, cached, publish, staging_dir
+
+log = logging.getLogger(__name__)
+FORMAT = 1  # bump when the layout or the meaning of stored outputs changes
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 over every parameter and buffer: name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """SHA-256 of the full tokenizer definition (fast tokenizers) or of its vocabulary and special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = json.dumps([type(tokenizer).__name__, tokenizer.all_special_tokens], sort_keys=True)
+    return hashlib.sha256((text + extra).encode()).hexdigest()
+
+
+def describe(teacher, data_fingerprint: str, runtime) -> Dict[str, str]:
+    """What a teacher's training outputs depend on: the description its cache key is made from."""
+    settings = {k: getattr(teacher, k) for k in ("pooling", "similarity", "label_index", "max_length", "top_k")
+                if hasattr(teacher, k)}
+    return {"format": str(FORMAT), "wrapper": type(teacher).__name__, "source": str(teacher.source),
+            "settings": json.dumps(settings, sort_keys=True), "weights": weights_fingerprint(teacher),
+            "tokenizer": tokenizer_fingerprint(teacher.tokenizer), "data": data_fingerprint,
+            "device": runtime.device.type, "precision": runtime.precision}
+
+
+def key_of(description: Dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read(entry: Path, key: str, description: Dict[str, str], n: int) -> Tuple[Optional[Dict[str, torch.Tensor]], str]:
+    """(outputs, "") for a sound entry; (None, why) when it is missing, corrupt or for other inputs."""
+    from safetensors.torch import load_file
+
+    if not entry.exists():
+        return None, "missing"
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        outputs_file = entry / "outputs.safetensors"
+        if not cached(entry):
+            return None, "incomplete (no completion marker)"
+        if meta.get("key") != key or meta.get("description") != description:
+            return None, "made from other inputs than its key says"
+        if _file_sha256(outputs_file) != meta.get("sha256"):
+            return None, "outputs file does not match its checksum"
+        outputs = load_file(str(outputs_file))
+    except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable meta or tensors
+        return None, f"unreadable ({type(e).__name__}: {e})"
+    shapes = {k: list(v.shape) for k, v in outputs.items()}
+    if shapes != meta.get("shapes") or any(v.shape[0] != n for v in outputs.values()):
+        return None, f"shapes {shapes} do not fit {n} training examples"
+    return outputs, ""
+
+
+def write(entry: Path, key: str, description: Dict[str, str], outputs: Dict[str, torch.Tensor], seconds: float) -> None:
+    from safetensors.torch import save_file
+
+    tmp = staging_dir(entry)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in outputs.items()}, str(tmp / "outputs.safetensors"))
+    meta = {"key": key, "description": description, "sha256": _file_sha256(tmp / "outputs.safetensors"),
+            "shapes": {k: list(v.shape) for k, v in outputs.items()}, "teacher_seconds": seconds}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    publish(tmp, entry, key)
+
+
+class ForwardCounter:
+    """Counts forward calls of the teachers' transformer models while active (forward hooks)."""
+
+    def __init__(self, modules):
+        self.calls, self.active = 0, True
+        self.handles = [m.register_forward_hook(self._hook) for m in modules]
+
+    def _hook(self, *_):
+        self.calls += self.active
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.active = False
+        try:
+            yield
+        finally:
+            self.active = True
+
+
+@dataclass
+class CacheInfo:
+    hits: int = 0
+    misses: int = 0
+    rebuilt: int = 0
+    teacher_seconds: float = 0.0  # running the teachers over the training data
+    cache_seconds: float = 0.0  # fingerprinting, reading and writing entries
+    entries: Dict[str, str] = field(default_factory=dict)  # teacher name -> entry directory
+
+    def metrics(self) -> Dict[str, float]:
+        return {"teacher/cache_hits": self.hits, "teacher/cache_misses": self.misses,
+                "teacher/cache_rebuilt": self.rebuilt, "teacher/seconds": self.teacher_seconds,
+                "teacher/cache_seconds": self.cache_seconds}
+
+
+def teacher_outputs(task, teacher, runtime, cache_dir: Optional[str], use_cache: bool, info: CacheInfo,
+                    name: str = "teacher") -> Dict[str, torch.Tensor]:
+    """The task's stacked training outputs of one teacher: from the cache when a sound entry exists, else
+    computed (and stored when use_cache)."""
+    n = len(task.examples())
+    if not use_cache:
+        t0 = time.perf_counter()
+        outputs = task.teacher_outputs(teacher)
+        info.teacher_seconds += time.perf_counter() - t0
+        info.misses += 1
+        return outputs
+    t0 = time.perf_counter()
+    description = describe(teacher, task.fingerprint(), runtime)
+    key = key_of(description)
+    entry = Path(cache_dir or cache_root() / "teacher_outputs").expanduser() / task.name / key
+    outputs, why = read(entry, key, description, n)
+    info.cache_seconds += time.perf_counter() - t0
+    info.entries[name] = str(entry)
+    if outputs is not None:
+        info.hits += 1
+        log.info("teacher %s: outputs for %d training examples read from the cache (%s)", name, n, entry)
+        return outputs
+    if why != "missing":
+        log.warning("teacher cache entry %s is %s; rebuilding it", entry, why)
+        shutil.rmtree(entry, ignore_errors=True)
+        info.rebuilt += 1
+    info.misses += 1
+    t0 = time.perf_counter()
+    outputs = task.teacher_outputs(teacher)
+    seconds = time.perf_counter() - t0
+    info.teacher_seconds += seconds
+    t0 = time.perf_counter()
+    write(entry, key, description, outputs, seconds)
+    info.cache_seconds += time.perf_counter() - t0
+    log.info("teacher %s: outputs for %d training examples computed in %.1f s and cached (%s)", name, n, seconds, entry)
+    return outputs

@@ -389,9 +389,9 @@ def validate(cfg: Any) -> None:
                           "set teacher.top_k (e.g. 64), or use teacher.mode=online")
     if t.finetune.steps < 0:
         raise ConfigError(f"teacher.finetune.steps={t.finetune.steps} must be >= 0")
-    if t.finetune.steps and kind != "classifier":
+    if t.finetune.steps and enum_value(t.kind) != "classifier":
         raise ConfigError(f"teacher.finetune.steps={t.finetune.steps}: only classifier teachers are fine-tuned "
-                          f"by kdrun (teacher.kind={kind})")
+                          f"by kdrun (teacher.kind={enum_value(t.kind)})")
     if not 0.0 < d.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be between 0 and 1")
     if task == "ranking":

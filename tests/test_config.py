@@ -26,6 +26,8 @@ def context(group: str, option: str) -> list:
     if group == "loss":
         names = [t.name for t in OmegaConf.load(CONF / "loss" / f"{option}.yaml").terms]
         extra = ["teacher.mode=online"] if config.NEEDS_ONLINE_TEACHER & set(names) else []
+    if group == "teacher" and option == "scores_file":  # a scores file, and a student that needs no teacher model
+        extra = ["teacher.scores_file=scores.tsv", "student=tinybert"]
     return PRESET[task_of(group, option)] + extra
 
 
@@ -115,7 +117,21 @@ def test_default_is_offline_minilm_teaching_its_two_layer_slice(minilm_dir):
     (["teacher.top_k=8"], "causal-LM teachers only"),
     (["experiment=classification_demo", "loss=jsd", "loss.terms.0.beta=1.0"], "beta"),
     (["experiment=causal_lm_demo", "loss=taid", "loss.terms.0.t_start=1.0"], "t_start < t_end"),
-    (["student=scratch"], "student.init=scratch is for classification and causal-LM"),
+    (["experiment=classification_demo", "student.arch=late_interaction"], "student.arch=late_interaction is a ranking"),
+    (["student.dim=0"], "student.dim"),
+    (["teacher=scores_file"], "set teacher.scores_file=FILE"),
+    (["teacher=scores_file", "teacher.scores_file=s.tsv"], "set teacher.path .*or student.path"),
+    (["teacher.mode=scores_file", "teacher.scores_file=s.tsv", "teacher.max_missing_fraction=1.0"],
+     "teacher.max_missing_fraction"),
+    (["experiment=classification_demo", "teacher.mode=scores_file", "teacher.scores_file=s.tsv"],
+     "scores_file reads ranking scores"),
+    (["mode=score", "experiment=classification_demo"], "mode=score writes a ranking teacher's scores"),
+    (["mode=score", "teacher.mode=scores_file", "teacher.scores_file=s.tsv"], "needs ranking data and a teacher model"),
+    (["+teacher@teachers.second=minilm_offline", "loss.terms.0.teacher=third"], r"no such teacher; choose one of \['teacher', 'second'\]"),
+    (["+teacher@teachers.second=minilm_classifier"], "teachers.second.kind=classifier is a classification teacher"),
+    (["+teacher@teachers.second=minilm_offline", "teachers.second.weight=0"], "teachers.second.weight"),
+    (["experiment=causal_lm_demo", "+teacher@teachers.second=smollm2"], "a causal-LM run takes one"),
+    (["+teacher@teachers.second=minilm_offline", "teacher.mode=online", "loss=in_batch_kl"], "several teachers"),
     (["teacher.finetune.steps=10"], "only classifier teachers are fine-tuned"),
 ])
 def test_cross_field_validation_names_the_key(overrides, match):

@@ -6,7 +6,7 @@ from kdrun.models import build_student, build_teacher
 from kdrun.models.hub import resolve_source
 
 STUDENT = dict(name=None, path=None, init="teacher_layers", pooling="mean", similarity="dot", max_length=64,
-               scratch={})
+               scratch={}, tokenizer=None, arch="bi_encoder", dim=128)
 TEACHER = dict(name=None, gguf_file=None, pooling="mean", similarity="cos", label_index=-1, max_length=64, top_k=0,
                finetune={"steps": 0})
 

@@ -58,8 +58,11 @@ class SequenceClassifier(nn.Module):
         return tokenize(self.tokenizer, texts, self.max_length)
 
     def forward(self, features: Features) -> Dict[str, torch.Tensor]:
-        if "groups" in features:  # a teacher's own tokenisation: logits only (token-level terms share the student's)
-            return {"logits": run_groups(lambda f: self.model(**f).logits.float(), features)}
+        if "groups" in features:  # a teacher's own tokenisation (token-level terms share the student's instead)
+            return run_groups(self._forward, features)
+        return self._forward(features)
+
+    def _forward(self, features: Features) -> Dict[str, torch.Tensor]:
         out = self.model(**features, output_hidden_states="hidden_states" in self.outputs,
                          output_attentions="attentions" in self.outputs)
         result = {"logits": out.logits.float()}

@@ -52,16 +52,20 @@ def tokenize_groups(tokenizer, texts, max_length: int, pair_texts=None) -> Dict:
     return {"groups": groups, "count": len(texts)}
 
 
-def run_groups(fn, features: Dict) -> torch.Tensor:
-    """fn(features) for ordinary features; for `tokenize_groups` output, fn per group, rows back in order."""
+def run_groups(fn, features: Dict):
+    """fn(features) for ordinary features; for `tokenize_groups` output, fn per group with the rows put back in
+    order (fn returns a tensor, or a dict of tensors with one row per text)."""
     if "groups" not in features:
         return fn(features)
     outs = [(g["index"], fn({k: v for k, v in g.items() if k != "index"})) for g in features["groups"]]
-    first = outs[0][1]
-    out = first.new_empty((features["count"], *first.shape[1:]))
+    as_dict = isinstance(outs[0][1], dict)
+    result = {}
     for rows, o in outs:
-        out[rows.to(o.device)] = o
-    return out
+        for key, value in (o.items() if as_dict else [("", o)]):
+            if key not in result:
+                result[key] = value.new_empty((features["count"], *value.shape[1:]))
+            result[key][rows.to(value.device)] = value
+    return result if as_dict else result[""]
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:

@@ -86,15 +86,6 @@ def test_artifacts_config_overrides_and_a_loadable_student(default_run):
     assert "train.max_steps=4" in open(overrides).read()
 
 
-def test_online_teacher_trains_too(tmp_path):
-    r = run_kdrun(SMALL + ["teacher.mode=online", "data.max_eval_queries=5", "tracking.experiment=online",
-                   f"hydra.run.dir={tmp_path / 'out'}"], cwd=tmp_path, env=offline_env(tmp_path))
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    run = _only_run(_client(tmp_path), "online")
-    assert run.info.status == "FINISHED" and run.data.params["teacher.mode"] == "online"
-    assert "train/margin_mse" in run.data.metrics
-
-
 def test_hub_teacher_without_network_names_teacher_path(tmp_path):
     r = run_kdrun(["teacher=bert", f"hydra.run.dir={tmp_path / 'out'}"], cwd=tmp_path, env=offline_env(tmp_path),
                   timeout=120)

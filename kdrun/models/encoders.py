@@ -230,7 +230,7 @@ class LateInteraction(Scorer):
         self.encoder, self.tokenizer, self.max_length = encoder, tokenizer, max_length
         self.linear = linear or nn.Linear(encoder.config.hidden_size, dim, bias=False)
 
-    featurize = BiEncoder.featurize
+    tokenize, featurize = BiEncoder.tokenize, BiEncoder.featurize
 
     def vectors(self, features: Features) -> torch.Tensor:
         hidden = self.encoder(**features).last_hidden_state

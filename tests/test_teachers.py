@@ -1,0 +1,306 @@
+"""Teacher modes and ranking students: the teacher-output cache, score files, several teachers, late-interaction
+and cross-encoder students, and saved students loading back with plain transformers / sentence-transformers."""
+import json
+
+import pytest
+import torch
+
+from kdrun import teacher_cache
+from kdrun.data import scores_file
+from kdrun.data.ranking import RankingData, text_id
+from kdrun.errors import ConfigError, DataError
+from kdrun.losses import WeightedLoss, Context
+from kdrun.models import build_student, build_teacher
+from kdrun.models.encoders import BiEncoder, LateInteraction, load_scorer, maxsim
+from kdrun.models.ensemble import Ensemble, combine
+from kdrun.runtime import make_runtime
+from kdrun.tasks.ranking import RankingTask
+
+TEACHER = dict(name=None, gguf_file=None, pooling="mean", similarity="cos", label_index=-1, max_length=64, top_k=0,
+               finetune={"steps": 0})
+STUDENT = dict(name=None, path=None, init="teacher_layers", layers=[0, 5], pooling="mean", similarity="dot",
+               max_length=64, scratch={}, tokenizer=None, dim=16)
+QUERIES = ["what is your name", "how old are you", "do you like music", "what is the weather like today",
+           "tell me a joke", "where do you live"]
+PASSAGES = [["my name is bot", "it rains a lot here", "i am a computer program"],
+            ["i was made last year", "i like jazz", "ask me later"],
+            ["yes, especially jazz and some rock", "no", "my name is bot"],
+            ["sunny with a light breeze and twenty degrees", "i live in the cloud", "ha ha"],
+            ["why did the chicken cross the road? to get to the other side", "no", "sunny"],
+            ["in the cloud, on many servers", "i like jazz", "i was made last year"]]
+
+
+@pytest.fixture(scope="module")
+def teacher(minilm_dir):
+    return build_teacher(path=minilm_dir, kind="bi_encoder", **TEACHER)
+
+
+def _data(train=None):
+    train = train or list(zip(QUERIES, PASSAGES))
+    return RankingData(train, QUERIES[:2], [PASSAGES[0], PASSAGES[1]], [[1, 0, 0], [1, 0, 0]], "test")
+
+
+def _task(teacher, data=None):
+    return RankingTask(data or _data(), teacher, None, make_runtime("cpu", "fp32"), eval_batch_size=4)
+
+
+# ---- the online teacher ----
+
+def test_online_teacher_is_frozen_in_low_precision_and_outside_the_optimizer(minilm_dir):
+    from omegaconf import OmegaConf
+
+    from kdrun.pipeline import build_teachers
+    from kdrun.train import make_optim
+
+    cfg = OmegaConf.create({"teacher": {"_target_": "kdrun.models.build_teacher", "path": minilm_dir, "kind": "bi_encoder",
+                                        "mode": "online", "cache": True, "cache_dir": None, "scores_file": None,
+                                        "max_missing_fraction": 0.0, "weight": 1.0, **TEACHER}, "teachers": {}})
+    rt = make_runtime("cpu", "bf16")
+    teacher, _ = build_teachers(cfg, None, rt)
+    assert not teacher.training and teacher.exact
+    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}  # the profile's low precision
+    assert not any(p.requires_grad for p in teacher.parameters())
+    student = build_student(**STUDENT, arch="bi_encoder", teacher=teacher)
+    loss = WeightedLoss([("margin_mse", 1.0)], Context(task="ranking"))
+    optim = make_optim([student, loss], rt, 2, lr=1e-3, weight_decay=0.0, betas=[0.9, 0.999], eps=1e-8,
+                       schedule="constant", warmup_ratio=0.0, max_grad_norm=1.0)
+    in_optim = {id(p) for g in optim.optimizer.param_groups for p in g["params"]}
+    assert not in_optim & {id(p) for p in teacher.parameters()}
+    before = [p.clone() for p in teacher.parameters()]
+    from kdrun import train as loop
+
+    batch = {"student": student.featurize(QUERIES[:2], [p[:2] for p in PASSAGES[:2]]),
+             "teacher": teacher.featurize(QUERIES[:2], [p[:2] for p in PASSAGES[:2]]), "size": 2}
+    loop.train(student, teacher, loss, iter([batch]), optim, rt, max_steps=1, grad_accum=1, log_every=1,
+               eval_every=0, log=lambda *a: None, evaluate=lambda s: {})
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters()))
+
+
+def test_teacher_scores_do_not_depend_on_the_batch(teacher):
+    """Batch-invariant padding: a text scores the same in a training batch, alone, and in score_lists."""
+    batch = teacher(teacher.featurize(QUERIES, PASSAGES))["scores"]
+    alone = torch.cat([teacher(teacher.featurize([q], [ps]))["scores"] for q, ps in zip(QUERIES, PASSAGES)])
+    lists = torch.stack(teacher.score_lists(QUERIES, PASSAGES, 3, torch.device("cpu")))
+    assert torch.equal(batch, alone) and torch.equal(batch, lists)
+
+
+# ---- the teacher-output cache ----
+
+def test_cache_fills_then_hits_with_identical_outputs(teacher, tmp_path):
+    task = _task(teacher)
+    first, second = teacher_cache.CacheInfo(), teacher_cache.CacheInfo()
+    a = teacher_cache.teacher_outputs(task, teacher, task.rt, str(tmp_path), True, first)
+    b = teacher_cache.teacher_outputs(task, teacher, task.rt, str(tmp_path), True, second)
+    assert (first.hits, first.misses, second.hits, second.misses) == (0, 1, 1, 0)
+    assert torch.equal(a["scores"], b["scores"]) and a["scores"].shape == (6, 3)
+    assert first.teacher_seconds > 0 and second.teacher_seconds == 0
+
+
+def test_cache_key_follows_data_weights_settings_and_precision(teacher, tmp_path):
+    task = _task(teacher)
+    rt = task.rt
+    base = teacher_cache.key_of(teacher_cache.describe(teacher, task.fingerprint(), rt))
+    other_data = _task(teacher, _data(list(zip(QUERIES[:5], PASSAGES[:5]))))
+    assert teacher_cache.key_of(teacher_cache.describe(teacher, other_data.fingerprint(), rt)) != base
+    assert teacher_cache.key_of(teacher_cache.describe(teacher, task.fingerprint(), make_runtime("cpu", "bf16"))) != base
+    teacher.max_length = 32
+    try:
+        assert teacher_cache.key_of(teacher_cache.describe(teacher, task.fingerprint(), rt)) != base
+    finally:
+        teacher.max_length = 64
+    fp = teacher_cache.weights_fingerprint(teacher)
+    with torch.no_grad():
+        p = next(teacher.parameters())
+        p[0, 0] += 1e-3
+        assert teacher_cache.weights_fingerprint(teacher) != fp
+        p[0, 0] -= 1e-3
+
+
+@pytest.mark.parametrize("damage", ["flip_bytes", "truncate", "other_inputs", "no_marker", "wrong_shape"])
+def test_a_damaged_cache_entry_is_rebuilt_not_used(teacher, tmp_path, damage):
+    from safetensors.torch import save_file
+
+    task = _task(teacher)
+    info = teacher_cache.CacheInfo()
+    good = teacher_cache.teacher_outputs(task, teacher, task.rt, str(tmp_path), True, info)
+    entry = next((tmp_path / "ranking").iterdir())
+    outputs, meta = entry / "outputs.safetensors", entry / "meta.json"
+    if damage == "flip_bytes":
+        raw = bytearray(outputs.read_bytes())
+        raw[-4:] = b"\x00\x00\xc0\x7f"  # the last score becomes NaN
+        outputs.write_bytes(bytes(raw))
+    elif damage == "truncate":
+        outputs.write_bytes(outputs.read_bytes()[:20])
+    elif damage == "other_inputs":
+        m = json.loads(meta.read_text())
+        m["description"]["data"] = "0" * 64
+        meta.write_text(json.dumps(m))
+    elif damage == "no_marker":
+        (entry / "kdrun_complete").unlink()
+    else:
+        save_file({"scores": torch.zeros(5, 3)}, str(outputs))
+        m = json.loads(meta.read_text())
+        m["sha256"] = teacher_cache._file_sha256(outputs)
+        meta.write_text(json.dumps(m))
+    again = teacher_cache.CacheInfo()
+    rebuilt = teacher_cache.teacher_outputs(task, teacher, task.rt, str(tmp_path), True, again)
+    assert (again.hits, again.misses, again.rebuilt) == (0, 1, 1)
+    assert torch.equal(rebuilt["scores"], good["scores"])
+    third = teacher_cache.CacheInfo()
+    teacher_cache.teacher_outputs(task, teacher, task.rt, str(tmp_path), True, third)
+    assert third.hits == 1  # the rebuilt entry is sound
+
+
+# ---- score files ----
+
+def test_score_file_round_trip_is_exact_and_joins_by_ids(teacher, tmp_path):
+    data = _data()
+    scores = _task(teacher).teacher_outputs(teacher)["scores"]
+    f = tmp_path / "scores.tsv"
+    lines = scores_file.write(str(f), data, scores)
+    assert lines == 6 * 2  # one line per (query, positive, negative)
+    first = f.read_text().splitlines()[0].split("\t")
+    assert first[2:] == [text_id(QUERIES[0]), text_id(PASSAGES[0][0]), text_id(PASSAGES[0][1])]
+    kept, joined, missing = scores_file.join(data, scores_file.read(str(f)), str(f), 0.0)
+    assert missing == 0 and kept == data.train and torch.equal(joined, scores)
+
+
+def test_score_file_missing_ids_are_counted_and_fail_above_the_limit(teacher, tmp_path):
+    data = _data()
+    f = tmp_path / "scores.tsv"
+    scores_file.write(str(f), _data(data.train[:4]), torch.rand(4, 3))
+    kept, _, missing = scores_file.join(data, scores_file.read(str(f)), str(f), 0.5)
+    assert missing == 2 and len(kept) == 4
+    with pytest.raises(DataError, match=r"2 of 6 training examples \(33.3%\).*max_missing_fraction=0.2"):
+        scores_file.join(data, scores_file.read(str(f)), str(f), 0.2)
+
+
+@pytest.mark.parametrize("line,match", [
+    ("1.0\t2.0\tq1\tp1\n", r"scores.tsv:2: expected 5 tab-separated columns"),
+    ("high\t2.0\tq1\tp1\tp2\n", r"scores.tsv:2: the first two columns must be numbers"),
+    ("nan\t2.0\tq1\tp1\tp2\n", r"scores.tsv:2: scores must be finite"),
+])
+def test_malformed_score_file_lines_name_file_and_line(tmp_path, line, match):
+    f = tmp_path / "scores.tsv"
+    f.write_text("1.5\t0.5\tq0\tp0\tp1\n" + line)
+    with pytest.raises(DataError, match=match):
+        scores_file.read(str(f))
+
+
+def test_missing_score_file_says_how_to_write_one(tmp_path):
+    with pytest.raises(DataError, match="no such file.*kdrun mode=score"):
+        scores_file.read(str(tmp_path / "nope.tsv"))
+
+
+# ---- several teachers ----
+
+def test_several_teachers_average_with_weights_and_a_term_can_name_one(teacher, minilm_dir):
+    second = build_teacher(path=minilm_dir, kind="bi_encoder", **{**TEACHER, "pooling": "cls", "similarity": "dot"})
+    ens = Ensemble({"teacher": teacher, "cls": second}, {"teacher": 1.0, "cls": 3.0})
+    out = ens(ens.featurize(QUERIES[:2], PASSAGES[:2]))
+    a = teacher(teacher.featurize(QUERIES[:2], PASSAGES[:2]))["scores"]
+    b = second(second.featurize(QUERIES[:2], PASSAGES[:2]))["scores"]
+    assert torch.allclose(out["scores"], (a + 3 * b) / 4) and torch.equal(out["scores@cls"], b)
+    lists = ens.score_lists(QUERIES[:2], PASSAGES[:2], 4, torch.device("cpu"))
+    assert torch.allclose(torch.stack(lists), (a + 3 * b) / 4, atol=1e-6)
+    student = {"scores": torch.zeros(2, 3)}
+    both = WeightedLoss([("margin_mse", 1.0, {"teacher": None}), ("pointwise_mse", 1.0, {"teacher": "cls"})],
+                        Context(task="ranking"))(student, out, {})
+    from kdrun.losses import functional as F
+
+    assert torch.allclose(both["margin_mse"], F.margin_mse(student["scores"], out["scores"]))
+    assert torch.allclose(both["pointwise_mse"], F.pointwise_mse(student["scores"], b))
+    assert combine({"teacher": {"logits": torch.ones(2, 4)}}, {"teacher": 2.0})["logits"].eq(1).all()
+
+
+# ---- students ----
+
+def test_maxsim_known_values_and_padding_ignored():
+    q = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])  # the third query token is padding
+    q_mask = torch.tensor([[1, 1, 0]])
+    p = torch.tensor([[[0.6, 0.8], [1.0, 0.0], [9.0, 9.0]]])  # the third passage token is padding
+    p_mask = torch.tensor([[1, 1, 0]])
+    # query token 1: max(0.6, 1.0) = 1.0; query token 2: max(0.8, 0.0) = 0.8
+    assert torch.allclose(maxsim(q, q_mask, p, p_mask), torch.tensor([[1.8]]))
+
+
+@pytest.mark.parametrize("arch", ["bi_encoder", "late_interaction", "cross_encoder"])
+def test_every_student_architecture_scores_trains_and_agrees_with_its_eval_path(teacher, arch):
+    student = build_student(**STUDENT, arch=arch, teacher=teacher)
+    scores = student(student.featurize(QUERIES, PASSAGES))["scores"]
+    assert scores.shape == (6, 3) and scores.requires_grad
+    scores.sum().backward()
+    embeddings = student.get_submodule("encoder" if arch != "cross_encoder" else "model").get_input_embeddings()
+    assert embeddings.weight.grad is not None and embeddings.weight.grad.abs().sum() > 0
+    student.eval()  # no dropout: the training path and the eval path must give the same scores
+    student.request({"in_batch_scores"})
+    out = student(student.featurize(QUERIES[:3], PASSAGES[:3]))
+    assert out["in_batch_scores"].shape == (3, 9)
+    own = student(student.featurize(QUERIES[:3], PASSAGES[:3]))["scores"]
+    student.request(set())
+    with torch.inference_mode():
+        lists = torch.stack(student.score_lists(QUERIES, PASSAGES, 4, torch.device("cpu")))
+        plain = student(student.featurize(QUERIES, PASSAGES))["scores"]
+    assert torch.allclose(lists, plain, atol=1e-4)
+    assert torch.allclose(own, plain[:3], atol=1e-4)
+
+
+def test_late_interaction_student_has_a_projection_of_the_configured_size(teacher):
+    student = build_student(**STUDENT, arch="late_interaction", teacher=teacher)
+    assert isinstance(student, LateInteraction) and student.linear.weight.shape == (16, 384)
+    assert student.linear.weight.requires_grad
+
+
+def test_scratch_ranking_student_and_a_tokenizer_from_elsewhere(teacher, minilm_dir):
+    student = build_student(**{**STUDENT, "init": "scratch", "layers": None, "tokenizer": minilm_dir,
+                               "scratch": {"num_layers": 2, "hidden_size": 64, "num_heads": 2,
+                                           "intermediate_size": 128}}, arch="bi_encoder", teacher=teacher)
+    cfg = student.encoder.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads) == (2, 64, 2)
+    assert student.tokenizer.get_vocab() == teacher.tokenizer.get_vocab()
+
+
+def test_a_tokenizer_larger_than_the_student_vocabulary_is_refused(teacher, tmp_path, minilm_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    tok.add_tokens([f"newtoken{i}" for i in range(10)])
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="student.tokenizer=.*tokens but the student's embeddings hold"):
+        build_student(**{**STUDENT, "tokenizer": str(tmp_path)}, arch="bi_encoder", teacher=teacher)
+
+
+def test_scores_file_student_without_a_teacher_model(minilm_dir):
+    student = build_student(**STUDENT, arch="cross_encoder", teacher=None, teacher_source=minilm_dir)
+    assert student.model.config.num_labels == 1 and student.model.config.num_hidden_layers == 2
+    with pytest.raises(ConfigError, match="no model to start from"):
+        build_student(**STUDENT, arch="bi_encoder", teacher=None, teacher_source=None)
+
+
+def test_saved_students_load_back_with_plain_transformers_and_sentence_transformers(teacher, tmp_path):
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    texts = ["what is your name", "my name is bot and i like jazz"]
+    for arch in ("bi_encoder", "late_interaction", "cross_encoder"):
+        student = build_student(**STUDENT, arch=arch, teacher=teacher).eval()
+        d = tmp_path / arch
+        d.mkdir()
+        student.save(d)
+        with torch.inference_mode():
+            mine = student(student.featurize(QUERIES[:2], PASSAGES[:2]))["scores"]
+            again = load_scorer(d).eval()
+            assert torch.allclose(again(again.featurize(QUERIES[:2], PASSAGES[:2]))["scores"], mine, atol=1e-5)
+            tok = AutoTokenizer.from_pretrained(d)
+            if arch == "cross_encoder":
+                model = AutoModelForSequenceClassification.from_pretrained(d).eval()
+                enc = tok([QUERIES[0]] * 3, PASSAGES[0], padding=True, return_tensors="pt")
+                assert torch.allclose(model(**enc).logits[:, 0], mine[0], atol=1e-5)
+                continue
+            hidden = AutoModel.from_pretrained(d).eval()(**tok(texts, padding=True, return_tensors="pt")).last_hidden_state
+            assert hidden.shape[0] == 2 and torch.isfinite(hidden).all()
+            if arch == "bi_encoder":
+                st = SentenceTransformer(str(d), device="cpu")
+                ours = student.embed(student.tokenize(texts))
+                assert torch.allclose(torch.as_tensor(st.encode(texts)), ours, atol=1e-5)

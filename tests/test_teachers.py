@@ -304,3 +304,30 @@ def test_saved_students_load_back_with_plain_transformers_and_sentence_transform
                 st = SentenceTransformer(str(d), device="cpu")
                 ours = student.embed(student.tokenize(texts))
                 assert torch.allclose(torch.as_tensor(st.encode(texts)), ours, atol=1e-5)
+
+
+def test_causal_lm_cache_stores_topk_logits_and_normaliser_that_give_the_online_topk_logprobs(tmp_path):
+    """A tiny random Llama (no download): the cached top-k logits minus the log-normaliser equal, bit for bit, the
+    log-probs the online top-k teacher gives a batch of another size."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kdrun.models.causal_lm import CausalLM
+    from kdrun.tasks.causal_lm import CausalLMTask
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    teacher = CausalLM(model, tokenizer=None, top_k=5)
+    task = CausalLMTask.__new__(CausalLMTask)
+    task.train_blocks, task.eval_batch_size, task.rt = torch.randint(0, 97, (6, 12)), 4, make_runtime("cpu", "fp32")
+    outputs = task.teacher_outputs(teacher)
+    assert set(outputs) == {"topk_logits", "topk_ids", "log_normaliser"}
+    assert outputs["topk_logits"].shape == (6, 11, 5) and outputs["log_normaliser"].shape == (6, 11)
+    examples = task.attach(outputs)
+    with torch.inference_mode():
+        online = teacher({"input_ids": task.train_blocks[:3]})
+    for i in range(3):
+        assert torch.equal(examples[i][1]["topk_logprobs"], online["topk_logprobs"][i])
+        assert torch.equal(examples[i][1]["topk_ids"].long(), online["topk_ids"][i])
+    full = torch.log_softmax(model(task.train_blocks[:1]).logits[:, :-1].float(), -1)
+    assert torch.allclose(examples[0][1]["topk_logprobs"], full.topk(5, -1).values[0], atol=1e-5)

@@ -224,6 +224,22 @@ class ChatterbotData(DataConfig):
 
 
 @dataclass
+class TriplesData(DataConfig):
+    """Ranking data in MS MARCO's layout (see kdrun/data/triples.py): tab-separated files joined by ids."""
+    _target_: str = "kdrun.data.triples.load"
+    collection: str = MISSING  # pid <TAB> passage
+    queries: str = MISSING  # qid <TAB> query
+    triples: str = MISSING  # qid <TAB> pos_pid <TAB> neg_pid (or a Margin-MSE score file)
+    qrels: str = MISSING  # held-out relevance: TREC qrels or qid <TAB> pid
+    eval_queries: Optional[str] = None  # None: the held-out queries are in `queries` too
+    eval_candidates_file: Optional[str] = None  # a TREC run (or qid <TAB> pid) to re-rank; None: BM25 over the collection
+    negatives_per_query: int = 1
+    eval_candidates: int = 50
+    max_train_examples: Optional[int] = None
+    max_eval_queries: Optional[int] = None
+
+
+@dataclass
 class FortunesData(DataConfig):
     _target_: str = "kdrun.data.fortunes.load_classification"
     task: Task = Task.classification
@@ -314,7 +330,7 @@ class KdrunConfig:
     scores_out: str = "${output_dir}/teacher_scores.tsv"  # mode=score: where the scores go
 
 
-DATA_SCHEMAS = {"chatterbot": ChatterbotData, "fortunes": FortunesData,
+DATA_SCHEMAS = {"chatterbot": ChatterbotData, "triples": TriplesData, "fortunes": FortunesData,
                 "text_classification": TextClassificationData, "fortunes_lm": FortunesLMData}
 
 
@@ -346,6 +362,9 @@ def enum_value(x) -> str:
 def validate(cfg: Any) -> None:
     """Cross-field checks the schema cannot express. Raises ConfigError naming the key and the fix."""
     t, s, tr, d = cfg.teacher, cfg.student, cfg.train, cfg.data
+    for key in d:
+        if OmegaConf.is_missing(d, key):
+            raise ConfigError(f"data.{key} has no value; set it, e.g. data.{key}=/path/to/file (see conf/data/)")
     task, mode = enum_value(d.task), enum_value(t.mode)
     _validate_teacher(t, "teacher", task)
     _validate_teachers(cfg, task, mode)
@@ -395,7 +414,7 @@ def validate(cfg: Any) -> None:
     if not 0.0 < d.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be between 0 and 1")
     if task == "ranking":
-        if d.negatives_per_query < 1 or d.examples_per_pair < 1:
+        if d.negatives_per_query < 1 or d.get("examples_per_pair", 1) < 1:
             raise ConfigError("data.negatives_per_query and data.examples_per_pair must be >= 1")
         if d.eval_candidates < 2:
             raise ConfigError(f"data.eval_candidates={d.eval_candidates} must be >= 2")

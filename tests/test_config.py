@@ -26,6 +26,8 @@ def context(group: str, option: str) -> list:
     if group == "loss":
         names = [t.name for t in OmegaConf.load(CONF / "loss" / f"{option}.yaml").terms]
         extra = ["teacher.mode=online"] if config.NEEDS_ONLINE_TEACHER & set(names) else []
+    if group == "data" and option == "triples":  # its files have no default
+        extra = [f"data.{k}={k}.tsv" for k in ("collection", "queries", "triples", "qrels")]
     if group == "teacher" and option == "scores_file":  # a scores file, and a student that needs no teacher model
         extra = ["teacher.scores_file=scores.tsv", "student=tinybert"]
     return PRESET[task_of(group, option)] + extra
@@ -119,6 +121,7 @@ def test_default_is_offline_minilm_teaching_its_two_layer_slice(minilm_dir):
     (["experiment=causal_lm_demo", "loss=taid", "loss.terms.0.t_start=1.0"], "t_start < t_end"),
     (["experiment=classification_demo", "student.arch=late_interaction"], "student.arch=late_interaction is a ranking"),
     (["student.dim=0"], "student.dim"),
+    (["data=triples", "data.collection=c.tsv"], "data.queries has no value"),
     (["teacher=scores_file"], "set teacher.scores_file=FILE"),
     (["teacher=scores_file", "teacher.scores_file=s.tsv"], "set teacher.path .*or student.path"),
     (["teacher.mode=scores_file", "teacher.scores_file=s.tsv", "teacher.max_missing_fraction=1.0"],
@@ -184,7 +187,7 @@ def test_console_script_help_lists_groups(tmp_path):
     for group in ["teacher:", "student:", "loss:", "data:", "hardware:", "optimizer:", "experiment:"]:
         assert group in r.stdout
     # the data options only: their typed schemas live in their own group, not among the choices
-    assert "data: chatterbot, fortunes, fortunes_lm, text_classification\n" in r.stdout
+    assert "data: chatterbot, fortunes, fortunes_lm, text_classification, triples\n" in r.stdout
 
 
 def test_python_dash_m_kdrun_works(tmp_path):

@@ -1,0 +1,116 @@
+"""Ranking data in MS MARCO's layout (data=triples): ids join training triples, qrels, runs and score files."""
+import pytest
+
+from conftest import offline_env, run_kdrun
+from kdrun.data import scores_file
+from kdrun.data.triples import load
+from kdrun.errors import DataError
+
+ARGS = dict(eval_queries=None, eval_candidates_file=None, negatives_per_query=1, eval_candidates=10,
+            max_train_examples=None, max_eval_queries=None, seed=13, eval_fraction=0.2, split_salt="x")
+
+
+def _write(d, name, rows):
+    f = d / name
+    f.write_text("".join("\t".join(map(str, r)) + "\n" for r in rows))
+    return str(f)
+
+
+@pytest.fixture
+def files(tmp_path):
+    collection = _write(tmp_path, "collection.tsv", [(f"p{i}", f"passage number {i} about topic {i % 3}") for i in range(12)])
+    queries = _write(tmp_path, "queries.tsv", [(f"q{i}", f"question {i} on topic {i % 3}") for i in range(6)])
+    triples = _write(tmp_path, "triples.tsv", [("q0", "p0", "p1"), ("q0", "p0", "p2"), ("q0", "p0", "p3"),
+                                               ("q1", "p4", "p5"), ("q1", "p4", "p6")])
+    qrels = _write(tmp_path, "qrels.tsv", [("q4", 0, "p7", 1), ("q5", 0, "p8", 1), ("q5", 0, "p9", 0)])
+    return dict(collection=collection, queries=queries, triples=triples, qrels=qrels)
+
+
+def test_triples_group_negatives_and_keep_the_files_ids(files):
+    data = load(**files, **{**ARGS, "negatives_per_query": 2})
+    assert data.train == [("question 0 on topic 0", ["passage number 0 about topic 0", "passage number 1 about topic 1",
+                                                     "passage number 2 about topic 2"]),
+                          ("question 1 on topic 1", ["passage number 4 about topic 1", "passage number 5 about topic 2",
+                                                     "passage number 6 about topic 0"])]
+    assert data.qid("question 0 on topic 0") == "q0" and data.pid("passage number 5 about topic 2") == "p5"
+    assert data.eval_queries == ["question 4 on topic 1", "question 5 on topic 2"]
+    assert [sum(y) for y in data.eval_labels] == [1, 1]  # rel 0 is not relevant
+    assert all(len(c) == 10 for c in data.eval_candidates)  # the positive plus the BM25 top
+
+
+def test_a_run_file_gives_the_eval_candidates(files, tmp_path):
+    run = _write(tmp_path, "run.trec", [("q4", "Q0", "p3", 1, 9.0, "bm25"), ("q4", "Q0", "p7", 2, 8.0, "bm25"),
+                                        ("q5", "Q0", "p1", 1, 9.0, "bm25")])
+    data = load(**files, **{**ARGS, "eval_candidates_file": run})
+    assert sorted(data.eval_candidates[0]) == ["passage number 3 about topic 0", "passage number 7 about topic 1"]
+    assert sorted(data.eval_candidates[1]) == ["passage number 1 about topic 1", "passage number 8 about topic 2"]
+
+
+def test_a_margin_mse_score_file_serves_as_the_triples(files, tmp_path):
+    scores = _write(tmp_path, "scores.tsv", [(1.5, 0.2, "q0", "p0", "p1"), (1.1, 0.9, "q1", "p4", "p5")])
+    data = load(**{**files, "triples": scores}, **ARGS)
+    kept, joined, missing = scores_file.join(data, scores_file.read(scores), scores, 0.0)
+    assert missing == 0 and joined.tolist() == [[1.5, pytest.approx(0.2)], [pytest.approx(1.1), pytest.approx(0.9)]]
+
+
+@pytest.mark.parametrize("name,rows,match", [
+    ("triples.tsv", [("q0", "p0")], r"triples.tsv:1: expected `qid<TAB>pos_pid<TAB>neg_pid`"),
+    ("triples.tsv", [("q0", "p0", "p1"), ("q9", "p0", "p1")], r"triples.tsv:2: query id 'q9' is not in data.queries"),
+    ("triples.tsv", [("q0", "p0", "p99")], r"triples.tsv:1: passage id 'p99' is not in data.collection"),
+    ("qrels.tsv", [("q4", 0, "p7", "yes")], r"qrels.tsv:1: relevance 'yes' is not an integer"),
+    ("collection.tsv", [("p0",)], r"collection.tsv:1: expected `id<TAB>text`"),
+])
+def test_bad_lines_name_file_and_line(files, tmp_path, name, rows, match):
+    _write(tmp_path, name, rows)
+    with pytest.raises(DataError, match=match):
+        load(**files, **ARGS)
+
+
+def test_a_missing_file_names_the_key(files):
+    with pytest.raises(DataError, match="data.qrels=nope.tsv: no such file"):
+        load(**{**files, "qrels": "nope.tsv"}, **ARGS)
+
+
+def test_msmarco_layout_scored_then_trained_from_the_file_by_ids(tmp_path):
+    """Real text (chatterbot) written in MS MARCO's layout with numeric ids; `kdrun mode=score` writes the
+    Margin-MSE file by those ids, and a ColBERT student trains from it."""
+    from kdrun.data.chatterbot import load as chatterbot
+
+    src = chatterbot(language="english", eval_fraction=0.2, split_salt="kdrun-v1", negatives_per_query=1,
+                     examples_per_pair=1, mine_depth=30, eval_candidates=10, max_train_queries=12,
+                     max_eval_queries=4, seed=13)
+    pid, qid = {}, {}
+    for q, ps in src.train:
+        qid.setdefault(q, str(1000 + len(qid)))
+        for p in ps:
+            pid.setdefault(p, str(len(pid)))
+    for q, cands in zip(src.eval_queries, src.eval_candidates):
+        qid.setdefault(q, str(1000 + len(qid)))
+        for p in cands:
+            pid.setdefault(p, str(len(pid)))
+    flat = lambda t: " ".join(t.split())  # the layout holds one line per text
+    files = {"collection": _write(tmp_path, "collection.tsv", [(i, flat(t)) for t, i in pid.items()]),
+             "queries": _write(tmp_path, "queries.tsv", [(i, flat(t)) for t, i in qid.items()]),
+             "triples": _write(tmp_path, "triples.tsv", [(qid[q], pid[ps[0]], pid[ps[1]]) for q, ps in src.train]),
+             "qrels": _write(tmp_path, "qrels.tsv", [(qid[q], 0, pid[p], y) for q, cs, ys in
+                                                     zip(src.eval_queries, src.eval_candidates, src.eval_labels)
+                                                     for p, y in zip(cs, ys)]),
+             "eval_candidates_file": _write(tmp_path, "run.tsv", [(qid[q], pid[p]) for q, cs in
+                                                                  zip(src.eval_queries, src.eval_candidates) for p in cs])}
+    data = [f"data.{k}={v}" for k, v in {**files}.items()]
+    base = ["data=triples", *data, "train.max_steps=2", "train.batch_size=4", "tracking.log_student=false"]
+    env = offline_env(tmp_path)
+    r = run_kdrun(base + ["mode=score", f"scores_out={tmp_path / 'scores.tsv'}", f"hydra.run.dir={tmp_path / 's'}"],
+                  cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    first = (tmp_path / "scores.tsv").read_text().splitlines()[0].split("\t")
+    assert first[2] == "1000" and first[3].isdigit()  # the files' ids, not text hashes
+    r = run_kdrun(base + ["student=colbert", "teacher.mode=scores_file", f"teacher.scores_file={tmp_path / 'scores.tsv'}",
+                          "tracking.experiment=triples", f"hydra.run.dir={tmp_path / 't'}"], cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("triples").experiment_id])[0]
+    assert run.info.status == "FINISHED" and run.data.metrics["teacher/scores_missing"] == 0
+    assert run.data.metrics["data/eval_queries"] == 4 and run.data.params["student.arch"] == "late_interaction"

@@ -101,3 +101,19 @@ def test_local_csv_through_datasets_names_missing_columns(tmp_path):
     with pytest.raises(DataError, match=r"data.text_field=text: .* has columns \['sentence', 'label'\]"):
         load(name=None, path=str(f), text_field="text", label_field="label", train_split="train", eval_split=None,
              eval_fraction=0.2, split_salt="s", seed=1, max_train=None, max_eval=None)
+
+
+def test_ranking_data_is_the_same_in_every_process():
+    """Training examples and eval candidates do not depend on PYTHONHASHSEED (string hashing), so the teacher cache
+    and score files made by one process match the next one's data."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import hashlib; from kdrun.data.chatterbot import load\n"
+            "d = load(language='english', eval_fraction=0.2, split_salt='kdrun-v1', negatives_per_query=2, "
+            "examples_per_pair=1, mine_depth=30, eval_candidates=20, max_train_queries=60, max_eval_queries=20, seed=13)\n"
+            "print(hashlib.sha1(repr((d.train, d.eval_candidates)).encode()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
+    assert len(digests) == 1

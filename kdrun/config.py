@@ -31,6 +31,10 @@ class TeacherKind(Enum):
     causal_lm = "causal_lm"  # causal LM: next-token logits
 
 
+# each task's headline held-out metric (what kdrun returns to Hydra's sweepers) and which way is better
+PRIMARY_METRIC = {"ranking": ("mrr_at_10", "max"), "classification": ("accuracy", "max"),
+                  "causal_lm": ("perplexity", "min")}
+
 TASK_OF_KIND = {"bi_encoder": "ranking", "cross_encoder": "ranking", "classifier": "classification",
                 "causal_lm": "causal_lm"}
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import time
 from pathlib import Path
 from typing import Dict
 
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
-from kdrun import teacher_cache
+from kdrun import sweep, teacher_cache
 from kdrun.config import enum_value
 from kdrun.data import scores_file
 from kdrun.data.batching import BucketBatchSampler
@@ -37,6 +39,18 @@ def _overrides() -> list:
     from hydra.core.hydra_config import HydraConfig
 
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _run_name() -> str:
+    """A sweep job: its own overrides ("optimizer.lr=1e-4 loss=kd"), so the UI tells children apart; a single run:
+    the time and a random suffix (MLflow's own names repeat here: they draw from `random`, which kdrun seeds)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        job = HydraConfig.get().job
+        return f"#{job.num} {job.override_dirname or 'job'}"[:250]
+    return f"kdrun-{time.strftime('%m%d-%H%M%S')}-{os.urandom(2).hex()}"
 
 
 def _hf_model(model):
@@ -171,7 +185,8 @@ def run(cfg: DictConfig) -> Dict[str, object]:
     optim = loop.make_optim([student, loss_fn], rt, max_steps, **_node(cfg.optimizer))
 
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    run_id = tracker.start(cfg.tracking.run_name, flatten(resolved), tags={"kdrun.task": task_name})
+    run_id = tracker.start(cfg.tracking.run_name or _run_name(), flatten(resolved), tags={"kdrun.task": task_name},
+                           parent_run_id=sweep.parent_run_id())
     log.info("MLflow %s", tracker.run_url())
     try:
         tracker.text(OmegaConf.to_yaml(resolved), "config.yaml")
@@ -184,8 +199,11 @@ def run(cfg: DictConfig) -> Dict[str, object]:
                          "train/max_steps": max_steps}, step=0)
 
         def evaluate(model, who: str, step: int) -> Dict[str, float]:
+            t0 = time.perf_counter()
             with counter.paused() if counter else contextlib.nullcontext():  # only training data is counted
                 metrics = task.evaluate(model, who)
+            latency = {"ms_per_example": 1000 * (time.perf_counter() - t0) / task.eval_size()}
+            tracker.metrics({f"eval/{who}/{k}": v for k, v in latency.items()}, step=step)
             tracker.metrics({f"eval/{who}/{k}": v for k, v in metrics.items()}, step=step)
             return metrics
 

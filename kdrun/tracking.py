@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -61,8 +63,12 @@ class Tracker:
                              "Check tracking.uri / MLFLOW_TRACKING_URI") from e
         self.run_id: Optional[str] = None
 
-    def start(self, run_name: Optional[str], params: Dict[str, str], tags: Dict[str, str]) -> str:
-        run = self.mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name)
+    def start(self, run_name: Optional[str], params: Dict[str, str], tags: Dict[str, str],
+              parent_run_id: Optional[str] = None) -> str:
+        """A new run (a child of `parent_run_id`: a sweep job)."""
+        if parent_run_id:
+            tags = {**tags, "mlflow.parentRunId": parent_run_id}
+        run = self.mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         items = list(params.items())
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
@@ -70,6 +76,7 @@ class Tracker:
         commit = git_commit()
         self.mlflow.set_tags({
             "kdrun.command": " ".join(["kdrun", *sys.argv[1:]]),
+            "kdrun.host": socket.gethostname(), "kdrun.job_pid": str(os.getpid()),
             **({"mlflow.source.git.commit": commit, "kdrun.git_commit": commit} if commit else {}),
             **tags,
         })

@@ -8,6 +8,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
+from kdrun.config import PRIMARY_METRIC
 from kdrun.errors import DataError
 from kdrun.losses.functional import forward_kl
 
@@ -50,7 +51,7 @@ class Collate:
 
 
 class CausalLMTask:
-    name, primary = "causal_lm", "perplexity"
+    name, primary = "causal_lm", PRIMARY_METRIC["causal_lm"][0]
 
     def __init__(self, data, teacher, student, runtime, eval_batch_size: int):
         self.teacher, self.student, self.rt = teacher, student, runtime
@@ -124,6 +125,10 @@ class CausalLMTask:
         if who == "student":
             metrics.update(top1_agreement=agree / tokens, kl_to_teacher=kl / tokens)
         return metrics
+
+    def eval_size(self) -> int:
+        """Held-out examples one evaluation goes through (for the per-example latency metric)."""
+        return len(self.eval_blocks)
 
     def describe(self) -> str:
         return (f"held-out blocks: {len(self.eval_blocks)} x {self.data.block_size} tokens, "

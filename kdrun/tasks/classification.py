@@ -7,6 +7,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
+from kdrun.config import PRIMARY_METRIC
 from kdrun.errors import ConfigError
 
 
@@ -53,7 +54,7 @@ def classification_metrics(pred: torch.Tensor, labels: torch.Tensor, n_classes: 
 
 
 class ClassificationTask:
-    name, primary = "classification", "accuracy"
+    name, primary = "classification", PRIMARY_METRIC["classification"][0]
 
     def __init__(self, data, teacher, student, runtime, eval_batch_size: int):
         self.data, self.teacher, self.student = data, teacher, student
@@ -104,6 +105,10 @@ class ClassificationTask:
         elif self.teacher_pred is not None:
             metrics["agreement"] = (pred == self.teacher_pred).float().mean().item()
         return metrics
+
+    def eval_size(self) -> int:
+        """Held-out examples one evaluation goes through (for the per-example latency metric)."""
+        return len(self.data.eval_texts)
 
     def describe(self) -> str:
         return (f"held-out texts: {len(self.data.eval_texts)}, classes: {len(self.data.label_names)} "

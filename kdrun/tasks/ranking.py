@@ -7,6 +7,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
+from kdrun.config import PRIMARY_METRIC
 from kdrun.data.ranking import Example
 
 
@@ -81,7 +82,7 @@ def evaluate(model, queries: List[str], candidates: List[List[str]], labels: Lis
 
 class RankingTask:
     """(query, [positive, negatives]) examples; models score them; MRR@10, nDCG@10, Recall@10 held out."""
-    name, primary = "ranking", "mrr_at_10"
+    name, primary = "ranking", PRIMARY_METRIC["ranking"][0]
 
     def __init__(self, data, teacher, student, runtime, eval_batch_size: int):
         self.data, self.teacher, self.student = data, teacher, student
@@ -113,6 +114,10 @@ class RankingTask:
     def evaluate(self, model, who: str) -> Dict[str, float]:
         d = self.data
         return evaluate(model, d.eval_queries, d.eval_candidates, d.eval_labels, self.eval_batch_size, self.rt)
+
+    def eval_size(self) -> int:
+        """Held-out examples one evaluation goes through (for the per-example latency metric)."""
+        return len(self.data.eval_queries)
 
     def describe(self) -> str:
         return (f"held-out queries: {len(self.data.eval_queries)}, candidates per query: "

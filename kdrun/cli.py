@@ -37,7 +37,8 @@ def _main(cfg: DictConfig):
     except (KdrunError, OmegaConfBaseException) as e:
         print(f"kdrun: error: {e}", file=sys.stderr)
         sys.exit(2)
-    return result["objective"]  # for sweepers: the task's primary held-out metric
+    # for sweepers: sweep.objective (checked against the task's metrics at validation), else the primary metric
+    return result[cfg.sweep.objective] if cfg.sweep.objective else result["objective"]
 
 
 def main() -> None:

@@ -35,6 +35,11 @@ class TeacherKind(Enum):
 PRIMARY_METRIC = {"ranking": ("mrr_at_10", "max"), "classification": ("accuracy", "max"),
                   "causal_lm": ("perplexity", "min")}
 
+# the held-out metrics each task logs as eval/student/<name> and eval/teacher/<name>
+TASK_METRICS = {"ranking": ("mrr_at_10", "ndcg_at_10", "recall_at_10"),
+                "classification": ("accuracy", "macro_f1", "agreement"),
+                "causal_lm": ("perplexity", "nll", "top1_agreement", "kl_to_teacher")}
+
 TASK_OF_KIND = {"bi_encoder": "ranking", "cross_encoder": "ranking", "classifier": "classification",
                 "causal_lm": "causal_lm"}
 
@@ -318,6 +323,31 @@ class TrackingConfig:
     log_student: bool = True  # log the student in Hugging Face format under artifacts student/
 
 
+class Direction(Enum):
+    maximize = "maximize"
+    minimize = "minimize"
+
+
+@dataclass
+class SweepConfig:
+    """What kdrun returns to Hydra's sweepers (the optuna sweeper optimises it)."""
+    objective: Optional[str] = None  # e.g. eval/student/ndcg_at_10; None: the task's primary held-out metric
+    direction: Optional[Direction] = None  # None: from the metric (perplexity, losses, latency: minimize)
+
+
+@dataclass
+class OptunaSweeperConfig:
+    """hydra/sweeper=optuna: kdrun's sweeper over optuna's ask/tell (hydra_plugins/kdrun_optuna_sweeper/)."""
+    _target_: str = "hydra_plugins.kdrun_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+    n_trials: int = 8
+    n_jobs: int = 1  # trials launched together (through the launcher: hydra/launcher=joblib runs them in parallel)
+    sampler: str = "tpe"  # tpe | random
+    seed: int = 0
+    params: Dict[str, str] = field(default_factory=dict)  # search space, Hydra sweep syntax per key
+    study_name: Optional[str] = None
+    storage: Optional[str] = None  # an optuna storage URL to keep and resume the study
+
+
 @dataclass
 class KdrunConfig:
     teacher: TeacherConfig = MISSING
@@ -329,6 +359,7 @@ class KdrunConfig:
     optimizer: OptimizerConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     output_dir: str = "${hydra:runtime.output_dir}"
     mode: RunMode = RunMode.train
     scores_out: str = "${output_dir}/teacher_scores.tsv"  # mode=score: where the scores go
@@ -353,6 +384,7 @@ def register() -> None:
     """Put the schemas in Hydra's ConfigStore and the resolvers in OmegaConf (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(name="kdrun_schema", node=KdrunConfig)
+    cs.store(group="hydra/sweeper", name="optuna", node=OptunaSweeperConfig, provider="kdrun")
     for name, node in DATA_SCHEMAS.items():  # each data option extends one (`- /schema/data/<name>@_here_`)
         cs.store(group="schema/data", name=name, node=node)
     if not OmegaConf.has_resolver("pkg_dir"):
@@ -403,6 +435,11 @@ def validate(cfg: Any) -> None:
     if tr.eval_every < 0:
         raise ConfigError(f"train.eval_every={tr.eval_every} must be >= 0 (0: only before and after training)")
     _validate_loss(cfg, task)
+    objective = cfg.sweep.objective
+    if objective:
+        known = [f"eval/{who}/{m}" for who in ("student", "teacher") for m in (*TASK_METRICS[task], "ms_per_example")]
+        if objective not in known:
+            raise ConfigError(f"sweep.objective={objective} is not a held-out metric of a {task} run; choose one of {known}")
     if t.top_k < 0:
         raise ConfigError(f"teacher.top_k={t.top_k} must be >= 0 (0: full logits)")
     if t.top_k and task != "causal_lm":

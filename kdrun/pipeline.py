@@ -198,12 +198,14 @@ def run(cfg: DictConfig) -> Dict[str, object]:
                          "model/teacher_params": n_params(teacher) if teacher is not None else 0,
                          "train/max_steps": max_steps}, step=0)
 
+        latency: Dict[str, float] = {}  # the last evaluation's milliseconds per held-out example
+
         def evaluate(model, who: str, step: int) -> Dict[str, float]:
             t0 = time.perf_counter()
             with counter.paused() if counter else contextlib.nullcontext():  # only training data is counted
                 metrics = task.evaluate(model, who)
-            latency = {"ms_per_example": 1000 * (time.perf_counter() - t0) / task.eval_size()}
-            tracker.metrics({f"eval/{who}/{k}": v for k, v in latency.items()}, step=step)
+            latency[who] = 1000 * (time.perf_counter() - t0) / task.eval_size()
+            tracker.metrics({f"eval/{who}/ms_per_example": latency[who]}, step=step)
             tracker.metrics({f"eval/{who}/{k}": v for k, v in metrics.items()}, step=step)
             return metrics
 
@@ -243,8 +245,9 @@ def run(cfg: DictConfig) -> Dict[str, object]:
     print(f"\nkdrun: MLflow {tracker.run_url()} (experiment '{cfg.tracking.experiment}')")
     print(f"{task.describe()}, steps: {max_steps}")
     print(summary_table(rows, ("metric", "student before", "student after", "teacher")))
-    return {f"eval/student/{k}": v for k, v in after.items()} | {
-        "run_id": run_id, "objective": after[task.primary]}
+    final = {f"eval/student/{k}": v for k, v in after.items()} | {f"eval/teacher/{k}": v for k, v in teacher_eval.items()}
+    final |= {f"eval/{who}/ms_per_example": v for who, v in latency.items()}
+    return final | {"run_id": run_id, "objective": after[task.primary]}
 
 
 def _fmt(metrics: Dict[str, float]) -> str:

@@ -9,6 +9,7 @@ Registered in conf/config.yaml under hydra.callbacks.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -73,7 +74,15 @@ class MlflowSweep(Callback):
         client.log_param(self.run_id, "sweep.launcher", OmegaConf.select(config, "hydra.launcher._target_", default=""))
         client.log_text(self.run_id, "\n".join(overrides) + "\n", "sweep_overrides.txt")
         os.environ[ENV] = self.run_id
+        atexit.register(self._fail_if_open, config)  # Hydra skips on_multirun_end when a job raises
         log.info("MLflow sweep parent run %s (experiment '%s')", self.run_id, name)
+
+    def _fail_if_open(self, config: DictConfig) -> None:
+        if self.run_id:
+            try:
+                _client(config).set_terminated(self.run_id, "FAILED")
+            except Exception:  # noqa: BLE001 - at exit, the store may be gone; nothing more to do
+                pass
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from kdrun import report
@@ -92,6 +101,9 @@ class MlflowSweep(Callback):
                 values = [r.data.metrics[key] for r in runs if key in r.data.metrics]
                 if values:
                     client.log_metric(self.run_id, f"best/{key}", max(values) if direction == "max" else min(values))
+            optimized = Path(_sweep_dir(config)) / "optimization_results.yaml"  # the optuna sweeper's best trial
+            if optimized.is_file():
+                client.log_artifact(self.run_id, str(optimized), "summary")
             client.log_metric(self.run_id, "sweep/jobs", len(runs))
             client.log_metric(self.run_id, "sweep/finished", sum(r.info.status == "FINISHED" for r in runs))
             print(f"\nkdrun: sweep parent run {self.run_id}: {len(runs)} jobs, summary under "
@@ -99,3 +111,4 @@ class MlflowSweep(Callback):
         finally:
             client.set_terminated(self.run_id, status)
             os.environ.pop(ENV, None)
+            self.run_id = None

@@ -86,3 +86,43 @@ def test_pareto_front():
     pts = [(1.0, 0.5), (2.0, 0.6), (2.0, 0.4), (3.0, 0.6), (0.5, 0.1)]
     assert pareto(pts, "max") == [0, 1, 4]
     assert pareto([(1.0, 10.0), (2.0, 5.0), (3.0, 7.0)], "min") == [0, 1]
+
+
+def test_optuna_sweeper_maximises_the_named_objective(tmp_path):
+    r = run_kdrun(["-m", *SMALL, "train.max_steps=2", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=3",
+                   "optimizer.lr=tag(log,interval(1e-5,1e-3))", "sweep.objective=eval/student/ndcg_at_10",
+                   "tracking.experiment=optuna", f"hydra.sweep.dir={tmp_path / 'multirun'}"],
+                  cwd=tmp_path, env=offline_env(tmp_path))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    from mlflow.tracking import MlflowClient
+    from omegaconf import OmegaConf
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("optuna").experiment_id])
+    children = [x for x in runs if "mlflow.parentRunId" in x.data.tags]
+    assert len(runs) == 4 and len(children) == 3
+    lrs = [float(c.data.params["optimizer.lr"]) for c in children]
+    assert len(set(lrs)) == 3 and all(1e-5 <= lr <= 1e-3 for lr in lrs)  # sampled, not a grid
+    best = OmegaConf.load(tmp_path / "multirun" / "optimization_results.yaml")
+    values = [c.data.metrics["eval/student/ndcg_at_10"] for c in children]
+    assert best.direction == "maximize" and best.completed == 3
+    assert best.best_value == pytest.approx(max(values))  # kdrun returned the named metric to the sweeper
+    parent = next(x for x in runs if x not in children)
+    assert "summary/optimization_results.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
+
+
+def test_unknown_sweep_objective_lists_the_metrics(tmp_path):
+    r = run_kdrun(["sweep.objective=eval/student/accuracy"], cwd=tmp_path, env=offline_env(tmp_path))
+    assert r.returncode == 2 and "eval/student/mrr_at_10" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_failed_sweep_leaves_its_parent_failed_not_running(tmp_path):
+    r = run_kdrun(["-m", *SMALL, "optimizer.lr=1e-4", "student.path=/nonexistent", "student.init=pretrained",
+                   "tracking.experiment=broken", f"hydra.sweep.dir={tmp_path / 'multirun'}"],
+                  cwd=tmp_path, env=offline_env(tmp_path))
+    assert r.returncode != 0
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("broken").experiment_id])
+    assert [x.info.status for x in runs if x.data.tags.get("kdrun.sweep_parent")] == ["FAILED"]

@@ -7,7 +7,7 @@ PORT   ?= 5000
 # the default CUDA wheel from PyPI elsewhere); an existing torch is kept as it is.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-slow ui clean
+.PHONY: install demo test test-slow ui server clean
 
 install: $(VENV)/.kdrun-installed
 
@@ -35,6 +35,13 @@ test-slow: install
 # MLflow UI over the default local store of this directory (the same one `kdrun` logs to)
 ui: install
 	$(BIN)/mlflow ui --host 127.0.0.1 --port $(PORT)
+
+# a real MLflow tracking server on this machine: SQLite backend, artifacts under ./mlartifacts (proxied by the
+# server), loopback only. Point kdrun at it with tracking.uri=http://127.0.0.1:$(SERVER_PORT)
+SERVER_PORT ?= 5001
+server: install
+	$(BIN)/mlflow server --backend-store-uri sqlite:///mlflow-server.db --artifacts-destination ./mlartifacts \
+		--host 127.0.0.1 --port $(SERVER_PORT) --workers 2
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,81 @@
+"""A real MLflow tracking server (what `make server` starts): kdrun logs a run and a 2-job sweep over HTTP, and
+MLflow's client reads back runs, params, metric histories and artifacts."""
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import offline_env, run_kdrun
+
+SMALL = ["train.max_steps=2", "train.batch_size=4", "train.log_every=1", "data.max_train_queries=6",
+         "data.max_eval_queries=3", "tracking.experiment=served"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("server")
+    port = _free_port()
+    mlflow = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen([str(mlflow), "server", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
+                             "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"],
+                            cwd=tmp, stdout=open(tmp / "server.log", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+        assert proc.poll() is None, (tmp / "server.log").read_text()[-3000:]
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not come up in 120 s: " + (tmp / "server.log").read_text()[-3000:])
+    yield tmp, url
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_run_and_a_sweep_log_to_a_real_tracking_server(server):
+    tmp, url = server
+    env = {**offline_env(tmp), "MLFLOW_TRACKING_URI": ""}
+    r = run_kdrun(SMALL + [f"tracking.uri={url}", f"hydra.run.dir={tmp / 'one'}"], cwd=tmp, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert f"{url}/#/experiments/" in r.stdout  # the run's address in the UI
+    r = run_kdrun(["-m", *SMALL, "tracking.log_student=false", f"tracking.uri={url}", "optimizer.lr=1e-4,3e-4",
+                   f"hydra.sweep.dir={tmp / 'sweep'}"], cwd=tmp, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=url)
+    runs = client.search_runs([client.get_experiment_by_name("served").experiment_id])
+    assert len(runs) == 4 and all(x.info.status == "FINISHED" for x in runs)
+    parent = next(x for x in runs if x.data.tags.get("kdrun.sweep_parent") == "1")
+    children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    single = next(x for x in runs if x is not parent and x not in children)
+    assert len(children) == 2
+    assert single.data.params["train.max_steps"] == "2" and single.data.params["tracking.uri"] == url
+    assert [m.step for m in client.get_metric_history(single.info.run_id, "train/loss")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(single.info.run_id, "eval/student/mrr_at_10")] == [0, 2]
+    names = {a.path for a in client.list_artifacts(single.info.run_id)}
+    assert {"config.yaml", "overrides.txt", "student"} <= names
+    local = client.download_artifacts(single.info.run_id, "student", str(tmp / "dl"))
+    assert (Path(local) / "model.safetensors").is_file()
+    assert (tmp / "artifacts").is_dir()  # the server stored them, proxied over HTTP
+    summary = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
+    assert "summary/summary.csv" in summary and "summary/pareto.png" in summary

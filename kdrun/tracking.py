@@ -77,6 +77,7 @@ class Tracker:
         self.mlflow.set_tags({
             "kdrun.command": " ".join(["kdrun", *sys.argv[1:]]),
             "kdrun.host": socket.gethostname(), "kdrun.job_pid": str(os.getpid()),
+            **({"kdrun.rerun_of": os.environ["KDRUN_RERUN_OF"]} if os.environ.get("KDRUN_RERUN_OF") else {}),
             **({"mlflow.source.git.commit": commit, "kdrun.git_commit": commit} if commit else {}),
             **tags,
         })

@@ -88,6 +88,7 @@ def test_pareto_front():
     assert pareto([(1.0, 10.0), (2.0, 5.0), (3.0, 7.0)], "min") == [0, 1]
 
 
+@pytest.mark.slow
 def test_optuna_sweeper_maximises_the_named_objective(tmp_path):
     r = run_kdrun(["-m", *SMALL, "train.max_steps=2", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=3",
                    "optimizer.lr=tag(log,interval(1e-5,1e-3))", "sweep.objective=eval/student/ndcg_at_10",
@@ -126,3 +127,54 @@ def test_a_failed_sweep_leaves_its_parent_failed_not_running(tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("broken").experiment_id])
     assert [x.info.status for x in runs if x.data.tags.get("kdrun.sweep_parent")] == ["FAILED"]
+
+
+@pytest.mark.slow
+def test_kdrun_rerun_repeats_a_logged_run_from_its_stored_config(tmp_path):
+    env = offline_env(tmp_path)
+    r = run_kdrun([*SMALL, "optimizer.lr=3e-4", "data.negatives_per_query=2", "loss=listwise_kl",
+                   "tracking.experiment=rerun", f"hydra.run.dir={tmp_path / 'first'}"], cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("rerun").experiment_id
+    first = client.search_runs([exp])[0]
+    exe = Path(sys.executable).with_name("kdrun-rerun")
+    r = subprocess.run([str(exe), first.info.run_id, f"hydra.run.dir={tmp_path / 'again'}"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    again = next(x for x in client.search_runs([exp]) if x.info.run_id != first.info.run_id)
+    assert again.data.tags["kdrun.rerun_of"] == first.info.run_id
+    differ = {k for k in first.data.params if first.data.params[k] != again.data.params.get(k)}
+    assert differ == {"output_dir", "tracking.run_name", "scores_out"}, differ
+    assert again.data.params["loss.terms"] == first.data.params["loss.terms"]
+    losses = lambda run: [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"),
+                                                  key=lambda m: m.step)]
+    assert losses(again) == pytest.approx(losses(first), abs=1e-6)
+    r = subprocess.run([str(exe), "0" * 32], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "cannot read the config of run" in r.stderr
+
+
+def test_cluster_launchers_compose_with_kdrun(tmp_path):
+    for launcher, cls in (("submitit_slurm", "SlurmLauncher"), ("slurm_gpu", "SlurmLauncher"),
+                          ("submitit_local", "LocalLauncher")):
+        r = run_kdrun(["--cfg", "hydra", f"hydra/launcher={launcher}", "hydra.launcher.timeout_min=5"], cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert f"hydra_submitit_launcher.submitit_launcher.{cls}" in r.stdout
+
+
+@pytest.mark.slow
+def test_submitit_local_jobs_are_children_of_the_sweep(tmp_path):
+    """Jobs started by submitit in their own processes find the parent run (the slurm launcher works the same way)."""
+    r = run_kdrun(["-m", *SMALL, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+                   "optimizer.lr=1e-4,2e-4", "tracking.experiment=submitit", f"hydra.sweep.dir={tmp_path / 'multirun'}"],
+                  cwd=tmp_path, env=offline_env(tmp_path))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("submitit").experiment_id])
+    parent = next(x for x in runs if x.data.tags.get("kdrun.sweep_parent") == "1")
+    children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(runs) == 3 and len(children) == 2 and all(x.info.status == "FINISHED" for x in runs)

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
 
@@ -46,6 +47,19 @@ def git_commit() -> Optional[str]:
         return None
 
 
+def retry_locked(fn, *args, tries: int = 8, **kwargs):
+    """fn(*args) again after a pause while SQLite reports "database is locked": parallel sweep jobs (joblib
+    workers) write to one local store, and SQLite lets one writer in at a time. Other errors raise at once."""
+    for attempt in range(tries):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # MLflow wraps sqlite3.OperationalError in its own exception types
+            if "database is locked" not in str(e) or attempt == tries - 1:
+                raise
+            log.info("tracking store busy (database is locked); retrying in %.1f s", 0.25 * 2 ** attempt)
+            time.sleep(0.25 * 2 ** attempt)
+
+
 class Tracker:
     """A thin wrapper over MLflow's fluent API; everything logged goes to one active run."""
 
@@ -68,13 +82,13 @@ class Tracker:
         """A new run (a child of `parent_run_id`: a sweep job)."""
         if parent_run_id:
             tags = {**tags, "mlflow.parentRunId": parent_run_id}
-        run = self.mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name, tags=tags)
+        run = retry_locked(self.mlflow.start_run, experiment_id=self.experiment_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         items = list(params.items())
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            self.mlflow.log_params(dict(items[i:i + 100]))
+            retry_locked(self.mlflow.log_params, dict(items[i:i + 100]))
         commit = git_commit()
-        self.mlflow.set_tags({
+        retry_locked(self.mlflow.set_tags, {
             "kdrun.command": " ".join(["kdrun", *sys.argv[1:]]),
             "kdrun.host": socket.gethostname(), "kdrun.job_pid": str(os.getpid()),
             **({"kdrun.rerun_of": os.environ["KDRUN_RERUN_OF"]} if os.environ.get("KDRUN_RERUN_OF") else {}),
@@ -84,17 +98,17 @@ class Tracker:
         return self.run_id
 
     def metrics(self, values: Dict[str, float], step: int) -> None:
-        self.mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
+        retry_locked(self.mlflow.log_metrics, {k: float(v) for k, v in values.items()}, step=step)
 
     def text(self, text: str, artifact_file: str) -> None:
-        self.mlflow.log_text(text, artifact_file)
+        retry_locked(self.mlflow.log_text, text, artifact_file)
 
     def artifacts(self, local_dir: str, artifact_path: str) -> None:
-        self.mlflow.log_artifacts(local_dir, artifact_path)
+        retry_locked(self.mlflow.log_artifacts, local_dir, artifact_path)
 
     def end(self, status: str = "FINISHED") -> None:
         if self.mlflow.active_run() is not None:
-            self.mlflow.end_run(status=status)
+            retry_locked(self.mlflow.end_run, status=status)
 
     def run_url(self) -> str:
         if self.uri.startswith("http"):

@@ -15,3 +15,4 @@ def test_wheel_ships_every_config_file(tmp_path):
     expected = {f"kdrun/conf/{p.relative_to(CONF).as_posix()}" for p in CONF.rglob("*.yaml")}
     assert expected and expected <= names, sorted(expected - names)
     assert "kdrun/cli.py" in names
+    assert "hydra_plugins/kdrun_optuna_sweeper/optuna_sweeper.py" in names  # where Hydra looks for sweepers

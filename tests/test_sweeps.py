@@ -178,3 +178,19 @@ def test_submitit_local_jobs_are_children_of_the_sweep(tmp_path):
     parent = next(x for x in runs if x.data.tags.get("kdrun.sweep_parent") == "1")
     children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(runs) == 3 and len(children) == 2 and all(x.info.status == "FINISHED" for x in runs)
+
+
+def test_a_locked_sqlite_store_is_retried_not_lost():
+    from kdrun.tracking import retry_locked
+
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise RuntimeError("(sqlite3.OperationalError) database is locked")
+        return "ok"
+
+    assert retry_locked(flaky) == "ok" and len(calls) == 3
+    with pytest.raises(ValueError):
+        retry_locked(lambda: (_ for _ in ()).throw(ValueError("another error")))

@@ -158,12 +158,39 @@ def teacher_outputs(task, teacher, runtime, cache_dir: Optional[str], use_cache:
     key = key_of(description)
     entry = Path(cache_dir or cache_root() / "teacher_outputs").expanduser() / task.name / key
     outputs, why = read(entry, key, description, n)
-    info.cache_seconds += time.perf_counter() - t0
     info.entries[name] = str(entry)
-    if outputs is not None:
-        info.hits += 1
-        log.info("teacher %s: outputs for %d training examples read from the cache (%s)", name, n, entry)
-        return outputs
+    if outputs is None:  # one process computes an entry; parallel sweep jobs that miss it too wait, then read
+        with _locked(entry):
+            outputs, why = read(entry, key, description, n)
+            if outputs is None:
+                info.cache_seconds += time.perf_counter() - t0
+                return _fill(task, teacher, entry, key, description, why, info, name, n)
+    info.cache_seconds += time.perf_counter() - t0
+    info.hits += 1
+    log.info("teacher %s: outputs for %d training examples read from the cache (%s)", name, n, entry)
+    return outputs
+
+
+@contextlib.contextmanager
+def _locked(entry: Path):
+    """An exclusive lock file next to the entry (POSIX flock; where there is none, no lock: still correct, as
+    entries are published by rename, but parallel jobs may compute the same entry)."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(entry.with_name(entry.name + ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _fill(task, teacher, entry: Path, key: str, description: Dict[str, str], why: str, info: CacheInfo, name: str,
+          n: int) -> Dict[str, torch.Tensor]:
     if why != "missing":
         log.warning("teacher cache entry %s is %s; rebuilding it", entry, why)
         shutil.rmtree(entry, ignore_errors=True)

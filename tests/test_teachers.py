@@ -331,3 +331,37 @@ def test_causal_lm_cache_stores_topk_logits_and_normaliser_that_give_the_online_
         assert torch.equal(examples[i][1]["topk_ids"].long(), online["topk_ids"][i])
     full = torch.log_softmax(model(task.train_blocks[:1]).logits[:, :-1].float(), -1)
     assert torch.allclose(examples[0][1]["topk_logprobs"], full.topk(5, -1).values[0], atol=1e-5)
+
+
+_RACER = """
+import sys, time, torch
+sys.path.insert(0, {tests!r})
+import test_teachers as t
+from kdrun import teacher_cache
+from kdrun.models import build_teacher
+
+class Slow(t.RankingTask):
+    def teacher_outputs(self, teacher):
+        time.sleep(3)  # a long teacher pass: the other process arrives while this one computes
+        return super().teacher_outputs(teacher)
+
+teacher = build_teacher(path={minilm!r}, kind="bi_encoder", **t.TEACHER)
+task = Slow(t._data(), teacher, None, t.make_runtime("cpu", "fp32"), eval_batch_size=4)
+info = teacher_cache.CacheInfo()
+teacher_cache.teacher_outputs(task, teacher, task.rt, {cache!r}, True, info)
+print("MISSES", info.misses, "HITS", info.hits)
+"""
+
+
+def test_parallel_jobs_compute_a_missing_entry_once(tmp_path, minilm_dir):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = _RACER.format(tests=str(Path(__file__).parent), minilm=minilm_dir, cache=str(tmp_path / "cache"))
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    lines = sorted(o.strip().splitlines()[-1] for o, _ in outs)
+    assert lines == ["MISSES 0 HITS 1", "MISSES 1 HITS 0"], lines

@@ -42,15 +42,9 @@ def _overrides() -> list:
 
 
 def _run_name() -> str:
-    """A sweep job: its own overrides ("optimizer.lr=1e-4 loss=kd"), so the UI tells children apart; a single run:
-    the time and a random suffix (MLflow's own names repeat here: they draw from `random`, which kdrun seeds)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        job = HydraConfig.get().job
-        return f"#{job.num} {job.override_dirname or 'job'}"[:250]
-    return f"kdrun-{time.strftime('%m%d-%H%M%S')}-{os.urandom(2).hex()}"
+    """A sweep job: "#N" and its swept values, so the UI tells children apart; a single run: the time and a random
+    suffix (MLflow's own names would repeat here: they draw from `random`, which kdrun seeds)."""
+    return sweep.job_name() or f"kdrun-{time.strftime('%m%d-%H%M%S')}-{os.urandom(2).hex()}"
 
 
 def _hf_model(model):

@@ -77,8 +77,10 @@ def to_csv(columns, rows) -> str:
 
 
 def to_markdown(columns, rows) -> str:
+    """For reading: long values shortened (summary.csv keeps them whole)."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    keep = {"run_name", "run_id", "status"}
+    lines += ["| " + " | ".join(c if k in keep else short(k, c) for k, c in zip(columns, row)) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -94,8 +96,22 @@ def pareto(points: Sequence[Tuple[float, float]], direction: str) -> List[int]:
     return front
 
 
+def short(key: str, value) -> str:
+    """A param value for a legend or the Markdown table: loss terms by name ("margin_mse+ce"), long values cut."""
+    import json
+
+    text = "" if value is None else str(value)
+    if key == "loss.terms":
+        try:
+            return "+".join(t["name"] for t in json.loads(text))
+        except (ValueError, TypeError, KeyError):
+            pass
+    return text if len(text) <= 32 else text[:29] + "..."
+
+
 def _label(run, params: Sequence[str]) -> str:
-    text = ", ".join(f"{p.split('.')[-1]}={run.data.params.get(p)}" for p in params)
+    text = ", ".join(f"{'loss' if p == 'loss.terms' else p.split('.')[-1]}={short(p, run.data.params.get(p))}"
+                     for p in params)
     return text or run.info.run_name
 
 
@@ -130,8 +146,9 @@ def plot_pareto(runs: Sequence, path: Path) -> Optional[Path]:
         ax.grid(alpha=0.3)
     axes[0].set_title("quality vs student size")
     axes[-1].set_title("quality vs student latency")
-    axes[-1].legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    handles, labels = axes[-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * math.ceil(len(labels) / 3), 1, 1))  # room for the legend below
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -160,7 +177,7 @@ def plot_losses(client, runs: Sequence, path: Path) -> Optional[Path]:
         ax.set_yscale("log")
     ax.set_title("training loss per run")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

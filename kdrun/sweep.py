@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 ENV = "KDRUN_PARENT_RUN_ID"
+SWEPT_ENV = "KDRUN_SWEPT_KEYS"
 SWEEP_DIR_TAG = "kdrun.sweep_dir"
 
 
@@ -32,6 +33,30 @@ def _client(config: DictConfig):
 
 def _sweep_dir(config: DictConfig) -> str:
     return str(Path(config.hydra.sweep.dir).resolve())
+
+
+def swept_keys(overrides) -> list:
+    """The keys a sweep varies: its overrides with several values (a,b / range / interval / choice)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except Exception:  # noqa: BLE001 - a name is cosmetic; Hydra reports bad overrides itself
+        return []
+    return [o.key_or_group for o in parsed if o.is_sweep_override()]
+
+
+def job_name() -> Optional[str]:
+    """A sweep job's name: "#N" and the values of the swept keys ("#2 loss=listwise_kl optimizer.lr=3e-5")."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    hc = HydraConfig.get()
+    swept = set(filter(None, os.environ.get(SWEPT_ENV, "").split(",")))
+    mine = [o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept] if swept else list(hc.overrides.task)
+    return f"#{hc.job.num} {' '.join(mine)}"[:250]
 
 
 def parent_run_id() -> Optional[str]:
@@ -74,6 +99,7 @@ class MlflowSweep(Callback):
         client.log_param(self.run_id, "sweep.launcher", OmegaConf.select(config, "hydra.launcher._target_", default=""))
         client.log_text(self.run_id, "\n".join(overrides) + "\n", "sweep_overrides.txt")
         os.environ[ENV] = self.run_id
+        os.environ[SWEPT_ENV] = ",".join(swept_keys(overrides))  # jobs name themselves by these
         atexit.register(self._fail_if_open, config)  # Hydra skips on_multirun_end when a job raises
         log.info("MLflow sweep parent run %s (experiment '%s')", self.run_id, name)
 
@@ -111,4 +137,5 @@ class MlflowSweep(Callback):
         finally:
             client.set_terminated(self.run_id, status)
             os.environ.pop(ENV, None)
+            os.environ.pop(SWEPT_ENV, None)
             self.run_id = None

@@ -37,7 +37,9 @@ def test_four_parallel_jobs_land_as_children_of_one_parent(parallel_sweep):
     assert all(c.info.status == "FINISHED" for c in children)
     assert sorted(float(c.data.params["optimizer.lr"]) for c in children) == [1e-4, 2e-4, 3e-4, 4e-4]
     assert len({c.data.tags["kdrun.job_pid"] for c in children}) == 2  # two worker processes
-    assert len({c.info.run_name for c in children}) == 4  # every child named by its own overrides
+    assert len({c.info.run_name for c in children}) == 4  # every child named by its swept values only
+    assert all(c.info.run_name.split(" ", 1)[1].startswith("optimizer.lr=") and "max_steps" not in c.info.run_name
+               for c in children)
     for c in children:  # nothing lost: every step of every metric history
         assert [m.step for m in client.get_metric_history(c.info.run_id, "train/loss")] == [1, 2, 3]
         for key in ("eval/student/mrr_at_10", "eval/teacher/mrr_at_10", "model/student_params"):

@@ -43,6 +43,7 @@ def _sweep(tmp_path_factory, cache, name, base, losses):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     client = _client(tmp)
     runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    runs = [x for x in runs if "kdrun.sweep_parent" not in x.data.tags]  # the jobs, not the sweep's parent run
     assert len(runs) == len(losses)
     return client, runs
 

@@ -19,7 +19,8 @@ def _client(tmp):
 
 def _runs(tmp, experiment):
     client = _client(tmp)
-    return client, client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return client, [x for x in runs if "kdrun.sweep_parent" not in x.data.tags]  # jobs only, not sweep parents
 
 
 def _losses(client, run):

@@ -124,7 +124,7 @@ def test_a_damaged_cache_entry_is_rebuilt_not_used(teacher, tmp_path, damage):
     task = _task(teacher)
     info = teacher_cache.CacheInfo()
     good = teacher_cache.teacher_outputs(task, teacher, task.rt, str(tmp_path), True, info)
-    entry = next((tmp_path / "ranking").iterdir())
+    entry = next(p for p in (tmp_path / "ranking").iterdir() if p.is_dir())  # (not the entry's .lock file)
     outputs, meta = entry / "outputs.safetensors", entry / "meta.json"
     if damage == "flip_bytes":
         raw = bytearray(outputs.read_bytes())

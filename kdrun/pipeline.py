@@ -118,24 +118,38 @@ def _forward_counter(teacher):
     return ForwardCounter([_hf_model(m) for m in members])
 
 
-def run(cfg: DictConfig) -> Dict[str, object]:
+def runtime(cfg: DictConfig):
+    """The device and precision of cfg.hardware (transformers' own logging and progress bars quietened)."""
     import transformers
+
+    from kdrun.runtime import make_runtime
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # weight-loading bars; kdrun shows its own progress
+    hw = _node(cfg.hardware)
+    return make_runtime(hw["device"], hw["precision"])
+
+
+def load_data(cfg: DictConfig):
+    """(task family, data) from cfg.data: `task` picks the family; the loader does not need it."""
+    node = _node(cfg.data)
+    task_name = node.pop("task")
+    return task_name, build(node)
+
+
+def run(cfg: DictConfig) -> Dict[str, object]:
     from torch.utils.data import DataLoader
 
     from kdrun import train as loop
     from kdrun.losses import WeightedLoss
-    from kdrun.runtime import make_runtime, seed_everything
+    from kdrun.runtime import seed_everything
     from kdrun.tasks import task_class
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()  # weight-loading bars; kdrun shows its own progress
     hw, tr = _node(cfg.hardware), cfg.train
-    rt = make_runtime(hw["device"], hw["precision"])
+    rt = runtime(cfg)
     seed_everything(tr.seed)
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)  # an unusable store fails before any loading
-    data_node = _node(cfg.data)
-    task_name = data_node.pop("task")  # picks the task family; the loader does not need it
-    data = build(data_node)
+    task_name, data = load_data(cfg)
     teacher_mode = enum_value(cfg.teacher.mode)
     teacher, teacher_source = build_teachers(cfg, data, rt)  # None for a scores file
     student = build(_node(cfg.student), teacher=teacher, teacher_source=teacher_source).to(rt.device)
@@ -252,17 +266,10 @@ def score(cfg: DictConfig) -> Dict[str, object]:
     """mode=score: the teacher's scores of every training triple, written to cfg.scores_out in the Margin-MSE
     authors' format (score_pos score_neg query_id pos_id neg_id), through the teacher-output cache. Score once
     on a big machine; train students anywhere with teacher.mode=scores_file teacher.scores_file=FILE."""
-    import transformers
-
-    from kdrun.runtime import make_runtime
     from kdrun.tasks import task_class
 
-    transformers.logging.set_verbosity_error()
-    hw = _node(cfg.hardware)
-    rt = make_runtime(hw["device"], hw["precision"])
-    data_node = _node(cfg.data)
-    data_node.pop("task")
-    data = build(data_node)
+    rt = runtime(cfg)
+    _, data = load_data(cfg)
     teacher, _ = build_teachers(cfg, data, rt)
     task = task_class("ranking")(data, teacher, None, rt, cfg.train.eval_batch_size)
     info = teacher_cache.CacheInfo()

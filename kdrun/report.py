@@ -161,19 +161,17 @@ def plot_losses(client, runs: Sequence, path: Path) -> Optional[Path]:
     import matplotlib.pyplot as plt
 
     params = varied_params(runs)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    drawn = 0
-    for r in runs:
-        hist = sorted(client.get_metric_history(r.info.run_id, "train/loss"), key=lambda m: m.step)
-        if hist:
-            ax.plot([m.step for m in hist], [m.value for m in hist], marker=".", label=_label(r, params))
-            drawn += 1
-    if not drawn:
-        plt.close(fig)
+    curves = [(r, sorted(client.get_metric_history(r.info.run_id, "train/loss"), key=lambda m: m.step)) for r in runs]
+    curves = [(r, hist) for r, hist in curves if hist]  # each history fetched once
+    if not curves:
         return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r, hist in curves:
+        ax.plot([m.step for m in hist], [m.value for m in hist], marker=".", label=_label(r, params))
+    log_scale = all(m.value > 0 for _, hist in curves for m in hist)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (weighted sum of terms, log scale)")
-    if all(m.value > 0 for r in runs for m in client.get_metric_history(r.info.run_id, "train/loss")):
+    ax.set_ylabel("training loss (weighted sum of terms" + (", log scale)" if log_scale else ")"))
+    if log_scale:
         ax.set_yscale("log")
     ax.set_title("training loss per run")
     ax.grid(alpha=0.3)

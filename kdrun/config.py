@@ -7,13 +7,14 @@ conf/config.yaml: an unknown key, a wrong type or a value outside an enum fails 
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import II, MISSING, OmegaConf
 
 from kdrun.errors import ConfigError
 
@@ -188,6 +189,7 @@ class StudentConfig:
     similarity: Similarity = Similarity.dot  # ranking bi-encoder
     dim: int = 128  # ranking late_interaction: per-token vector size
     max_length: int = 128
+    dropout: Optional[float] = None  # every dropout probability in the student; None: the model's own
 
 
 @dataclass
@@ -287,9 +289,17 @@ class FortunesLMData(DataConfig):
 
 @dataclass
 class HardwareConfig:
+    """A machine profile (conf/hardware/). Several processes (torchrun: WORLD_SIZE > 1) train with DDP, whatever
+    the profile; `multi_gpu` is the profile meant for that."""
     device: Device = Device.cpu
     precision: Precision = Precision.fp32
-    num_workers: int = 0
+    batch_size: int = 32  # per process; train.batch_size follows it unless set
+    grad_accum: int = 1  # train.grad_accum follows it unless set
+    num_workers: int = 0  # DataLoader worker processes (collation, padding)
+    compile: bool = False  # torch.compile the student's encoder (opt-in: compiling takes a while)
+    pad_to_multiple_of: int = 8  # sequence lengths padded up to a multiple of this (8/16 suit tensor cores)
+    length_groups: int = 4  # a ranking student's texts in a batch, split into up to N length groups, each padded apart
+    distributed: bool = False  # true (multi_gpu): refuse to run unless launched by torchrun
 
 
 @dataclass
@@ -307,8 +317,8 @@ class OptimizerConfig:
 class TrainConfig:
     max_steps: int = -1  # > 0 wins over epochs
     epochs: float = 1.0
-    batch_size: int = 32
-    grad_accum: int = 1
+    batch_size: int = II("hardware.batch_size")  # per process (DDP: the global batch is this x processes x grad_accum)
+    grad_accum: int = II("hardware.grad_accum")
     eval_every: int = 0  # 0: evaluate before training and at the end only
     eval_batch_size: int = 128
     log_every: int = 10
@@ -413,6 +423,8 @@ def validate(cfg: Any) -> None:
                           "(classification and causal-LM students follow the teacher's architecture)")
     if s.dim < 1:
         raise ConfigError(f"student.dim={s.dim} must be >= 1")
+    if s.dropout is not None and not 0.0 <= s.dropout < 1.0:
+        raise ConfigError(f"student.dropout={s.dropout} must be in [0, 1) (or null: the model's own)")
     if mode == "scores_file" and init in ("teacher_layers", "scratch") and not (t.name or t.path or s.name or s.path):
         raise ConfigError(f"student.init={init} copies or resizes a model, and a scores_file teacher has none: set "
                           "teacher.path (the model the scores came from) or student.path/student.name")
@@ -430,6 +442,15 @@ def validate(cfg: Any) -> None:
     for key in ("batch_size", "grad_accum", "log_every", "eval_batch_size"):
         if tr[key] < 1:
             raise ConfigError(f"train.{key}={tr[key]} must be >= 1")
+    hw = cfg.hardware
+    if hw.distributed and "WORLD_SIZE" not in os.environ:
+        raise ConfigError("hardware=multi_gpu trains with one process per GPU: launch it with torchrun, e.g. "
+                          "`torchrun --nproc_per_node=NUM_GPUS -m kdrun hardware=multi_gpu ...` (one GPU: hardware=gpu)")
+    for key in ("pad_to_multiple_of", "length_groups"):
+        if hw[key] < 1:
+            raise ConfigError(f"hardware.{key}={hw[key]} must be >= 1")
+    if hw.num_workers < 0:
+        raise ConfigError(f"hardware.num_workers={hw.num_workers} must be >= 0")
     if tr.max_steps <= 0 and tr.epochs <= 0:
         raise ConfigError("set train.max_steps > 0 or train.epochs > 0")
     if tr.eval_every < 0:

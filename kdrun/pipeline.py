@@ -18,7 +18,7 @@ from kdrun.config import enum_value
 from kdrun.data import scores_file
 from kdrun.data.batching import BucketBatchSampler
 from kdrun.errors import ConfigError, DataError
-from kdrun.tracking import Tracker, flatten, summary_table
+from kdrun.tracking import NullTracker, Tracker, flatten, summary_table
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,30 @@ def _forward_counter(teacher):
     return ForwardCounter([_hf_model(m) for m in members])
 
 
+def student_inputs(task, student, cfg: DictConfig) -> Dict[str, float]:
+    """How the student's batches are built (hardware profile): its training texts tokenised once (cached through
+    `datasets`), padded to a multiple of 8/16, a ranking student's texts in up to `length_groups` length groups.
+    Causal LMs train on packed blocks and cross-encoder students on text pairs: neither has single texts to
+    tokenise ahead."""
+    from kdrun.data import tokens
+    from kdrun.models.hub import cache_root
+    from kdrun.teacher_cache import tokenizer_fingerprint
+
+    hw = cfg.hardware
+    if hasattr(student, "pad_multiple"):
+        student.pad_multiple = hw.pad_to_multiple_of
+    if not hasattr(task, "train_texts") or not hasattr(student, "token_table") or \
+            enum_value(cfg.student.arch) == "cross_encoder":
+        return {}
+    if task.name == "ranking":
+        student.max_groups = hw.length_groups
+    t0 = time.perf_counter()
+    student.token_table, hit = tokens.pretokenize(student.tokenizer, task.train_texts(), student.max_length,
+                                                  cache_root() / "tokens", tokenizer_fingerprint(student.tokenizer))
+    return {"data/tokenize_seconds": time.perf_counter() - t0, "data/tokenize_cache_hit": float(hit),
+            "data/distinct_texts": float(len(student.token_table))}
+
+
 def runtime(cfg: DictConfig):
     """The device and precision of cfg.hardware (transformers' own logging and progress bars quietened)."""
     import transformers
@@ -127,7 +151,7 @@ def runtime(cfg: DictConfig):
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # weight-loading bars; kdrun shows its own progress
     hw = _node(cfg.hardware)
-    return make_runtime(hw["device"], hw["precision"])
+    return make_runtime(hw["device"], hw["precision"], hw["distributed"])
 
 
 def load_data(cfg: DictConfig):
@@ -138,35 +162,47 @@ def load_data(cfg: DictConfig):
 
 
 def run(cfg: DictConfig) -> Dict[str, object]:
+    from kdrun.runtime import seed_everything
+
+    rt = runtime(cfg)
+    try:
+        return _run(cfg, rt)
+    finally:
+        rt.close()
+
+
+def _run(cfg: DictConfig, rt) -> Dict[str, object]:
+    import torch
     from torch.utils.data import DataLoader
 
     from kdrun import train as loop
     from kdrun.losses import WeightedLoss
-    from kdrun.runtime import seed_everything
+    from kdrun.runtime import compile_model, seed_everything
     from kdrun.tasks import task_class
 
     hw, tr = _node(cfg.hardware), cfg.train
-    rt = runtime(cfg)
-    seed_everything(tr.seed)
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)  # an unusable store fails before any loading
+    seed_everything(tr.seed)  # the same on every rank: identical initialisation
+    # an unusable store fails before any loading; under DDP rank 0 alone logs
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment) if rt.is_main else NullTracker()
     task_name, data = load_data(cfg)
     teacher_mode = enum_value(cfg.teacher.mode)
     teacher, teacher_source = build_teachers(cfg, data, rt)  # None for a scores file
     student = build(_node(cfg.student), teacher=teacher, teacher_source=teacher_source).to(rt.device)
-    teacher_metrics: Dict[str, float] = {}
+    setup_metrics: Dict[str, float] = {}
     if teacher_mode == "scores_file":  # join before the task sees the data: examples without scores are dropped
         table = scores_file.read(cfg.teacher.scores_file)
         data.train, file_scores, missing = scores_file.join(data, table, cfg.teacher.scores_file,
                                                             cfg.teacher.max_missing_fraction)
         if missing:
             log.warning("teacher.scores_file: %d training examples have no score and were left out", missing)
-        teacher_metrics["teacher/scores_missing"] = missing
+        setup_metrics["teacher/scores_missing"] = missing
     task = task_class(task_name)(data, teacher, student, rt, tr.eval_batch_size)
+    setup_metrics.update(student_inputs(task, student, cfg))
 
     examples = task.examples()
     if len(examples) < tr.batch_size:
         raise DataError(f"{data.source}: {len(examples)} training examples, fewer than train.batch_size={tr.batch_size}")
-    batches_per_epoch = len(examples) // tr.batch_size
+    batches_per_epoch = len(examples) // tr.batch_size // rt.world_size  # each rank's share
     max_steps = tr.max_steps if tr.max_steps > 0 else max(1, math.ceil(tr.epochs * batches_per_epoch / tr.grad_accum))
     terms = [(t.pop("name"), t.pop("weight"), t) for t in _node(cfg.loss)["terms"]]
     loss_fn = WeightedLoss(terms, loss_context(task_name, student, teacher, cfg.student,
@@ -184,12 +220,13 @@ def run(cfg: DictConfig) -> Dict[str, object]:
     cache = teacher_cache.CacheInfo()
     if teacher_mode == "precompute":  # the teacher's outputs over every example: from the cache, or computed once
         examples = task.attach(teacher_outputs(task, teacher, cfg, rt, cache))
-        teacher_metrics.update(cache.metrics())
+        setup_metrics.update(cache.metrics())
     elif teacher_mode == "scores_file":
         examples = task.attach({"scores": file_scores})
-    sampler = BucketBatchSampler(task.lengths(), tr.batch_size, tr.seed)
+    sampler = BucketBatchSampler(task.lengths(), tr.batch_size, tr.seed, rank=rt.rank, world_size=rt.world_size)
     loader = DataLoader(examples, batch_sampler=sampler, num_workers=hw["num_workers"],
-                        collate_fn=task.collate(online=teacher_mode == "online"), pin_memory=rt.device.type == "cuda")
+                        persistent_workers=hw["num_workers"] > 0, collate_fn=task.collate(online=teacher_mode == "online"),
+                        pin_memory=rt.device.type == "cuda")  # pinned: the copies to the GPU run asynchronously
     optim = loop.make_optim([student, loss_fn], rt, max_steps, **_node(cfg.optimizer))
 
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
@@ -201,7 +238,7 @@ def run(cfg: DictConfig) -> Dict[str, object]:
         tracker.text("\n".join(_overrides()) + "\n", "overrides.txt")
         n_params = lambda m: sum(p.numel() for p in m.parameters())
         tracker.metrics({**{f"data/{k}": v for k, v in data.stats.items()},
-                         **getattr(getattr(teacher, "main", teacher), "finetune_info", {}), **teacher_metrics,
+                         **getattr(getattr(teacher, "main", teacher), "finetune_info", {}), **setup_metrics,
                          "model/student_params": n_params(student), "model/loss_params": n_params(loss_fn),
                          "model/teacher_params": n_params(teacher) if teacher is not None else 0,
                          "train/max_steps": max_steps}, step=0)
@@ -209,6 +246,8 @@ def run(cfg: DictConfig) -> Dict[str, object]:
         latency: Dict[str, float] = {}  # the last evaluation's milliseconds per held-out example
 
         def evaluate(model, who: str, step: int) -> Dict[str, float]:
+            if not rt.is_main:  # rank 0 evaluates; the others wait for it in the next all-reduce
+                return {}
             t0 = time.perf_counter()
             with counter.paused() if counter else contextlib.nullcontext():  # only training data is counted
                 metrics = task.evaluate(model, who)
@@ -223,19 +262,25 @@ def run(cfg: DictConfig) -> Dict[str, object]:
         log.info("before training: student %s | teacher %s", _fmt(before), _fmt(teacher_eval))
 
         def periodic_eval(step: int) -> Dict[str, float]:
+            if not rt.is_main:
+                return {}
             m = evaluate(student, "student", step)
             tracker.metrics({f"eval/teacher/{k}": v for k, v in teacher_eval.items()}, step=step)
             log.info("step %d: student %s", step, _fmt(m))
             return m
 
-        loop.train(student, teacher, loss_fn, loop.forever(loader), optim, rt, max_steps=max_steps,
+        if hw["compile"]:
+            compile_model(_hf_model(student))  # in place: saving and evaluation see the same module
+        if rt.distributed:
+            torch.manual_seed(tr.seed + rt.rank)  # each rank its own dropout masks
+        loop.train(rt.wrap(student), teacher, loss_fn, loop.forever(loader), optim, rt, max_steps=max_steps,
                    grad_accum=tr.grad_accum, log_every=tr.log_every, eval_every=tr.eval_every,
                    log=tracker.metrics, evaluate=periodic_eval)
         if counter is not None:  # precompute: 0 when every output came from the cache
             tracker.metrics({"teacher/train_forward_calls": counter.calls}, step=max_steps)
         after = periodic_eval(max_steps)
 
-        if cfg.tracking.log_student:
+        if cfg.tracking.log_student and rt.is_main:
             out = Path(cfg.output_dir) / "student"
             out.mkdir(parents=True, exist_ok=True)
             student.save(out)
@@ -248,6 +293,8 @@ def run(cfg: DictConfig) -> Dict[str, object]:
         tracker.end("FAILED")
         raise
 
+    if not rt.is_main:
+        return {"run_id": None, "objective": float("nan")}
     rows = [(k, f"{before[k]:.4f}", f"{after[k]:.4f}", f"{teacher_eval[k]:.4f}" if k in teacher_eval else "-")
             for k in after]
     print(f"\nkdrun: MLflow {tracker.run_url()} (experiment '{cfg.tracking.experiment}')")

@@ -116,6 +116,22 @@ class Tracker:
         return f"run {self.run_id} in {self.uri} (browse with `make ui`)"
 
 
+class NullTracker:
+    """What DDP ranks other than 0 log: nothing (rank 0 logs the run)."""
+    run_id = None
+
+    def start(self, *args, **kwargs) -> None:
+        return None
+
+    def metrics(self, *args, **kwargs) -> None:
+        pass
+
+    text = artifacts = end = metrics
+
+    def run_url(self) -> str:
+        return "(logged by rank 0)"
+
+
 def summary_table(rows: Iterable[tuple], header: tuple) -> str:
     """A small aligned text table for the console."""
     rows = [tuple(str(c) for c in r) for r in rows]

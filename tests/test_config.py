@@ -57,8 +57,10 @@ def test_every_group_has_options():
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_every_option_composes_and_validates(group, option):
+def test_every_option_composes_and_validates(group, option, monkeypatch):
     """Each option, in the context of its task family (an experiment preset for classification/causal LM)."""
+    if (group, option) == ("hardware", "multi_gpu"):
+        monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun starts it
     cfg = _compose([*context(group, option), f"{group}={option}"])
     config.validate(cfg)
     if group != "experiment":
@@ -163,6 +165,10 @@ def _cli(args, tmp_path):
     (["experiment=classification_demo", "loss=margin_mse"], ["margin_mse", "losses for classification"]),
     (["data=fortunes", "data.nope=1"], ["nope"]),  # a key the data option's own schema does not have
     (["data=fortunes_lm", "data.block_size=big"], ["block_size", "big"]),
+    (["hardware=multi_gpu"], ["torchrun --nproc_per_node", "hardware=gpu"]),  # DDP needs a launcher
+    (["hardware.length_groups=0"], ["hardware.length_groups=0", ">= 1"]),
+    (["hardware=tpu"], ["hardware/tpu", "gpu_fp16", "multi_gpu"]),
+    (["student.dropout=1.5"], ["student.dropout", "[0, 1)"]),
 ])
 def test_bad_config_fails_fast_with_one_message_and_no_torch(tmp_path, args, expect):
     r = _cli(args, tmp_path)

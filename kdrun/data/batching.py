@@ -2,6 +2,8 @@
 
 Batches hold examples of similar length, so padding (wasted compute) stays small, while the order
 across batches stays random. Each pass over the sampler (an epoch) draws a new order from its seed.
+Under DDP every rank draws the same order and takes every world_size-th batch from its rank on: shards
+of whole buckets, the same number of batches on every rank (extra batches at the end are left out).
 """
 from __future__ import annotations
 
@@ -11,15 +13,17 @@ from typing import Iterator, List, Sequence
 
 class BucketBatchSampler:
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, chunk_batches: int = 50,
-                 drop_last: bool = True):
+                 drop_last: bool = True, rank: int = 0, world_size: int = 1):
         self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
         self.chunk = batch_size * chunk_batches
         self.drop_last = drop_last
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
     def __len__(self) -> int:
         n = len(self.lengths) // self.batch_size
-        return n if self.drop_last or len(self.lengths) % self.batch_size == 0 else n + 1
+        n = n if self.drop_last or len(self.lengths) % self.batch_size == 0 else n + 1
+        return n // self.world_size
 
     def __iter__(self) -> Iterator[List[int]]:
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
@@ -33,4 +37,5 @@ class BucketBatchSampler:
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches.pop()  # chunks are whole multiples of batch_size: only the last batch can be short
         rng.shuffle(batches)
-        return iter(batches)
+        keep = len(batches) // self.world_size * self.world_size
+        return iter(batches[self.rank:keep:self.world_size])

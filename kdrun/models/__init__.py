@@ -90,7 +90,8 @@ def _head_in_checkpoint(source: str, model: nn.Module) -> bool:
 
 def build_student(*, name: Optional[str], path: Optional[str], init: str, layers: Optional[List[int]], scratch: dict,
                   tokenizer: Optional[str], arch: str, pooling: str, similarity: str, dim: int, max_length: int,
-                  teacher: Optional[nn.Module], teacher_source: Optional[str] = None) -> nn.Module:
+                  teacher: Optional[nn.Module], teacher_source: Optional[str] = None,
+                  dropout: Optional[float] = None) -> nn.Module:
     """A trainable student for the teacher's task: a pretrained model, a slice of the teacher's layers
     (DistilBERT/TinyBERT-style), or the teacher's architecture resized and randomly initialised. Ranking
     students may differ from the teacher in architecture (`arch`); `teacher` is None for a scores file, and
@@ -115,6 +116,10 @@ def build_student(*, name: Optional[str], path: Optional[str], init: str, layers
         student = CausalLM(model, tok)
     else:
         raise ConfigError(f"no student for a {type(teacher).__name__} teacher")
+    if dropout is not None:  # e.g. 0: deterministic steps (attention dropout reads the same modules' p)
+        for module in student.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = dropout
     student.requires_grad_(True)
     student.train()
     return student

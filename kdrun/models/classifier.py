@@ -51,11 +51,17 @@ class SequenceClassifier(nn.Module):
         return self.model.config.num_labels
 
     exact = False  # teachers: batch-invariant padding (see encoders.tokenize_groups)
+    token_table = None  # students: texts tokenised once (kdrun.data.tokens), set by the pipeline
+    pad_multiple = 8
 
     def featurize(self, texts: Sequence[str]) -> Features:
         if self.exact:
             return tokenize_groups(self.tokenizer, texts, self.max_length)
-        return tokenize(self.tokenizer, texts, self.max_length)
+        if self.token_table is not None:  # one padded tensor: token-level terms line positions up across models
+            from kdrun.data import tokens
+
+            return tokens.pad(self.tokenizer, self.token_table(texts), self.pad_multiple, max_groups=1)
+        return tokenize(self.tokenizer, texts, self.max_length, pad_to_multiple_of=self.pad_multiple)
 
     def forward(self, features: Features) -> Dict[str, torch.Tensor]:
         if "groups" in features:  # a teacher's own tokenisation (token-level terms share the student's instead)

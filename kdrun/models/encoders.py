@@ -21,14 +21,14 @@ from kdrun.runtime import to_device
 Features = Dict[str, torch.Tensor]
 
 
-def tokenize(tokenizer, texts, max_length: int, pair_texts=None) -> Features:
+def tokenize(tokenizer, texts, max_length: int, pair_texts=None, pad_to_multiple_of: int = 8) -> Features:
     enc = tokenizer(
         list(texts),
         list(pair_texts) if pair_texts is not None else None,
         padding=True,
         truncation=True if pair_texts is None else "longest_first",
         max_length=max_length,
-        pad_to_multiple_of=8,
+        pad_to_multiple_of=pad_to_multiple_of,
         return_tensors="pt",
     )
     return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
@@ -86,6 +86,10 @@ def own_scores(in_batch: torch.Tensor, n: int) -> torch.Tensor:
 class Scorer(nn.Module):
     outputs: set = set()
     exact: bool = False  # teachers: batch-invariant padding (tokenize_groups), so cached outputs equal online ones
+    # students (set by the pipeline from the hardware profile): texts tokenised once, batches padded in length groups
+    token_table = None  # kdrun.data.tokens.TokenTable for single texts (queries, passages)
+    pad_multiple: int = 8
+    max_groups: int = 1
 
     def request(self, outputs: set) -> None:
         """Extra outputs for the loss terms: "in_batch_scores"."""
@@ -103,7 +107,11 @@ class BiEncoder(Scorer):
     def tokenize(self, texts: Sequence[str], pair_texts=None):
         if self.exact:
             return tokenize_groups(self.tokenizer, texts, self.max_length, pair_texts)
-        return tokenize(self.tokenizer, texts, self.max_length, pair_texts)
+        if self.token_table is not None and pair_texts is None:
+            from kdrun.data import tokens
+
+            return tokens.pad(self.tokenizer, self.token_table(texts), self.pad_multiple, self.max_groups)
+        return tokenize(self.tokenizer, texts, self.max_length, pair_texts, self.pad_multiple)
 
     def featurize(self, queries: Sequence[str], passages: Sequence[Sequence[str]]) -> Dict[str, Features]:
         flat = [p for ps in passages for p in ps]
@@ -232,22 +240,38 @@ class LateInteraction(Scorer):
 
     tokenize, featurize = BiEncoder.tokenize, BiEncoder.featurize
 
-    def vectors(self, features: Features) -> torch.Tensor:
+    def _vectors(self, features: Features) -> torch.Tensor:
         hidden = self.encoder(**features).last_hidden_state
         return F.normalize(self.linear(hidden).float(), dim=-1)
 
+    def vectors(self, features: Dict) -> tuple:
+        """(token vectors [N, L, d], attention mask [N, L]); length-grouped features run group by group and come
+        back padded to the longest group (zero vectors, masked)."""
+        if "groups" not in features:
+            return self._vectors(features), features["attention_mask"]
+        length = max(g["input_ids"].shape[1] for g in features["groups"])
+        vecs = mask = None
+        for g in features["groups"]:
+            v = self._vectors({k: x for k, x in g.items() if k != "index"})
+            if vecs is None:
+                vecs = v.new_zeros((features["count"], length, v.shape[-1]))
+                mask = g["attention_mask"].new_zeros((features["count"], length))
+            rows = g["index"].to(v.device)
+            vecs[rows, :v.shape[1]] = v
+            mask[rows, :v.shape[1]] = g["attention_mask"]
+        return vecs, mask
+
     def forward(self, features: Dict[str, Features]) -> Dict[str, torch.Tensor]:
-        qf, pf = features["query"], features["passage"]
-        q, p = self.vectors(qf), self.vectors(pf)  # [B, Lq, d], [B*n, Lp, d]
+        (q, q_mask), (p, p_mask) = self.vectors(features["query"]), self.vectors(features["passage"])  # [B, Lq, d], [B*n, Lp, d]
         b, n = q.shape[0], p.shape[0] // q.shape[0]
         if "in_batch_scores" in self.outputs:
-            in_batch = maxsim(q, qf["attention_mask"], p, pf["attention_mask"])  # [B, B*n]
+            in_batch = maxsim(q, q_mask, p, p_mask)  # [B, B*n]
             return {"scores": own_scores(in_batch, n), "in_batch_scores": in_batch}
         p_own = p.view(b, n, *p.shape[1:])  # each query against its own n passages only
-        pm = pf["attention_mask"].view(b, n, -1)
+        pm = p_mask.view(b, n, -1)
         sim = torch.einsum("bid,bntd->bnit", q, p_own).masked_fill(~pm.bool()[:, :, None, :], float("-inf"))
         best = sim.max(-1).values  # [B, n, Lq]
-        return {"scores": (best * qf["attention_mask"][:, None, :].to(best.dtype)).sum(-1)}
+        return {"scores": (best * q_mask[:, None, :].to(best.dtype)).sum(-1)}
 
     @torch.inference_mode()
     def score_lists(self, queries: List[str], candidates: List[List[str]], batch_size: int, device) -> List[torch.Tensor]:
@@ -257,7 +281,7 @@ class LateInteraction(Scorer):
         for i in range(0, len(texts), batch_size):
             chunk = texts[i:i + batch_size]
             feats = {k: v.to(device) for k, v in tokenize(self.tokenizer, chunk, self.max_length).items()}
-            v, mask = self.vectors(feats).cpu(), feats["attention_mask"].bool().cpu()
+            v, mask = self._vectors(feats).cpu(), feats["attention_mask"].bool().cpu()
             vecs.update((t, v[j][mask[j]]) for j, t in enumerate(chunk))
         pad = torch.nn.utils.rnn.pad_sequence
         out = []

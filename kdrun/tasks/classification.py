@@ -70,8 +70,15 @@ class ClassificationTask:
     def examples(self) -> list:
         return list(zip(self.data.train_texts, self.data.train_labels))
 
+    def train_texts(self) -> List[str]:
+        return list(self.data.train_texts)
+
     def lengths(self) -> List[int]:
-        return [len(t) for t in self.data.train_texts]
+        """Bucketing keys: tokens when the student's texts are tokenised already, else characters."""
+        table = getattr(self.student, "token_table", None)
+        if table is None:
+            return [len(t) for t in self.data.train_texts]
+        return [len(ids) for ids in table(self.data.train_texts)]
 
     def fingerprint(self) -> str:
         """SHA-256 of the training texts, in order (labels do not change the teacher's logits)."""

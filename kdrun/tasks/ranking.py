@@ -91,8 +91,17 @@ class RankingTask:
     def examples(self) -> list:
         return self.data.train
 
+    def train_texts(self) -> List[str]:
+        """Every text the student encodes in training (queries and passages), for tokenising once."""
+        return [t for q, ps in self.data.train for t in (q, *ps)]
+
     def lengths(self) -> List[int]:
-        return [example_length(ex) for ex in self.data.train]
+        """Bucketing keys: query tokens + longest passage's tokens when the student's texts are tokenised already,
+        else characters."""
+        table = getattr(self.student, "token_table", None)
+        if table is None:
+            return [example_length(ex) for ex in self.data.train]
+        return [len(table([q])[0]) + max(len(ids) for ids in table(ps)) for q, ps in self.data.train]
 
     def fingerprint(self) -> str:
         """SHA-256 of the training examples as a teacher sees them: query and passage texts, in order."""

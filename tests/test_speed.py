@@ -52,3 +52,24 @@ def test_bench_rejects_unknown_cases_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kdrun.bench", "--cases", "gpt5"], capture_output=True, text=True,
                        timeout=120, cwd=tmp_path)
     assert r.returncode == 2 and "unknown case 'gpt5'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_flops_count_params_and_attention_on_real_tokens(minilm_dir):
+    """MFU's numerator: 3 x (2 x params x tokens + 4 x layers x width x tokens^2) per student text, plus the
+    teacher's forward over both pairs when it runs online."""
+    from transformers import AutoTokenizer
+
+    from kdrun.bench import SHAPES, flops_per_example
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    ex = {"query": "cat", "positive": "the cat sat", "negative": "a dog"}  # 3, 5 and 4 tokens with [CLS] [SEP]
+    s = SHAPES["minilm"]
+    params = 6 * (4 * 384 ** 2 + 2 * 384 * 1536)
+    fwd = lambda t, p=params, layers=6, d=384: 2 * p * t + 4 * layers * d * t * t
+    assert flops_per_example(tok, [ex], "minilm", None, 128) == pytest.approx(3 * (fwd(3) + fwd(5) + fwd(4)))
+    b = SHAPES["bert-base"]
+    tparams = 12 * (4 * 768 ** 2 + 2 * 768 * 3072)
+    teacher = fwd(7, tparams, 12, 768) + fwd(6, tparams, 12, 768)  # [CLS] cat [SEP] the cat sat [SEP]; ... a dog [SEP]
+    assert flops_per_example(tok, [ex], "minilm", "bert-base", 128) == pytest.approx(
+        3 * (fwd(3) + fwd(5) + fwd(4)) + teacher)
+    assert s["num_hidden_layers"] == 6 and b["hidden_size"] == 768

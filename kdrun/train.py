@@ -108,14 +108,15 @@ def train(student, teacher, loss_fn, batches: Iterator[Dict], optim: Optim, rt: 
         # ---- every log_every steps (and the last): one host sync (DDP: means over the ranks), then log ----
         if step % log_every == 0 or step == max_steps:
             n = log_every if step % log_every == 0 else step % log_every
+            counts = rt.mean({"samples": samples, "real": real_tokens, "padded": tokens})  # DDP: x world = totals
             values = {k: float(v) / n for k, v in rt.mean(window).items()}
             if not all(math.isfinite(v) for k, v in values.items() if k != "grad_norm"):
                 terms = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
                 raise NonFiniteLossError(f"non-finite loss between steps {step - n + 1} and {step}: {terms}")
             elapsed = max(time.perf_counter() - t0, 1e-9)
-            values.update(lr=lr, samples_per_s=samples * rt.world_size / elapsed,  # every rank: the same batch size
-                          tokens_per_s=real_tokens * rt.world_size / elapsed,  # real (non-pad) tokens
-                          real_token_fraction=real_tokens / max(tokens, 1), **loss_fn.logs())
+            samples_all, real_all, padded_all = (float(counts[k]) * rt.world_size for k in ("samples", "real", "padded"))
+            values.update(lr=lr, samples_per_s=samples_all / elapsed, tokens_per_s=real_all / elapsed,  # real tokens
+                          real_token_fraction=real_all / max(padded_all, 1.0), **loss_fn.logs())
             if rt.is_main:
                 log({f"train/{k}": v for k, v in values.items()}, step)
             bar.set_postfix(loss=f"{values['loss']:.4g}", samples_s=f"{values['samples_per_s']:.1f}")

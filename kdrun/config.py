@@ -331,6 +331,7 @@ class TrackingConfig:
     experiment: str = "kdrun"
     run_name: Optional[str] = None
     log_student: bool = True  # log the student in Hugging Face format under artifacts student/
+    tags: Dict[str, str] = field(default_factory=dict)  # extra MLflow tags: +tracking.tags.team=search
 
 
 class Direction(Enum):

@@ -18,6 +18,7 @@ from kdrun.config import enum_value
 from kdrun.data import scores_file
 from kdrun.data.batching import BucketBatchSampler
 from kdrun.errors import ConfigError, DataError
+from kdrun.secrets import redact, redact_arg
 from kdrun.tracking import NullTracker, Tracker, flatten, summary_table
 
 log = logging.getLogger(__name__)
@@ -230,12 +231,13 @@ def _run(cfg: DictConfig, rt) -> Dict[str, object]:
     optim = loop.make_optim([student, loss_fn], rt, max_steps, **_node(cfg.optimizer))
 
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    run_id = tracker.start(cfg.tracking.run_name or _run_name(), flatten(resolved), tags={"kdrun.task": task_name},
+    run_id = tracker.start(cfg.tracking.run_name or _run_name(), flatten(resolved),
+                           tags={**resolved["tracking"]["tags"], "kdrun.task": task_name},
                            parent_run_id=sweep.parent_run_id())
     log.info("MLflow %s", tracker.run_url())
     try:
-        tracker.text(OmegaConf.to_yaml(resolved), "config.yaml")
-        tracker.text("\n".join(_overrides()) + "\n", "overrides.txt")
+        tracker.text(OmegaConf.to_yaml(redact(resolved)), "config.yaml")  # credentials never reach the store
+        tracker.text("\n".join(redact_arg(o) for o in _overrides()) + "\n", "overrides.txt")
         n_params = lambda m: sum(p.numel() for p in m.parameters())
         tracker.metrics({**{f"data/{k}": v for k, v in data.stats.items()},
                          **getattr(getattr(teacher, "main", teacher), "finetune_info", {}), **setup_metrics,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -56,7 +55,9 @@ def job_name() -> Optional[str]:
     hc = HydraConfig.get()
     swept = set(filter(None, os.environ.get(SWEPT_ENV, "").split(",")))
     mine = [o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept] if swept else list(hc.overrides.task)
-    return f"#{hc.job.num} {' '.join(mine)}"[:250]
+    from kdrun.secrets import redact_arg
+
+    return f"#{hc.job.num} {' '.join(redact_arg(o) for o in mine)}"[:250]
 
 
 def parent_run_id() -> Optional[str]:
@@ -82,16 +83,18 @@ class MlflowSweep(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from kdrun.report import PARENT_TAG
-        from kdrun.tracking import git_commit
+        from kdrun.secrets import redact_arg
+        from kdrun.tracking import command_line, git_commit
 
         client = _client(config)
         name = config.tracking.experiment
         exp = client.get_experiment_by_name(name)
         exp_id = exp.experiment_id if exp else client.create_experiment(name)
-        overrides = list(OmegaConf.select(config, "hydra.overrides.task", default=[]) or [])
+        given = list(OmegaConf.select(config, "hydra.overrides.task", default=[]) or [])
+        overrides = [redact_arg(o) for o in given]  # credentials never reach the store
         commit = git_commit()
         run = client.create_run(exp_id, run_name=f"sweep {Path(_sweep_dir(config)).name}", tags={
-            PARENT_TAG: "1", SWEEP_DIR_TAG: _sweep_dir(config), "kdrun.command": " ".join(["kdrun", *sys.argv[1:]]),
+            PARENT_TAG: "1", SWEEP_DIR_TAG: _sweep_dir(config), "kdrun.command": command_line(),
             **({"kdrun.git_commit": commit} if commit else {})})
         self.run_id = run.info.run_id
         client.log_param(self.run_id, "sweep.overrides", " ".join(overrides)[:6000])
@@ -99,7 +102,7 @@ class MlflowSweep(Callback):
         client.log_param(self.run_id, "sweep.launcher", OmegaConf.select(config, "hydra.launcher._target_", default=""))
         client.log_text(self.run_id, "\n".join(overrides) + "\n", "sweep_overrides.txt")
         os.environ[ENV] = self.run_id
-        os.environ[SWEPT_ENV] = ",".join(swept_keys(overrides))  # jobs name themselves by these
+        os.environ[SWEPT_ENV] = ",".join(swept_keys(given))  # jobs name themselves by these
         atexit.register(self._fail_if_open, config)  # Hydra skips on_multirun_end when a job raises
         log.info("MLflow sweep parent run %s (experiment '%s')", self.run_id, name)
 

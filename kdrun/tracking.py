@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
 
 from kdrun.errors import KdrunError
+from kdrun.secrets import REDACTED, redact_arg, redact_text, secret_key
 
 log = logging.getLogger(__name__)
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
@@ -60,6 +61,27 @@ def retry_locked(fn, *args, tries: int = 8, **kwargs):
             time.sleep(0.25 * 2 ** attempt)
 
 
+def _check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """A tracking server that does not accept a TCP connection fails at once, with the URI (redacted) and the fix."""
+    from urllib.parse import urlparse
+
+    url = urlparse(uri)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        return
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        raise KdrunError(f"MLflow tracking server '{redact_text(uri)}' cannot be reached ({e.strerror or e}). Start it "
+                         "(`make server`), check tracking.uri / MLFLOW_TRACKING_URI, or drop tracking.uri to log to "
+                         "the local store in this directory") from None
+
+
+def command_line() -> str:
+    """This process's kdrun command, with credentials redacted (for the kdrun.command tag)."""
+    return " ".join(["kdrun", *(redact_arg(a) for a in sys.argv[1:])])
+
+
 class Tracker:
     """A thin wrapper over MLflow's fluent API; everything logged goes to one active run."""
 
@@ -70,26 +92,31 @@ class Tracker:
         if uri:
             mlflow.set_tracking_uri(uri)
         self.uri = mlflow.get_tracking_uri()
+        _check_reachable(self.uri)  # seconds, not MLflow's minutes of HTTP retries
         try:
             self.experiment_id = mlflow.set_experiment(experiment).experiment_id
         except Exception as e:  # the store is unreachable or unusable: say so before any training
-            raise KdrunError(f"MLflow tracking store '{self.uri}' is not usable: {str(e).splitlines()[0]}. "
+            raise KdrunError(f"MLflow tracking store '{redact_text(self.uri)}' is not usable: "
+                             f"{redact_text(str(e).splitlines()[0])}. "
                              "Check tracking.uri / MLFLOW_TRACKING_URI") from e
         self.run_id: Optional[str] = None
 
     def start(self, run_name: Optional[str], params: Dict[str, str], tags: Dict[str, str],
               parent_run_id: Optional[str] = None) -> str:
         """A new run (a child of `parent_run_id`: a sweep job)."""
+        tags = {k: redact_text(str(v)) if not secret_key(k) else REDACTED for k, v in tags.items()}
         if parent_run_id:
             tags = {**tags, "mlflow.parentRunId": parent_run_id}
-        run = retry_locked(self.mlflow.start_run, experiment_id=self.experiment_id, run_name=run_name, tags=tags)
+        run = retry_locked(self.mlflow.start_run, experiment_id=self.experiment_id,
+                           run_name=redact_text(run_name) if run_name else run_name, tags=tags)
         self.run_id = run.info.run_id
+        params = {k: REDACTED if secret_key(k) else redact_text(str(v)) for k, v in params.items()}
         items = list(params.items())
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             retry_locked(self.mlflow.log_params, dict(items[i:i + 100]))
         commit = git_commit()
         retry_locked(self.mlflow.set_tags, {
-            "kdrun.command": " ".join(["kdrun", *sys.argv[1:]]),
+            "kdrun.command": command_line(),
             "kdrun.host": socket.gethostname(), "kdrun.job_pid": str(os.getpid()),
             **({"kdrun.rerun_of": os.environ["KDRUN_RERUN_OF"]} if os.environ.get("KDRUN_RERUN_OF") else {}),
             **({"mlflow.source.git.commit": commit, "kdrun.git_commit": commit} if commit else {}),
@@ -111,9 +138,10 @@ class Tracker:
             retry_locked(self.mlflow.end_run, status=status)
 
     def run_url(self) -> str:
-        if self.uri.startswith("http"):
-            return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
-        return f"run {self.run_id} in {self.uri} (browse with `make ui`)"
+        uri = redact_text(self.uri)
+        if uri.startswith("http"):
+            return f"{uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        return f"run {self.run_id} in {uri} (browse with `make ui`)"
 
 
 class NullTracker:

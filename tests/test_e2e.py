@@ -144,3 +144,15 @@ def test_default_job_improves_the_student(tmp_path):
     assert mrr[-1] > mrr[0] + 0.05, mrr
     assert ndcg[-1] > ndcg[0] + 0.05, ndcg
     assert mrr[-1] < run.data.metrics["eval/teacher/mrr_at_10"]  # a 2-layer student stays below its teacher
+
+
+def test_unreachable_tracking_server_fails_at_once_with_the_fix(tmp_path):
+    """Before any loading, in seconds (MLflow's own HTTP retries took 250 s here), credentials redacted."""
+    import time
+
+    t0 = time.perf_counter()
+    r = run_kdrun(SMALL + ["tracking.uri=http://bob:hunter2@127.0.0.1:9"], cwd=tmp_path, env=offline_env(tmp_path))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "tracking server 'http://bob:***REDACTED***@127.0.0.1:9' cannot be reached" in r.stderr, r.stderr
+    assert "make server" in r.stderr and "hunter2" not in r.stderr + r.stdout
+    assert time.perf_counter() - t0 < 60

@@ -1,0 +1,42 @@
+"""Random override lists, valid and invalid, never end in a raw traceback: a finished run or one readable error."""
+import random
+
+import pytest
+
+from conftest import offline_env, run_kdrun
+
+VALID = ["loss=margin_mse", "loss=listwise_kl", "loss=pointwise_mse", "student=colbert", "optimizer.lr=1e-4",
+         "train.grad_accum=2", "hardware.length_groups=2", "hardware.pad_to_multiple_of=16", "student.dropout=0",
+         "data.negatives_per_query=2", "teacher.mode=online", "optimizer.schedule=constant", "train.log_every=1"]
+INVALID = ["loss=nope", "train.max_steps=abc", "train.batch_size=0", "hardware.length_groups=0",
+           "teacher.path=/nonexistent", "student.path=/nonexistent", "student.init=pretrained", "data=triples",
+           "data.eval_fraction=2", "teacher.kind=ranker", "hardware=multi_gpu", "student.layers=[9,9]",
+           "student.dropout=2", "nonsense_key=1", "optimizer.lr=-1", "hardware.device=cuda", "data.max_train_queries=0",
+           "train.batch_size=100000", "loss=kd_kl", "teacher=smollm2", "data=fortunes", "experiment=nope",
+           "loss.terms.0.temperature=0", "train.epochs=0", "train.max_steps=0", "hardware.precision=fp16",
+           "data.eval_candidates=1", "student.layers=[0,99]", "tracking.uri=http://127.0.0.1:9"]
+SMALL = ["train.max_steps=1", "train.batch_size=4", "data.max_train_queries=8", "data.max_eval_queries=4",
+         "tracking.log_student=false"]
+
+
+def _case(seed: int) -> list:
+    rng = random.Random(seed)
+    picks = rng.sample(VALID, rng.randint(0, 3)) + rng.sample(INVALID, rng.choice([0, 1, 1, 2]))
+    rng.shuffle(picks)
+    return picks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(24))
+def test_random_overrides_run_or_fail_in_one_readable_line(tmp_path, seed):
+    picks = _case(seed)
+    r = run_kdrun(SMALL + picks + [f"hydra.run.dir={tmp_path / 'out'}"], cwd=tmp_path, env=offline_env(tmp_path),
+                  timeout=600)
+    text = r.stdout + r.stderr
+    assert "Traceback" not in text, (picks, text[-3000:])
+    if r.returncode != 0:
+        errors = [line for line in r.stderr.splitlines() if line.startswith("kdrun: error:") or "Error" in line
+                  or "Could not" in line or "not in struct" in line or "Key '" in line or "in 'defaults list'" in line]
+        assert errors, (picks, r.stderr[-3000:])
+    else:
+        assert "student before" in r.stdout, (picks, r.stdout[-2000:])

@@ -323,6 +323,7 @@ class TrainConfig:
     eval_batch_size: int = 128
     log_every: int = 10
     seed: int = 42
+    max_nonfinite_skips: int = 0  # > 0: skip up to N steps with a non-finite loss or gradient (else: stop the run)
 
 
 @dataclass
@@ -452,6 +453,8 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"hardware.{key}={hw[key]} must be >= 1")
     if hw.num_workers < 0:
         raise ConfigError(f"hardware.num_workers={hw.num_workers} must be >= 0")
+    if tr.max_nonfinite_skips < 0:
+        raise ConfigError(f"train.max_nonfinite_skips={tr.max_nonfinite_skips} must be >= 0 (0: stop at the first)")
     if tr.max_steps <= 0 and tr.epochs <= 0:
         raise ConfigError("set train.max_steps > 0 or train.epochs > 0")
     if tr.eval_every < 0:

@@ -277,7 +277,7 @@ def _run(cfg: DictConfig, rt) -> Dict[str, object]:
             torch.manual_seed(tr.seed + rt.rank)  # each rank its own dropout masks
         loop.train(rt.wrap(student), teacher, loss_fn, loop.forever(loader), optim, rt, max_steps=max_steps,
                    grad_accum=tr.grad_accum, log_every=tr.log_every, eval_every=tr.eval_every,
-                   log=tracker.metrics, evaluate=periodic_eval)
+                   log=tracker.metrics, evaluate=periodic_eval, max_nonfinite_skips=tr.max_nonfinite_skips)
         if counter is not None:  # precompute: 0 when every output came from the cache
             tracker.metrics({"teacher/train_forward_calls": counter.calls}, step=max_steps)
         after = periodic_eval(max_steps)
@@ -291,7 +291,8 @@ def _run(cfg: DictConfig, rt) -> Dict[str, object]:
     except KeyboardInterrupt:
         tracker.end("KILLED")
         raise
-    except BaseException:
+    except BaseException as e:
+        tracker.tags({"kdrun.failure": f"{type(e).__name__}: {e}"[:4000]})  # why, in the UI
         tracker.end("FAILED")
         raise
 

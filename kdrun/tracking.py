@@ -130,6 +130,10 @@ class Tracker:
     def text(self, text: str, artifact_file: str) -> None:
         retry_locked(self.mlflow.log_text, text, artifact_file)
 
+    def tags(self, tags: Dict[str, str]) -> None:
+        if self.mlflow.active_run() is not None:
+            retry_locked(self.mlflow.set_tags, {k: redact_text(str(v)) for k, v in tags.items()})
+
     def artifacts(self, local_dir: str, artifact_path: str) -> None:
         retry_locked(self.mlflow.log_artifacts, local_dir, artifact_path)
 
@@ -154,7 +158,7 @@ class NullTracker:
     def metrics(self, *args, **kwargs) -> None:
         pass
 
-    text = artifacts = end = metrics
+    text = artifacts = end = tags = metrics
 
     def run_url(self) -> str:
         return "(logged by rank 0)"

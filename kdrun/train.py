@@ -58,6 +58,10 @@ def _clone(v):
     return tuple(x.clone() for x in v) if isinstance(v, (tuple, list)) else v.clone()
 
 
+def _fmt(values: Dict) -> str:
+    return ", ".join(f"{k}={float(v):.4g}" for k, v in values.items())
+
+
 def forever(loader) -> Iterator:
     """Batches across epochs; a DataLoader with shuffle draws a new order each epoch."""
     while True:
@@ -66,16 +70,21 @@ def forever(loader) -> Iterator:
 
 def train(student, teacher, loss_fn, batches: Iterator[Dict], optim: Optim, rt: Runtime, *, max_steps: int,
           grad_accum: int, log_every: int, eval_every: int, log: Callable[[Dict[str, float], int], None],
-          evaluate: Callable[[int], Dict[str, float]], desc: str = "distil") -> int:
-    """Train `student` (DDP-wrapped when distributed) to match `teacher` for `max_steps` optimizer steps."""
+          evaluate: Callable[[int], Dict[str, float]], desc: str = "distil", max_nonfinite_skips: int = 0) -> int:
+    """Train `student` (DDP-wrapped when distributed) to match `teacher` for `max_steps` optimizer steps. A step whose
+    loss or gradient is not finite stops the run (found at the next log step, naming it), or with
+    max_nonfinite_skips > 0 is skipped, up to that many times (then each step is checked: one host sync)."""
     student.train()
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]  # e.g. TinyBERT's projections
     window: Dict[str, torch.Tensor] = {}  # per-term sums on the device: no host sync inside a step
+    window_steps, skipped = 0, 0
+    first_bad = torch.zeros((), dtype=torch.long, device=rt.device)  # first non-finite step (0: none), on the device
     samples = real_tokens = tokens = 0  # counted on the host from the CPU batches
     t0 = time.perf_counter()
     bar = tqdm(total=max_steps, desc=desc, dynamic_ncols=True, mininterval=1.0, disable=not rt.is_main)
     for step in range(1, max_steps + 1):
         # ---- one optimizer step over grad_accum micro-batches ----
+        terms: Dict[str, torch.Tensor] = {}
         for micro in range(grad_accum):
             batch = next(batches)
             real, padded = token_counts(batch["student"])  # attention masks, still on the CPU
@@ -91,36 +100,48 @@ def train(student, teacher, loss_fn, batches: Iterator[Dict], optim: Optim, rt: 
                 losses = loss_fn(student_out, teacher_out, batch)
                 optim.scaler.scale(losses["loss"] / grad_accum).backward()
             for k, v in losses.items():
-                window[k] = window.get(k, 0.0) + v.detach() / grad_accum
+                terms[k] = terms.get(k, 0.0) + v.detach() / grad_accum
             samples, real_tokens, tokens = samples + batch["size"], real_tokens + real, tokens + padded
         loss_param_sync(rt, loss_params)  # DDP: parameters outside the student
         optim.scaler.unscale_(optim.optimizer)
         clip = optim.max_grad_norm if optim.max_grad_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(optim.params, clip)
-        window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm.detach()
+        finite = torch.isfinite(terms["loss"]) & (torch.isfinite(grad_norm) | optim.scaler.is_enabled())  # fp16: scaler's job
         lr = optim.scheduler.get_last_lr()[0]  # the lr this step uses
-        optim.scaler.step(optim.optimizer)  # skipped by the scaler when fp16 grads overflowed
-        optim.scaler.update()
+        if max_nonfinite_skips and not finite:  # skipping allowed: look now (a host sync per step); skip the update
+            skipped += 1
+            if skipped > max_nonfinite_skips:
+                raise NonFiniteLossError(f"step {step}: non-finite loss or gradient ({_fmt(terms)}), the "
+                                         f"{skipped}th; train.max_nonfinite_skips={max_nonfinite_skips}")
+        else:
+            first_bad = torch.where((first_bad == 0) & ~finite, step, first_bad)
+            for k, v in {**terms, "grad_norm": grad_norm.detach()}.items():
+                window[k] = window.get(k, 0.0) + v
+            window_steps += 1
+            optim.scaler.step(optim.optimizer)  # skipped by the scaler when fp16 grads overflowed
+            optim.scaler.update()
+            optim.scheduler.step()
         optim.optimizer.zero_grad(set_to_none=True)
-        optim.scheduler.step()
         bar.update(1)
 
         # ---- every log_every steps (and the last): one host sync (DDP: means over the ranks), then log ----
         if step % log_every == 0 or step == max_steps:
-            n = log_every if step % log_every == 0 else step % log_every
+            n = max(window_steps, 1)
             counts = rt.mean({"samples": samples, "real": real_tokens, "padded": tokens})  # DDP: x world = totals
-            values = {k: float(v) / n for k, v in rt.mean(window).items()}
-            if not all(math.isfinite(v) for k, v in values.items() if k != "grad_norm"):
-                terms = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-                raise NonFiniteLossError(f"non-finite loss between steps {step - n + 1} and {step}: {terms}")
+            values = {k: float(v) / n for k, v in rt.mean(window).items()}  # (no terms: every step was skipped)
+            if int(first_bad):  # (the floats above synced already)
+                raise NonFiniteLossError(f"non-finite loss or gradient at step {int(first_bad)} (mean over steps "
+                                         f"{step - n + 1}-{step}: {_fmt(values)}); lower optimizer.lr, keep "
+                                         "optimizer.max_grad_norm > 0, or set train.max_nonfinite_skips=N to skip such steps")
             elapsed = max(time.perf_counter() - t0, 1e-9)
             samples_all, real_all, padded_all = (float(counts[k]) * rt.world_size for k in ("samples", "real", "padded"))
             values.update(lr=lr, samples_per_s=samples_all / elapsed, tokens_per_s=real_all / elapsed,  # real tokens
-                          real_token_fraction=real_all / max(padded_all, 1.0), **loss_fn.logs())
+                          real_token_fraction=real_all / max(padded_all, 1.0), **loss_fn.logs(),
+                          **({"nonfinite_skips": skipped} if max_nonfinite_skips else {}))
             if rt.is_main:
                 log({f"train/{k}": v for k, v in values.items()}, step)
-            bar.set_postfix(loss=f"{values['loss']:.4g}", samples_s=f"{values['samples_per_s']:.1f}")
-            window, samples, real_tokens, tokens, t0 = {}, 0, 0, 0, time.perf_counter()
+            bar.set_postfix(loss=f"{values.get('loss', math.nan):.4g}", samples_s=f"{values['samples_per_s']:.1f}")
+            window, window_steps, samples, real_tokens, tokens, t0 = {}, 0, 0, 0, 0, time.perf_counter()
         if eval_every and step % eval_every == 0 and step < max_steps:
             evaluate(step)  # rank 0 (the others wait for it in the next step's all-reduce)
             t0 = time.perf_counter()  # eval time is not training throughput

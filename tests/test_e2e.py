@@ -156,3 +156,14 @@ def test_unreachable_tracking_server_fails_at_once_with_the_fix(tmp_path):
     assert "tracking server 'http://bob:***REDACTED***@127.0.0.1:9' cannot be reached" in r.stderr, r.stderr
     assert "make server" in r.stderr and "hunter2" not in r.stderr + r.stdout
     assert time.perf_counter() - t0 < 60
+
+
+def test_a_non_finite_loss_fails_the_run_with_the_reason_tagged(tmp_path):
+    r = run_kdrun(SMALL + ["train.max_steps=3", "optimizer.lr=1e30", "optimizer.warmup_ratio=0",
+                           "tracking.experiment=nan", f"hydra.run.dir={tmp_path / 'out'}"], cwd=tmp_path,
+                  env=offline_env(tmp_path))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "kdrun: error: non-finite loss or gradient at step 2" in r.stderr, r.stderr[-2000:]
+    run = _only_run(_client(tmp_path), "nan")
+    assert run.info.status == "FAILED"
+    assert run.data.tags["kdrun.failure"].startswith("NonFiniteLossError: non-finite loss or gradient at step 2")

@@ -1,5 +1,6 @@
 """The loop's mechanics on toy modules: accumulation, frozen teacher, non-finite loss, logging."""
 import copy
+import math
 
 import pytest
 import torch
@@ -82,7 +83,7 @@ def test_loss_goes_down_on_a_learnable_target():
 
 def test_non_finite_loss_stops_with_the_step_and_terms():
     x, t = torch.randn(4, 2, 4), torch.tensor([[float("nan"), 0.0]] * 4)
-    with pytest.raises(NonFiniteLossError, match=r"steps 1 and 1.*margin_mse=nan"):
+    with pytest.raises(NonFiniteLossError, match=r"at step 1 \(mean over steps 1-1: margin_mse=nan"):
         _run(Scorer(), _batches(x, t, 4), steps=1, accum=1)
 
 
@@ -110,3 +111,48 @@ def test_gpu_profiles_without_a_gpu_say_so():
     with pytest.raises(ConfigError, match="fp16 needs a GPU"):
         make_runtime("cpu", "fp16")
     assert make_runtime("auto", "fp32").device.type == "cpu"
+
+
+class NanAt(nn.Module):
+    """A loss that turns non-finite at the given steps (1-based, counted per call)."""
+
+    def __init__(self, bad):
+        super().__init__()
+        self.inner, self.bad, self.calls = margin_mse(), set(bad), 0
+
+    needs = set()
+
+    def forward(self, s, t, batch):
+        self.calls += 1
+        out = self.inner(s, t, batch)
+        if self.calls in self.bad:
+            out = {k: v * float("nan") for k, v in out.items()}
+        return out
+
+    def logs(self):
+        return {}
+
+
+def _nan_run(bad, skips, steps=6):
+    torch.manual_seed(3)
+    x, t = torch.randn(4 * steps, 2, 4), torch.randn(4 * steps, 2)
+    student, logs = Scorer(), []
+    optim = make_optim(student, RT, steps, **OPT)
+    train(student, None, NanAt(bad), _batches(x, t, 4), optim, RT, max_steps=steps, grad_accum=1, log_every=3,
+          eval_every=0, log=lambda m, s: logs.append((s, m)), evaluate=lambda s: {}, max_nonfinite_skips=skips)
+    return student, logs
+
+
+def test_a_non_finite_step_stops_the_run_naming_the_step_and_terms():
+    with pytest.raises(NonFiniteLossError, match=r"at step 2 \(mean over steps 1-3: margin_mse=nan, loss=nan.*"
+                                                 r"train.max_nonfinite_skips"):
+        _nan_run(bad={2}, skips=0)
+
+
+def test_up_to_n_non_finite_steps_are_skipped_and_counted():
+    student, logs = _nan_run(bad={2, 5}, skips=2)
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+    assert [(s, m["train/nonfinite_skips"]) for s, m in logs] == [(3, 1), (6, 2)]
+    assert all(math.isfinite(m["train/loss"]) for _, m in logs)  # skipped steps stay out of the means
+    with pytest.raises(NonFiniteLossError, match=r"step 5: .*the 3th; train.max_nonfinite_skips=2"):
+        _nan_run(bad={1, 2, 5}, skips=2)

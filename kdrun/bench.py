@@ -145,12 +145,6 @@ class Clock:
         self.real = self.padded = 0
         self.t0 = self.t1 = None
 
-    def _sync(self):
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-
     def tokens(self, features: List[dict]) -> None:
         if self.steps >= self.warmup:
             for f in features:
@@ -161,11 +155,11 @@ class Clock:
     def step_done(self) -> None:
         self.steps += 1
         if self.steps == self.warmup:
-            self._sync()
+            _sync(self.device)
             self.t0 = time.perf_counter()
 
     def stop(self) -> float:
-        self._sync()
+        _sync(self.device)
         self.t1 = time.perf_counter()
         return self.t1 - self.t0
 
@@ -198,7 +192,7 @@ def worker_kdrun(a: dict) -> dict:
     from kdrun.models import build_teacher
     from kdrun.models.encoders import BiEncoder
     from kdrun.runtime import make_runtime
-    from kdrun.tasks.ranking import Collate
+    from kdrun.tasks.ranking import Collate, token_lengths
 
     hw = OmegaConf.merge(OmegaConf.load(Path(_conf_dir()) / "hardware" / f"{a['profile']}.yaml"),
                          OmegaConf.from_dotlist(a["hardware"]))
@@ -218,9 +212,7 @@ def worker_kdrun(a: dict) -> dict:
     else:
         examples = [(ex["query"], [ex["positive"], ex["negative"]],
                      {"scores": torch.tensor([ex["score_pos"], ex["score_neg"]])}) for ex in triples]
-    table = student.token_table
-    lengths = [len(table([q])[0]) + max(len(x) for x in table(ps)) for q, ps, *_ in examples]
-    sampler = BucketBatchSampler(lengths, a["batch_size"], seed=0)
+    sampler = BucketBatchSampler(token_lengths(student.token_table, examples), a["batch_size"], seed=0)
     loader = DataLoader(examples, batch_sampler=sampler, num_workers=a["workers"], persistent_workers=a["workers"] > 0,
                         collate_fn=Collate(teacher, student), pin_memory=rt.device.type == "cuda")
     loss_fn = WeightedLoss([("margin_mse", 1.0, {})], Context(task="ranking")).to(rt.device)

@@ -152,7 +152,7 @@ def runtime(cfg: DictConfig):
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # weight-loading bars; kdrun shows its own progress
     hw = _node(cfg.hardware)
-    return make_runtime(hw["device"], hw["precision"], hw["distributed"])
+    return make_runtime(hw["device"], hw["precision"])  # (hardware.distributed without torchrun: refused at validation)
 
 
 def load_data(cfg: DictConfig):
@@ -163,8 +163,6 @@ def load_data(cfg: DictConfig):
 
 
 def run(cfg: DictConfig) -> Dict[str, object]:
-    from kdrun.runtime import seed_everything
-
     rt = runtime(cfg)
     try:
         return _run(cfg, rt)

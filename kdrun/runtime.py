@@ -76,12 +76,6 @@ class Runtime:
         dist.all_reduce(stacked)
         return dict(zip(keys, stacked / self.world_size))
 
-    def barrier(self) -> None:
-        if self.distributed:
-            import torch.distributed as dist
-
-            dist.barrier()
-
     def close(self) -> None:
         if self.distributed:
             import torch.distributed as dist
@@ -90,12 +84,10 @@ class Runtime:
                 dist.destroy_process_group()
 
 
-def make_runtime(device: str, precision: str, distributed: bool = False) -> Runtime:
+def make_runtime(device: str, precision: str) -> Runtime:
     """The run's device and precision. Under torchrun (WORLD_SIZE > 1) every process joins one DDP group (NCCL on
     GPUs, gloo on CPUs) and takes the GPU of its LOCAL_RANK."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if distributed and "WORLD_SIZE" not in os.environ:
-        raise ConfigError("hardware.distributed=true: launch with torchrun (see conf/hardware/multi_gpu.yaml)")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
 
 from kdrun.errors import KdrunError
-from kdrun.secrets import REDACTED, redact_arg, redact_text, secret_key
+from kdrun.secrets import redact, redact_arg, redact_text
 
 log = logging.getLogger(__name__)
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
@@ -104,13 +104,13 @@ class Tracker:
     def start(self, run_name: Optional[str], params: Dict[str, str], tags: Dict[str, str],
               parent_run_id: Optional[str] = None) -> str:
         """A new run (a child of `parent_run_id`: a sweep job)."""
-        tags = {k: redact_text(str(v)) if not secret_key(k) else REDACTED for k, v in tags.items()}
+        tags = redact({k: str(v) for k, v in tags.items()})
         if parent_run_id:
             tags = {**tags, "mlflow.parentRunId": parent_run_id}
         run = retry_locked(self.mlflow.start_run, experiment_id=self.experiment_id,
                            run_name=redact_text(run_name) if run_name else run_name, tags=tags)
         self.run_id = run.info.run_id
-        params = {k: REDACTED if secret_key(k) else redact_text(str(v)) for k, v in params.items()}
+        params = redact({k: str(v) for k, v in params.items()})
         items = list(params.items())
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             retry_locked(self.mlflow.log_params, dict(items[i:i + 100]))
@@ -132,7 +132,7 @@ class Tracker:
 
     def tags(self, tags: Dict[str, str]) -> None:
         if self.mlflow.active_run() is not None:
-            retry_locked(self.mlflow.set_tags, {k: redact_text(str(v)) for k, v in tags.items()})
+            retry_locked(self.mlflow.set_tags, redact({k: str(v) for k, v in tags.items()}))
 
     def artifacts(self, local_dir: str, artifact_path: str) -> None:
         retry_locked(self.mlflow.log_artifacts, local_dir, artifact_path)

@@ -38,6 +38,11 @@ def example_length(example: Example) -> int:
     return len(query) + max(len(p) for p in passages)
 
 
+def token_lengths(table, examples: Sequence) -> List[int]:
+    """Bucketing keys from a student's token table: the query's tokens + the longest passage's."""
+    return [len(table([ex[0]])[0]) + max(len(ids) for ids in table(ex[1])) for ex in examples]
+
+
 def precompute_teacher_scores(teacher, examples: Sequence[Example], batch_size: int, runtime) -> torch.Tensor:
     """[N, n] teacher scores for every example, computed once (a bi-encoder embeds each distinct text once)."""
     with runtime.autocast():
@@ -101,7 +106,7 @@ class RankingTask:
         table = getattr(self.student, "token_table", None)
         if table is None:
             return [example_length(ex) for ex in self.data.train]
-        return [len(table([q])[0]) + max(len(ids) for ids in table(ps)) for q, ps in self.data.train]
+        return token_lengths(table, self.data.train)
 
     def fingerprint(self) -> str:
         """SHA-256 of the training examples as a teacher sees them: query and passage texts, in order."""

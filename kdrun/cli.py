@@ -34,11 +34,29 @@ def _main(cfg: DictConfig):
         from kdrun import pipeline  # heavy imports start here, after validation
 
         result = pipeline.score(cfg) if config.enum_value(cfg.mode) == "score" else pipeline.run(cfg)
-    except (KdrunError, OmegaConfBaseException) as e:
+    except KdrunError as e:
+        if hasattr(e, "signum"):  # checkpoint.Interrupted: SIGTERM/SIGINT, checkpointed
+            print(f"kdrun: {e}", file=sys.stderr)
+            if e.path:
+                print(f"kdrun: continue with: {_resume_command(e.path)}", file=sys.stderr)
+            sys.exit(128 + e.signum)
+        print(f"kdrun: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OmegaConfBaseException as e:
         print(f"kdrun: error: {e}", file=sys.stderr)
         sys.exit(2)
     # for sweepers: sweep.objective (checked against the task's metrics at validation), else the primary metric
     return result[cfg.sweep.objective] if cfg.sweep.objective else result["objective"]
+
+
+def _resume_command(path) -> str:
+    """This command again, with resume=PATH (credentials redacted: fill them in)."""
+    import shlex
+
+    from kdrun.secrets import redact_arg
+
+    args = [redact_arg(a) for a in sys.argv[1:] if not a.startswith("resume=")]
+    return shlex.join(["kdrun", *args, f"resume={path}"])
 
 
 def main() -> None:

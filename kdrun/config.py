@@ -51,6 +51,11 @@ class TeacherMode(Enum):
     scores_file = "scores_file"  # ranking: precomputed scores read from a file (score_pos score_neg qid pos_id neg_id)
 
 
+class TrackingFallback(Enum):
+    none = "none"  # an unreachable tracking store fails the run before training
+    local = "local"  # ... or the run logs to the local store in the working directory (and says so)
+
+
 class RunMode(Enum):
     train = "train"  # distil a student
     score = "score"  # ranking: write the teacher's scores of the training triples to a file (scores_out)
@@ -324,6 +329,8 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 42
     max_nonfinite_skips: int = 0  # > 0: skip up to N steps with a non-finite loss or gradient (else: stop the run)
+    checkpoint_every: int = 500  # steps between checkpoints in <output_dir>/checkpoints (0: only on SIGTERM/SIGINT)
+    keep_checkpoints: int = 2  # the newest N are kept
 
 
 @dataclass
@@ -333,6 +340,7 @@ class TrackingConfig:
     run_name: Optional[str] = None
     log_student: bool = True  # log the student in Hugging Face format under artifacts student/
     tags: Dict[str, str] = field(default_factory=dict)  # extra MLflow tags: +tracking.tags.team=search
+    fallback: TrackingFallback = TrackingFallback.none  # local: log to ./mlflow.db when the store cannot be reached
 
 
 class Direction(Enum):
@@ -375,6 +383,7 @@ class KdrunConfig:
     output_dir: str = "${hydra:runtime.output_dir}"
     mode: RunMode = RunMode.train
     scores_out: str = "${output_dir}/teacher_scores.tsv"  # mode=score: where the scores go
+    resume: Optional[str] = None  # auto: the newest checkpoint in output_dir, if any; PATH: a checkpoint or output dir
 
 
 DATA_SCHEMAS = {"chatterbot": ChatterbotData, "triples": TriplesData, "fortunes": FortunesData,
@@ -453,6 +462,9 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"hardware.{key}={hw[key]} must be >= 1")
     if hw.num_workers < 0:
         raise ConfigError(f"hardware.num_workers={hw.num_workers} must be >= 0")
+    if tr.checkpoint_every < 0 or tr.keep_checkpoints < 1:
+        raise ConfigError(f"train.checkpoint_every={tr.checkpoint_every} must be >= 0 (0: only on SIGTERM/SIGINT) and "
+                          f"train.keep_checkpoints={tr.keep_checkpoints} >= 1")
     if tr.max_nonfinite_skips < 0:
         raise ConfigError(f"train.max_nonfinite_skips={tr.max_nonfinite_skips} must be >= 0 (0: stop at the first)")
     if tr.max_steps <= 0 and tr.epochs <= 0:

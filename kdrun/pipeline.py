@@ -13,11 +13,11 @@ from typing import Dict
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
-from kdrun import sweep, teacher_cache
+from kdrun import checkpoint, sweep, teacher_cache
 from kdrun.config import enum_value
 from kdrun.data import scores_file
 from kdrun.data.batching import BucketBatchSampler
-from kdrun.errors import ConfigError, DataError
+from kdrun.errors import ConfigError, DataError, NonFiniteLossError
 from kdrun.secrets import redact, redact_arg
 from kdrun.tracking import NullTracker, Tracker, flatten, summary_table
 
@@ -181,8 +181,12 @@ def _run(cfg: DictConfig, rt) -> Dict[str, object]:
 
     hw, tr = _node(cfg.hardware), cfg.train
     seed_everything(tr.seed)  # the same on every rank: identical initialisation
+    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    params = flatten(redact(resolved))
+    found = resume_point(cfg, params)  # (checkpoint dir, its meta.json) or None; a bad resume= fails here
     # an unusable store fails before any loading; under DDP rank 0 alone logs
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment) if rt.is_main else NullTracker()
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, enum_value(cfg.tracking.fallback),
+                      cfg.output_dir) if rt.is_main else NullTracker()
     task_name, data = load_data(cfg)
     teacher_mode = enum_value(cfg.teacher.mode)
     teacher, teacher_source = build_teachers(cfg, data, rt)  # None for a scores file
@@ -225,17 +229,34 @@ def _run(cfg: DictConfig, rt) -> Dict[str, object]:
     sampler = BucketBatchSampler(task.lengths(), tr.batch_size, tr.seed, rank=rt.rank, world_size=rt.world_size)
     loader = DataLoader(examples, batch_sampler=sampler, num_workers=hw["num_workers"],
                         persistent_workers=hw["num_workers"] > 0, collate_fn=task.collate(online=teacher_mode == "online"),
-                        pin_memory=rt.device.type == "cuda")  # pinned: the copies to the GPU run asynchronously
+                        pin_memory=rt.device.type == "cuda",  # pinned: the copies to the GPU run asynchronously
+                        generator=torch.Generator())  # its own: drawing worker seeds leaves the training RNG alone
     optim = loop.make_optim([student, loss_fn], rt, max_steps, **_node(cfg.optimizer))
+    position = lambda step: {"micro_batches": step * tr.grad_accum, "batches_per_epoch": len(sampler),
+                             "max_steps": max_steps}
+    loop_state = None
+    if found:  # weights, optimizer, scheduler, scaler and the loop's window from the checkpoint; the data position
+        path, meta = found
+        if {k: meta["position"][k] for k in ("batches_per_epoch", "max_steps")} != \
+                {k: v for k, v in position(0).items() if k != "micro_batches"}:
+            raise ConfigError(f"resume: {path} was written by a run of {meta['position']['max_steps']} steps over "
+                              f"{meta['position']['batches_per_epoch']} batches per epoch; this one has {max_steps} "
+                              f"and {len(sampler)}: the data changed. Resume with the same data, or start afresh")
+        loop_state = checkpoint.restore(path, student=student, loss_fn=loss_fn, optim=optim, rt=rt)
+        sampler.resume_at(*divmod(meta["position"]["micro_batches"], len(sampler)))
 
-    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    run_id = tracker.start(cfg.tracking.run_name or _run_name(), flatten(resolved),
-                           tags={**resolved["tracking"]["tags"], "kdrun.task": task_name},
-                           parent_run_id=sweep.parent_run_id())
+    if found:
+        run_id = tracker.resume(found[1]["run_id"], step=found[1]["step"])
+    else:
+        run_id = tracker.start(cfg.tracking.run_name or _run_name(), params,
+                               tags={**resolved["tracking"]["tags"], "kdrun.task": task_name},
+                               parent_run_id=sweep.parent_run_id())
     log.info("MLflow %s", tracker.run_url())
+    ckpt_dir = checkpoint.root(cfg.output_dir)
     try:
-        tracker.text(OmegaConf.to_yaml(redact(resolved)), "config.yaml")  # credentials never reach the store
-        tracker.text("\n".join(redact_arg(o) for o in _overrides()) + "\n", "overrides.txt")
+        if not found:
+            tracker.text(OmegaConf.to_yaml(redact(resolved)), "config.yaml")  # credentials never reach the store
+            tracker.text("\n".join(redact_arg(o) for o in _overrides()) + "\n", "overrides.txt")
         n_params = lambda m: sum(p.numel() for p in m.parameters())
         tracker.metrics({**{f"data/{k}": v for k, v in data.stats.items()},
                          **getattr(getattr(teacher, "main", teacher), "finetune_info", {}), **setup_metrics,
@@ -256,9 +277,13 @@ def _run(cfg: DictConfig, rt) -> Dict[str, object]:
             tracker.metrics({f"eval/{who}/{k}": v for k, v in metrics.items()}, step=step)
             return metrics
 
-        # the teacher first: the student's agreement is measured against it (a scores file has no teacher to evaluate)
-        teacher_eval = evaluate(teacher, "teacher", 0) if teacher is not None else {}
-        before = evaluate(student, "student", 0)
+        if found:  # evaluated before the interruption: read back from the run
+            teacher_eval, before = tracker.logged("eval/teacher/", 0), tracker.logged("eval/student/", 0)
+            latency.update({who: m.pop("ms_per_example") for who, m in (("teacher", teacher_eval),
+                                                                        ("student", before)) if "ms_per_example" in m})
+        else:  # the teacher first: the student's agreement is measured against it (a scores file has no teacher)
+            teacher_eval = evaluate(teacher, "teacher", 0) if teacher is not None else {}
+            before = evaluate(student, "student", 0)
         log.info("before training: student %s | teacher %s", _fmt(before), _fmt(teacher_eval))
 
         def periodic_eval(step: int) -> Dict[str, float]:
@@ -273,9 +298,28 @@ def _run(cfg: DictConfig, rt) -> Dict[str, object]:
             compile_model(_hf_model(student))  # in place: saving and evaluation see the same module
         if rt.distributed:
             torch.manual_seed(tr.seed + rt.rank)  # each rank its own dropout masks
-        loop.train(rt.wrap(student), teacher, loss_fn, loop.forever(loader), optim, rt, max_steps=max_steps,
-                   grad_accum=tr.grad_accum, log_every=tr.log_every, eval_every=tr.eval_every,
-                   log=tracker.metrics, evaluate=periodic_eval, max_nonfinite_skips=tr.max_nonfinite_skips)
+        if found:
+            checkpoint.restore_rng(found[0], rt.rank)  # last: the RNG continues exactly where it stopped
+
+        def save_checkpoint(step: int, state: Dict):
+            t0 = time.perf_counter()
+            try:
+                path = checkpoint.save(ckpt_dir, step, student=student, loss_fn=loss_fn, optim=optim, loop_state=state,
+                                       position=position(step), run_id=run_id, config=params, rt=rt,
+                                       keep=tr.keep_checkpoints)
+            except checkpoint.CheckpointError as e:  # training goes on; the previous checkpoint is intact
+                log.error("%s", e)
+                tracker.tags({"kdrun.checkpoint_error": str(e)})
+                return None
+            tracker.metrics({"train/checkpoint_seconds": time.perf_counter() - t0}, step=step)
+            return path
+
+        with checkpoint.StopSignals() as signals:
+            loop.train(rt.wrap(student), teacher, loss_fn, loop.forever(loader), optim, rt, max_steps=max_steps,
+                       grad_accum=tr.grad_accum, log_every=tr.log_every, eval_every=tr.eval_every,
+                       log=tracker.metrics, evaluate=periodic_eval, max_nonfinite_skips=tr.max_nonfinite_skips,
+                       checkpoint=save_checkpoint, checkpoint_every=tr.checkpoint_every, signals=signals,
+                       resume=loop_state)
         if counter is not None:  # precompute: 0 when every output came from the cache
             tracker.metrics({"teacher/train_forward_calls": counter.calls}, step=max_steps)
         after = periodic_eval(max_steps)
@@ -286,10 +330,12 @@ def _run(cfg: DictConfig, rt) -> Dict[str, object]:
             student.save(out)
             tracker.artifacts(str(out), "student")
         tracker.end("FINISHED")
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, checkpoint.Interrupted):  # resumable: resume=PATH continues this very run
         tracker.end("KILLED")
         raise
     except BaseException as e:
+        if isinstance(e, NonFiniteLossError) and (last := checkpoint.latest_name(ckpt_dir)):
+            e.args = (f"{e}. The last good checkpoint is kept: {last}",)
         tracker.tags({"kdrun.failure": f"{type(e).__name__}: {e}"[:4000]})  # why, in the UI
         tracker.end("FAILED")
         raise
@@ -304,6 +350,22 @@ def _run(cfg: DictConfig, rt) -> Dict[str, object]:
     final = {f"eval/student/{k}": v for k, v in after.items()} | {f"eval/teacher/{k}": v for k, v in teacher_eval.items()}
     final |= {f"eval/{who}/ms_per_example": v for who, v in latency.items()}
     return final | {"run_id": run_id, "objective": after[task.primary]}
+
+
+def resume_point(cfg: DictConfig, params: Dict[str, str]):
+    """resume=auto|PATH: the checkpoint to continue from (None: a fresh run). Its run's config must match this one,
+    but for where things go and how often they are logged."""
+    if enum_value(cfg.mode) != "train" or not cfg.resume:
+        return None
+    found = checkpoint.locate(cfg.resume, cfg.output_dir)
+    if found:
+        differ = checkpoint.config_differences(found[1]["config"], params)
+        if differ:
+            shown = "; ".join(f"{k}: {found[1]['config'].get(k)} -> {params.get(k)}" for k in differ[:8])
+            raise ConfigError(f"resume: {found[0]} belongs to a run with another config ({shown}). A checkpoint "
+                              "continues the same run: pass the same overrides, or start a new run without resume=")
+        log.info("resuming from %s (step %d)", found[0], found[1]["step"])
+    return found
 
 
 def _fmt(metrics: Dict[str, float]) -> str:

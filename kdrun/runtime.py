@@ -25,6 +25,7 @@ class Runtime:
     precision: str  # fp32 | bf16 | fp16
     rank: int = 0  # DDP (torchrun): this process's rank among world_size
     world_size: int = 1
+    cpu_group: object = None  # DDP: a gloo process group for small host-side agreements (stop flags, barriers)
 
     @property
     def is_main(self) -> bool:
@@ -76,6 +77,22 @@ class Runtime:
         dist.all_reduce(stacked)
         return dict(zip(keys, stacked / self.world_size))
 
+    def max_int(self, value: int) -> int:
+        """The largest of the ranks' values (an int on the host; gloo, so no GPU sync), or `value` alone."""
+        if not self.distributed:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.long)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.cpu_group)
+        return int(t.item())
+
+    def barrier(self) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.barrier(group=self.cpu_group)
+
     def close(self) -> None:
         if self.distributed:
             import torch.distributed as dist
@@ -113,7 +130,8 @@ def make_runtime(device: str, precision: str) -> Runtime:
         torch.cuda.set_device(dev)
     if not dist.is_initialized():  # evaluation on rank 0 may keep the others waiting: a generous timeout
         dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
-    return Runtime(dev, precision, rank=rank, world_size=world)
+    cpu_group = dist.new_group(backend="gloo") if device == "cuda" else None  # None: the default (gloo) group
+    return Runtime(dev, precision, rank=rank, world_size=world, cpu_group=cpu_group)
 
 
 def compile_model(model: torch.nn.Module) -> None:

@@ -82,24 +82,59 @@ def command_line() -> str:
     return " ".join(["kdrun", *(redact_arg(a) for a in sys.argv[1:])])
 
 
-class Tracker:
-    """A thin wrapper over MLflow's fluent API; everything logged goes to one active run."""
+LOCAL_STORE = "sqlite:///mlflow.db"  # MLflow's default store in the working directory (what `make ui` browses)
+_RETRY_SECONDS = 30.0  # while the store is down, a new attempt at most this often (a 1 s probe first)
 
-    def __init__(self, uri: Optional[str], experiment: str):
+
+def _http_quick_fail() -> None:
+    """MLflow retries a failed HTTP request 7 times with exponential backoff (minutes); kdrun buffers and retries
+    metrics itself, so its requests give up after ~3 s (unless the environment sets these already)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+class Tracker:
+    """One MLflow run. Metrics are buffered while the store cannot be reached and sent when it can again; what
+    could never be sent ends in `<output_dir>/mlflow-unsent.jsonl` (named in the log; `kdrun-replay FILE` sends
+    it later). Nothing is dropped silently."""
+
+    def __init__(self, uri: Optional[str], experiment: str, fallback: str = "none", output_dir: str = "."):
         import mlflow
 
         self.mlflow = mlflow
         if uri:
             mlflow.set_tracking_uri(uri)
         self.uri = mlflow.get_tracking_uri()
-        _check_reachable(self.uri)  # seconds, not MLflow's minutes of HTTP retries
+        if self.uri.startswith("http"):
+            _http_quick_fail()
         try:
-            self.experiment_id = mlflow.set_experiment(experiment).experiment_id
+            _check_reachable(self.uri)  # seconds, not MLflow's minutes of HTTP retries
+            self.experiment_id = self._experiment(experiment)
+        except KdrunError as e:
+            if fallback != "local":
+                raise
+            log.warning("%s. tracking.fallback=local: logging this run to the local store %s in %s instead "
+                        "(browse with `make ui`)", e, LOCAL_STORE, Path.cwd())
+            mlflow.set_tracking_uri(LOCAL_STORE)
+            self.uri = mlflow.get_tracking_uri()
+            self.experiment_id = self._experiment(experiment)
+        self.client = mlflow.MlflowClient(self.uri)
+        self.run_id: Optional[str] = None
+        self.skip_through = -1  # a resumed run: metrics up to this step are in the store already
+        self.pending: list = []  # (key, value, timestamp ms, step) not yet sent
+        self.unsent: list = []  # other calls that failed (tags, artifacts, the final status)
+        self.down_since: Optional[float] = None
+        self.last_try = 0.0
+        self.unsent_file = Path(output_dir) / "mlflow-unsent.jsonl"
+
+    def _experiment(self, name: str) -> str:
+        try:
+            return self.mlflow.set_experiment(name).experiment_id
         except Exception as e:  # the store is unreachable or unusable: say so before any training
             raise KdrunError(f"MLflow tracking store '{redact_text(self.uri)}' is not usable: "
                              f"{redact_text(str(e).splitlines()[0])}. "
-                             "Check tracking.uri / MLFLOW_TRACKING_URI") from e
-        self.run_id: Optional[str] = None
+                             "Check tracking.uri / MLFLOW_TRACKING_URI, or set tracking.fallback=local") from e
 
     def start(self, run_name: Optional[str], params: Dict[str, str], tags: Dict[str, str],
               parent_run_id: Optional[str] = None) -> str:
@@ -124,22 +159,110 @@ class Tracker:
         })
         return self.run_id
 
+    def resume(self, run_id: str, step: int) -> str:
+        """Continue run `run_id` (a checkpoint's): it is RUNNING again, and metrics at steps it already holds are not
+        sent twice."""
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:
+            raise KdrunError(f"resume: the checkpoint's MLflow run {run_id} is not in the store "
+                             f"'{redact_text(self.uri)}': set tracking.uri to the store that run was logged to") from None
+        retry_locked(self.mlflow.start_run, run_id=run_id)
+        self.run_id = run_id
+        self.skip_through = max((m.step for k in run.data.metrics for m in self.client.get_metric_history(run_id, k)),
+                                default=-1)
+        resumes = int(run.data.tags.get("kdrun.resumes", "0")) + 1
+        self.tags({"kdrun.resumes": resumes, f"kdrun.resume.{resumes}": f"step {step}: {command_line()}"})
+        return run_id
+
+    def logged(self, prefix: str, step: int) -> Dict[str, float]:
+        """The run's metrics named prefix* at `step`, without the prefix (a resumed run's evaluation before training)."""
+        run = self.client.get_run(self.run_id)
+        out = {}
+        for key in run.data.metrics:
+            if key.startswith(prefix):
+                values = [m.value for m in self.client.get_metric_history(self.run_id, key) if m.step == step]
+                if values:
+                    out[key[len(prefix):]] = values[-1]
+        return out
+
     def metrics(self, values: Dict[str, float], step: int) -> None:
-        retry_locked(self.mlflow.log_metrics, {k: float(v) for k, v in values.items()}, step=step)
+        if step <= self.skip_through:
+            return
+        now = int(time.time() * 1000)
+        self.pending += [(k, float(v), now, step) for k, v in values.items()]
+        self._flush()
+
+    def _flush(self, final: bool = False) -> bool:
+        """Send what is pending; True when nothing is left. While the store is down, a new try at most every 30 s
+        (and at the end), after a quick TCP probe of a server, so that training never waits on it for long."""
+        from mlflow.entities import Metric
+
+        if not self.pending:
+            return True
+        if self.down_since is not None and not final and time.time() - self.last_try < _RETRY_SECONDS:
+            return False
+        self.last_try = time.time()
+        try:
+            if self.down_since is not None:
+                _check_reachable(self.uri, timeout=1.0)
+            while self.pending:
+                chunk = self.pending[:1000]  # MLflow's limit per batch
+                retry_locked(self.client.log_batch, self.run_id, metrics=[Metric(*m) for m in chunk])
+                del self.pending[:len(chunk)]
+        except Exception as e:
+            if self.down_since is None:
+                self.down_since = time.time()
+                log.warning("MLflow store '%s' cannot be reached (%s): training goes on; metrics are buffered and "
+                            "retried every %d s", redact_text(self.uri), redact_text(str(e).splitlines()[0][:300]),
+                            _RETRY_SECONDS)
+            return False
+        if self.down_since is not None:
+            log.warning("MLflow store reachable again after %.0f s: buffered metrics sent",
+                        time.time() - self.down_since)
+            self.down_since = None
+        return True
+
+    def _call(self, what: Dict, fn, *args, **kwargs) -> None:
+        """An MLflow call other than metrics; if it fails for want of the store, it is kept for the unsent file."""
+        try:
+            if self.down_since is not None:
+                _check_reachable(self.uri, timeout=1.0)
+            retry_locked(fn, *args, **kwargs)
+        except Exception as e:
+            log.warning("MLflow call failed (%s): kept for %s", redact_text(str(e).splitlines()[0][:300]),
+                        self.unsent_file)
+            self.unsent.append(what)
 
     def text(self, text: str, artifact_file: str) -> None:
-        retry_locked(self.mlflow.log_text, text, artifact_file)
+        self._call({"text": text, "artifact_file": artifact_file}, self.mlflow.log_text, text, artifact_file)
 
     def tags(self, tags: Dict[str, str]) -> None:
-        if self.mlflow.active_run() is not None:
-            retry_locked(self.mlflow.set_tags, redact({k: str(v) for k, v in tags.items()}))
+        if self.run_id is not None:
+            from mlflow.entities import RunTag
+
+            tags = redact({k: str(v) for k, v in tags.items()})
+            self._call({"tags": tags}, self.client.log_batch, self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def artifacts(self, local_dir: str, artifact_path: str) -> None:
-        retry_locked(self.mlflow.log_artifacts, local_dir, artifact_path)
+        self._call({"artifacts": str(Path(local_dir).resolve()), "artifact_path": artifact_path},
+                   self.mlflow.log_artifacts, local_dir, artifact_path)
 
     def end(self, status: str = "FINISHED") -> None:
-        if self.mlflow.active_run() is not None:
-            retry_locked(self.mlflow.end_run, status=status)
+        """Flush, then end the run; anything that could not be sent goes to the unsent file, named in the log."""
+        if self.mlflow.active_run() is None:
+            return
+        self._flush(final=True)
+        self._call({"status": status}, self.mlflow.end_run, status=status)
+        if self.pending or self.unsent:
+            rows = [{"run_id": self.run_id, "key": k, "value": v, "timestamp": t, "step": st}
+                    for k, v, t, st in self.pending] + [{"run_id": self.run_id, **u} for u in self.unsent]
+            with open(self.unsent_file, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+            log.error("MLflow store '%s' could not take %d metric values and %d other records of run %s; they are in "
+                      "%s: send them with `kdrun-replay %s` once it is back", redact_text(self.uri), len(self.pending),
+                      len(self.unsent), self.run_id, self.unsent_file, self.unsent_file)
+            self.pending, self.unsent = [], []
 
     def run_url(self) -> str:
         uri = redact_text(self.uri)
@@ -158,7 +281,10 @@ class NullTracker:
     def metrics(self, *args, **kwargs) -> None:
         pass
 
-    text = artifacts = end = tags = metrics
+    text = artifacts = end = tags = resume = metrics
+
+    def logged(self, *args) -> Dict[str, float]:
+        return {}
 
     def run_url(self) -> str:
         return "(logged by rank 0)"
@@ -170,3 +296,45 @@ def summary_table(rows: Iterable[tuple], header: tuple) -> str:
     widths = [max(len(str(h)), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))
     return "\n".join([line(header), line("-" * w for w in widths), *(line(r) for r in rows)])
+
+
+def replay(path: str, uri: Optional[str] = None) -> int:
+    """Send what a run could not (an unsent file) to the tracking store; returns the number of records sent."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
+
+    client = MlflowClient(uri)
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    for run_id in dict.fromkeys(r["run_id"] for r in rows):
+        mine = [r for r in rows if r["run_id"] == run_id]
+        metrics = [Metric(r["key"], r["value"], r["timestamp"], r["step"]) for r in mine if "key" in r]
+        for i in range(0, len(metrics), 1000):
+            client.log_batch(run_id, metrics=metrics[i:i + 1000])
+        for r in mine:
+            if "tags" in r:
+                client.log_batch(run_id, tags=[RunTag(k, v) for k, v in r["tags"].items()])
+            elif "text" in r:
+                client.log_text(run_id, r["text"], r["artifact_file"])
+            elif "artifacts" in r:
+                client.log_artifacts(run_id, r["artifacts"], r["artifact_path"])
+        for r in mine:
+            if "status" in r:
+                client.set_terminated(run_id, r["status"])
+    return len(rows)
+
+
+def replay_main(argv=None) -> None:
+    """`kdrun-replay FILE [--tracking-uri URI]`: send a run's unsent records once the store is back."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="kdrun-replay", description=replay_main.__doc__)
+    p.add_argument("file", help="an mlflow-unsent.jsonl that kdrun wrote when the store could not be reached")
+    p.add_argument("--tracking-uri", default=None, help="the store (default: MLFLOW_TRACKING_URI)")
+    args = p.parse_args(argv)
+    if not Path(args.file).is_file():
+        sys.exit(f"kdrun-replay: error: {args.file}: no such file")
+    try:
+        n = replay(args.file, args.tracking_uri)
+    except Exception as e:
+        sys.exit(f"kdrun-replay: error: {redact_text(str(e).splitlines()[0])} (nothing was removed from {args.file})")
+    print(f"kdrun-replay: sent {n} records from {args.file}")

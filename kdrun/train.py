@@ -4,11 +4,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator
+from typing import Callable, Dict, Iterator, Optional
 
 import torch
 from tqdm.auto import tqdm
 
+from kdrun.checkpoint import Interrupted, StopSignals
 from kdrun.data.tokens import token_counts
 from kdrun.errors import NonFiniteLossError
 from kdrun.runtime import Runtime, loss_param_sync, to_device
@@ -70,19 +71,25 @@ def forever(loader) -> Iterator:
 
 def train(student, teacher, loss_fn, batches: Iterator[Dict], optim: Optim, rt: Runtime, *, max_steps: int,
           grad_accum: int, log_every: int, eval_every: int, log: Callable[[Dict[str, float], int], None],
-          evaluate: Callable[[int], Dict[str, float]], desc: str = "distil", max_nonfinite_skips: int = 0) -> int:
+          evaluate: Callable[[int], Dict[str, float]], desc: str = "distil", max_nonfinite_skips: int = 0,
+          checkpoint: Optional[Callable[[int, Dict], object]] = None, checkpoint_every: int = 0,
+          signals: Optional[StopSignals] = None, resume: Optional[Dict] = None) -> int:
     """Train `student` (DDP-wrapped when distributed) to match `teacher` for `max_steps` optimizer steps. A step whose
     loss or gradient is not finite stops the run (found at the next log step, naming it), or with
-    max_nonfinite_skips > 0 is skipped, up to that many times (then each step is checked: one host sync)."""
+    max_nonfinite_skips > 0 is skipped, up to that many times (then each step is checked: one host sync).
+    `checkpoint(step, loop_state)` runs every `checkpoint_every` steps and when `signals` caught SIGTERM/SIGINT
+    (then the loop stops: Interrupted); `resume` is a checkpoint's loop state to continue from."""
     student.train()
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]  # e.g. TinyBERT's projections
-    window: Dict[str, torch.Tensor] = {}  # per-term sums on the device: no host sync inside a step
-    window_steps, skipped = 0, 0
+    resume = resume or {"step": 0, "window": {}, "window_steps": 0, "skipped": 0}
+    window: Dict[str, torch.Tensor] = dict(resume["window"])  # per-term sums on the device: no host sync in a step
+    window_steps, skipped = resume["window_steps"], resume["skipped"]
     first_bad = torch.zeros((), dtype=torch.long, device=rt.device)  # first non-finite step (0: none), on the device
     samples = real_tokens = tokens = 0  # counted on the host from the CPU batches
     t0 = time.perf_counter()
-    bar = tqdm(total=max_steps, desc=desc, dynamic_ncols=True, mininterval=1.0, disable=not rt.is_main)
-    for step in range(1, max_steps + 1):
+    bar = tqdm(total=max_steps, initial=resume["step"], desc=desc, dynamic_ncols=True, mininterval=1.0,
+               disable=not rt.is_main)
+    for step in range(resume["step"] + 1, max_steps + 1):
         # ---- one optimizer step over grad_accum micro-batches ----
         terms: Dict[str, torch.Tensor] = {}
         for micro in range(grad_accum):
@@ -145,5 +152,17 @@ def train(student, teacher, loss_fn, batches: Iterator[Dict], optim: Optim, rt: 
         if eval_every and step % eval_every == 0 and step < max_steps:
             evaluate(step)  # rank 0 (the others wait for it in the next step's all-reduce)
             t0 = time.perf_counter()  # eval time is not training throughput
+
+        # ---- checkpoints: every checkpoint_every steps, and on SIGTERM/SIGINT (then stop) ----
+        signum = signals.requested(rt) if signals else 0  # DDP: the ranks agree (a tiny host-side all-reduce)
+        if signum or (checkpoint and checkpoint_every and step % checkpoint_every == 0):
+            if int(first_bad):  # never save a diverged student: the last good checkpoint stays the newest
+                raise NonFiniteLossError(f"non-finite loss or gradient at step {int(first_bad)}; lower optimizer.lr, "
+                                         "keep optimizer.max_grad_norm > 0, or set train.max_nonfinite_skips=N")
+            state = {"step": step, "window": window, "window_steps": window_steps, "skipped": skipped}
+            path = checkpoint(step, state) if checkpoint else None
+            if signum:
+                bar.close()
+                raise Interrupted(signum, step, path)
     bar.close()
     return max_steps

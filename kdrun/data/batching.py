@@ -4,6 +4,7 @@ Batches hold examples of similar length, so padding (wasted compute) stays small
 across batches stays random. Each pass over the sampler (an epoch) draws a new order from its seed.
 Under DDP every rank draws the same order and takes every world_size-th batch from its rank on: shards
 of whole buckets, the same number of batches on every rank (extra batches at the end are left out).
+A resumed run starts mid-epoch with `resume_at(epoch, batch)`, in the same order.
 """
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ class BucketBatchSampler:
         self.drop_last = drop_last
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        self.skip = 0  # batches of the next epoch already trained on (a resumed run)
+
+    def resume_at(self, epoch: int, batch: int) -> None:
+        """Continue from batch `batch` of epoch `epoch` (0-based): the order is the one that epoch always draws."""
+        self.epoch, self.skip = epoch, batch
 
     def __len__(self) -> int:
         n = len(self.lengths) // self.batch_size
@@ -38,4 +44,5 @@ class BucketBatchSampler:
             batches.pop()  # chunks are whole multiples of batch_size: only the last batch can be short
         rng.shuffle(batches)
         keep = len(batches) // self.world_size * self.world_size
-        return iter(batches[self.rank:keep:self.world_size])
+        mine, self.skip = batches[self.rank:keep:self.world_size][self.skip:], 0
+        return iter(mine)

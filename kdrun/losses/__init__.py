@@ -115,6 +115,12 @@ class Taid(Term):
     def logs(self) -> Dict[str, float]:
         return {"taid_t": self.t}
 
+    def get_extra_state(self) -> Dict:  # the adaptive schedule, in checkpoints (state_dict's _extra_state)
+        return {"calls": self.calls, "t": self.t, "prev": self.prev, "momentum": self.momentum}
+
+    def set_extra_state(self, state: Dict) -> None:
+        self.calls, self.t, self.prev, self.momentum = state["calls"], state["t"], state["prev"], state["momentum"]
+
 
 def _projection(d_in: int, d_out: int) -> nn.Module:
     return nn.Identity() if d_in == d_out else nn.Linear(d_in, d_out)

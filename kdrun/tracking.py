@@ -57,7 +57,7 @@ def retry_locked(fn, *args, tries: int = 8, **kwargs):
         except Exception as e:  # MLflow wraps sqlite3.OperationalError in its own exception types
             if "database is locked" not in str(e) or attempt == tries - 1:
                 raise
-            log.info("tracking store busy (database is locked); retrying in %.1f s", 0.25 * 2 ** attempt)
+            log.info("tracking store busy (%s); retrying in %.1f s", str(e).splitlines()[0][:120], 0.25 * 2 ** attempt)
             time.sleep(0.25 * 2 ** attempt)
 
 
@@ -75,6 +75,19 @@ def _check_reachable(uri: str, timeout: float = 5.0) -> None:
         raise KdrunError(f"MLflow tracking server '{redact_text(uri)}' cannot be reached ({e.strerror or e}). Start it "
                          "(`make server`), check tracking.uri / MLFLOW_TRACKING_URI, or drop tracking.uri to log to "
                          "the local store in this directory") from None
+
+
+def _store_lock(uri: str):
+    """A file lock beside a local SQLite store while it is first opened: MLflow creates and migrates a new store's
+    tables on first use, and two processes doing that at once fail ("table already exists", "duplicate column")."""
+    import contextlib
+
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    db = Path(uri[len("sqlite:///"):].split("?")[0])
+    return FileLock(str(db) + ".lock") if db.parent.is_dir() else contextlib.nullcontext()
 
 
 def command_line() -> str:
@@ -130,7 +143,8 @@ class Tracker:
 
     def _experiment(self, name: str) -> str:
         try:
-            return self.mlflow.set_experiment(name).experiment_id
+            with _store_lock(self.uri):  # the first touch creates and migrates a new SQLite store
+                return retry_locked(self.mlflow.set_experiment, name).experiment_id
         except Exception as e:  # the store is unreachable or unusable: say so before any training
             raise KdrunError(f"MLflow tracking store '{redact_text(self.uri)}' is not usable: "
                              f"{redact_text(str(e).splitlines()[0])}. "

@@ -158,12 +158,16 @@ def test_unreachable_tracking_server_fails_at_once_with_the_fix(tmp_path):
     assert time.perf_counter() - t0 < 60
 
 
-def test_a_non_finite_loss_fails_the_run_with_the_reason_tagged(tmp_path):
-    r = run_kdrun(SMALL + ["train.max_steps=3", "optimizer.lr=1e30", "optimizer.warmup_ratio=0",
-                           "tracking.experiment=nan", f"hydra.run.dir={tmp_path / 'out'}"], cwd=tmp_path,
-                  env=offline_env(tmp_path))
+def test_a_non_finite_loss_fails_the_run_with_the_reason_tagged_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    r = run_kdrun(SMALL + ["train.max_steps=4", "optimizer.lr=1e30", "optimizer.warmup_ratio=0",
+                           "train.checkpoint_every=1", "train.log_every=3", "tracking.experiment=nan",
+                           f"hydra.run.dir={out}"], cwd=tmp_path, env=offline_env(tmp_path))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "kdrun: error: non-finite loss or gradient at step 2" in r.stderr, r.stderr[-2000:]
+    good = out / "checkpoints" / "ckpt-00000001"
+    assert f"The last good checkpoint is kept: {good}" in r.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["ckpt-00000001"]  # step 2's never written
     run = _only_run(_client(tmp_path), "nan")
     assert run.info.status == "FAILED"
     assert run.data.tags["kdrun.failure"].startswith("NonFiniteLossError: non-finite loss or gradient at step 2")

@@ -1,0 +1,168 @@
+"""Tracking outages: metrics buffered while the store is away and sent when it is back, what never could be sent
+written to a file that `kdrun-replay` sends later, `tracking.fallback=local`, and (slow) a real tracking server
+killed in the middle of a run."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import offline_env, run_kdrun
+from kdrun import tracking
+from test_e2e import SMALL
+
+
+@pytest.fixture
+def tracker(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    t = tracking.Tracker(f"sqlite:///{tmp_path / 'store.db'}", "outage", output_dir=str(tmp_path))
+    t.start("r", {"a": "1"}, {})
+    yield t
+    if t.mlflow.active_run() is not None:
+        t.mlflow.end_run()
+
+
+class Outage:
+    """client.log_batch fails while `down` is set, as it does when the server is gone."""
+
+    def __init__(self, tracker):
+        self.real, self.down, self.calls = tracker.client.log_batch, True, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.down:
+            raise ConnectionError("Connection refused")
+        return self.real(*args, **kwargs)
+
+
+def _history(t, key):
+    return [(m.step, m.value) for m in t.client.get_metric_history(t.run_id, key)]
+
+
+def test_metrics_are_buffered_during_an_outage_and_sent_when_the_store_is_back(tracker, monkeypatch, caplog):
+    outage = Outage(tracker)
+    monkeypatch.setattr(tracker.client, "log_batch", outage)
+    monkeypatch.setattr(tracking, "_RETRY_SECONDS", 3600.0)
+    for step in (1, 2, 3):
+        tracker.metrics({"train/loss": 1.0 / step}, step)
+    assert outage.calls == 1  # while down, no new attempt before the retry interval: training does not wait
+    assert "cannot be reached" in caplog.text and "training goes on" in caplog.text
+    outage.down = False
+    monkeypatch.setattr(tracking, "_RETRY_SECONDS", 0.0)
+    tracker.metrics({"train/loss": 0.25}, 4)
+    assert _history(tracker, "train/loss") == [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.25)]
+    assert "reachable again" in caplog.text
+    tracker.end("FINISHED")
+    assert not (Path(tracker.unsent_file)).exists()
+
+
+def test_what_is_never_sent_lands_in_a_named_file_that_kdrun_replay_sends(tracker, monkeypatch, caplog, tmp_path):
+    outage = Outage(tracker)
+    monkeypatch.setattr(tracker.client, "log_batch", outage)
+    monkeypatch.setattr(tracker.mlflow, "end_run", lambda **kw: (_ for _ in ()).throw(ConnectionError("refused")))
+    tracker.metrics({"train/loss": 0.5, "train/lr": 1e-4}, 1)
+    tracker.tags({"kdrun.note": "x", "api_token": "hf_" + "Ab3" * 12})
+    tracker.end("FINISHED")
+    unsent = tmp_path / "mlflow-unsent.jsonl"
+    assert str(unsent) in caplog.text and "kdrun-replay" in caplog.text
+    rows = [json.loads(line) for line in unsent.read_text().splitlines()]
+    assert {r.get("key") for r in rows} >= {"train/loss", "train/lr"}
+    assert {"status": "FINISHED", "run_id": tracker.run_id} in rows
+    assert "Ab3Ab3" not in unsent.read_text()  # redacted before it was ever kept
+    monkeypatch.undo()
+    r = subprocess.run([str(Path(sys.executable).with_name("kdrun-replay")), str(unsent), "--tracking-uri",
+                        tracker.uri], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "sent 4 records" in r.stdout, r.stderr
+    run = tracker.client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["kdrun.note"] == "x"
+    assert _history(tracker, "train/loss") == [(1, 0.5)]
+
+
+def test_fallback_local_logs_to_the_local_store_and_says_where(tmp_path):
+    r = run_kdrun(SMALL + ["tracking.uri=http://127.0.0.1:9", "tracking.fallback=local", "tracking.experiment=fb",
+                           "tracking.log_student=false"], cwd=tmp_path, env={**offline_env(tmp_path),
+                                                                               "MLFLOW_TRACKING_URI": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "tracking.fallback=local: logging this run to the local store sqlite:///mlflow.db" in r.stderr + r.stdout
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("fb").experiment_id])
+    assert run.info.status == "FINISHED" and "train/loss" in run.data.metrics
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(tmp: Path, port: int) -> subprocess.Popen:
+    import urllib.request
+
+    mlflow = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen([str(mlflow), "server", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
+                             "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"], cwd=tmp, stdout=open(tmp / "server.log", "a"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
+                return proc
+        except OSError:
+            time.sleep(0.5)
+    os.killpg(proc.pid, 9)
+    pytest.fail("mlflow server did not come up: " + (tmp / "server.log").read_text()[-2000:])
+
+
+@pytest.mark.slow
+def test_a_server_that_dies_mid_run_loses_nothing(tmp_path):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = _serve(tmp_path, port)
+    exe = Path(sys.executable).with_name("kdrun")
+    out = tmp_path / "out"
+    run = subprocess.Popen([str(exe), "train.max_steps=60", "train.log_every=1", "tracking.experiment=outage",
+                            f"tracking.uri={url}", f"hydra.run.dir={out}"], cwd=tmp_path,
+                           env={**offline_env(tmp_path), "MLFLOW_TRACKING_URI": ""}, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=url)
+    deadline = time.time() + 300
+    while True:  # the server goes away once training has logged its first steps
+        assert run.poll() is None and time.time() < deadline, run.communicate()[0][-3000:]
+        exp = client.get_experiment_by_name("outage")
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        if runs and "train/loss" in runs[0].data.metrics:
+            break
+        time.sleep(0.5)
+    os.killpg(server.pid, 9)
+    server.wait()
+    text = run.communicate(timeout=600)[0]
+    assert run.returncode == 0, text[-3000:]  # training went on
+    unsent = out / "mlflow-unsent.jsonl"
+    assert "cannot be reached" in text and str(unsent) in text and "kdrun-replay" in text
+    rows = [json.loads(line) for line in unsent.read_text().splitlines()]
+    assert any(r.get("key") == "train/loss" and r["step"] == 60 for r in rows)
+    assert any(r.get("status") == "FINISHED" for r in rows) and any("artifacts" in r for r in rows)
+
+    server = _serve(tmp_path, port)  # back again: everything is sent
+    try:
+        r = subprocess.run([str(Path(sys.executable).with_name("kdrun-replay")), str(unsent), "--tracking-uri", url],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        [logged] = client.search_runs([client.get_experiment_by_name("outage").experiment_id])
+        assert logged.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(logged.info.run_id, "train/loss")]
+        assert steps == list(range(1, 61)), steps  # every step, once
+        assert {a.path for a in client.list_artifacts(logged.info.run_id)} >= {"student", "config.yaml"}
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)

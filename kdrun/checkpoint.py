@@ -4,9 +4,9 @@ A checkpoint is a directory `<output_dir>/checkpoints/ckpt-<step>/`:
 
     student.safetensors   the student's weights (safetensors: no code runs when they are read)
     loss.safetensors      the loss terms' weights (TinyBERT projections), when there are any
-    state.pt              optimizer, scheduler, GradScaler, the loss terms' other state (TAID's schedule) and the
-                          loop's unlogged window of losses; read back with torch.load(weights_only=True)
-    rng-<rank>.pt         each process's python, numpy, torch and CUDA RNG states
+    state.pt              optimizer, scheduler, GradScaler and the loss terms' other state (TAID's schedule); read
+                          back with torch.load(weights_only=True), as every .pt here
+    rank-<rank>.pt        each process's python, numpy, torch and CUDA RNG states and its loop's unlogged window
     meta.json             step, data position, MLflow run id, the run's config, and every file's size and SHA-256;
                           written last
 
@@ -15,7 +15,7 @@ Everything is written into a `.tmp-` sibling directory, each file fsynced, and t
 checkpoint under a final name. Older checkpoints are pruned only after the new one is in place. On resume, a
 checkpoint whose files do not match meta.json (truncated, missing, altered) is skipped with a warning.
 
-Under DDP every rank writes its own RNG file into the same directory (a shared filesystem); rank 0 writes the rest.
+Under DDP every rank writes its own rank file into the same directory (a shared filesystem); rank 0 the rest.
 """
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def save(directory: Path, step: int, *, student, loss_fn, optim, loop_state: Dic
             shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash
             tmp.mkdir()
         rt.barrier()
-        _torch_save(rng_state(), tmp / f"rng-{rt.rank}.pt")
+        _torch_save({"rng": rng_state(), "loop": loop_state}, tmp / f"rank-{rt.rank}.pt")
         rt.barrier()
         if rt.is_main:
             save_model(student, str(tmp / "student.safetensors"))  # handles tied weights
@@ -134,7 +134,7 @@ def save(directory: Path, step: int, *, student, loss_fn, optim, loop_state: Dic
             if loss_tensors:
                 save_file({k: v.contiguous() for k, v in loss_tensors.items()}, str(tmp / "loss.safetensors"))
             _torch_save({"optimizer": optim.optimizer.state_dict(), "scheduler": optim.scheduler.state_dict(),
-                         "scaler": optim.scaler.state_dict(), "loss_extra": loss_extra, "loop": loop_state},
+                         "scaler": optim.scaler.state_dict(), "loss_extra": loss_extra},
                         tmp / "state.pt")
             files = sorted(p.name for p in tmp.iterdir())
             for name in files:
@@ -244,8 +244,8 @@ def config_differences(saved: Dict[str, str], now: Dict[str, str]) -> List[str]:
 # ---------------------------------------------------------------------------------------------- restoring
 
 def restore(path: Path, *, student, loss_fn, optim, rt) -> Dict:
-    """Load a checkpoint's weights and optimizer, scheduler and scaler states into the run; returns the loop state
-    (the RNG is restored separately, just before training, by `restore_rng`)."""
+    """Load a checkpoint's weights and optimizer, scheduler and scaler states into the run; returns this rank's loop
+    state (its RNG is restored separately, just before training, by `restore_rng`)."""
     from safetensors.torch import load_file, load_model
 
     load_model(student, str(path / "student.safetensors"), device=str(rt.device))
@@ -257,15 +257,19 @@ def restore(path: Path, *, student, loss_fn, optim, rt) -> Dict:
     optim.optimizer.load_state_dict(state["optimizer"])
     optim.scheduler.load_state_dict(state["scheduler"])
     optim.scaler.load_state_dict(state["scaler"])
-    return state["loop"]
+    return _rank_state(path, rt.rank, rt.device)["loop"]
+
+
+def _rank_state(path: Path, rank: int, device=None) -> Dict:
+    f = path / f"rank-{rank}.pt"
+    if not f.exists():
+        raise CheckpointError(f"{path} has no state for rank {rank}: it was written by fewer processes; resume "
+                              "with the same number of processes")
+    return torch.load(f, map_location=device, weights_only=True)
 
 
 def restore_rng(path: Path, rank: int) -> None:
-    f = path / f"rng-{rank}.pt"
-    if not f.exists():
-        raise CheckpointError(f"{path} has no RNG state for rank {rank}: it was written by fewer processes; resume "
-                              "with the same number of processes")
-    set_rng_state(torch.load(f, weights_only=True))
+    set_rng_state(_rank_state(path, rank)["rng"])
 
 
 # ---------------------------------------------------------------------------------------------- signals

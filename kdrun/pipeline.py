@@ -180,6 +180,7 @@ def _run(cfg: DictConfig, rt) -> Dict[str, object]:
     from kdrun.tasks import task_class
 
     hw, tr = _node(cfg.hardware), cfg.train
+    sweep.writable_dir(cfg.output_dir, "output_dir")  # checkpoints and the student go there: fail now, not after hours
     seed_everything(tr.seed)  # the same on every rank: identical initialisation
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     params = flatten(redact(resolved))

@@ -12,11 +12,14 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from kdrun.errors import KdrunError
 
 log = logging.getLogger(__name__)
 ENV = "KDRUN_PARENT_RUN_ID"
@@ -77,11 +80,39 @@ def parent_run_id() -> Optional[str]:
     return found[0].info.run_id if found else None
 
 
+def writable_dir(path: str, key: str) -> None:
+    """Create `path` if need be and check that files can be written in it; else one message naming `key`, and the
+    fix (before Hydra or kdrun write anything there)."""
+    import tempfile
+
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise KdrunError(f"{key}={path} is not a writable directory ({e.strerror or e}); point {key} at a "
+                         "directory you can write to") from None
+
+
+def _checked_dir(path: str, key: str) -> None:
+    """writable_dir in a Hydra callback: Hydra would print a traceback for an exception, so print and exit."""
+    try:
+        writable_dir(path, key)
+    except KdrunError as e:
+        print(f"kdrun: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 class MlflowSweep(Callback):
+    """kdrun's Hydra callback: the output directory checked before a run, and a sweep's MLflow parent run."""
+
     def __init__(self) -> None:
         self.run_id: Optional[str] = None
 
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _checked_dir(config.hydra.run.dir, "hydra.run.dir")
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _checked_dir(config.hydra.sweep.dir, "hydra.sweep.dir")
         from kdrun.report import PARENT_TAG
         from kdrun.secrets import redact_arg
         from kdrun.tracking import command_line, git_commit

@@ -108,7 +108,7 @@ def test_checkpoints_are_written_atomically_and_the_newest_k_kept(tmp_path):
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["ckpt-00000006", "ckpt-00000008", "ckpt-00000010"]
     meta = json.loads((root / "ckpt-00000010" / "meta.json").read_text())
-    assert set(meta["files"]) == {"student.safetensors", "state.pt", "rng-0.pt"}
+    assert set(meta["files"]) == {"student.safetensors", "state.pt", "rank-0.pt"}
     assert all(len(f["sha256"]) == 64 and f["bytes"] > 0 for f in meta["files"].values())
     # state.pt holds only what weights_only=True loads (no pickled code)
     torch.load(root / "ckpt-00000010" / "state.pt", weights_only=True)

@@ -45,3 +45,57 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path)
     assert w1.keys() == w2.keys()
     worst = max((w1[k] - w2[k]).abs().max().item() for k in w1)
     assert worst < 1e-5, f"weights differ by up to {worst}"
+
+
+@pytest.mark.slow
+def test_ddp_stopped_by_sigterm_resumes_to_the_uninterrupted_weights(tmp_path):
+    """torchrun forwards SIGTERM to both ranks; they agree on the step, rank 0 writes the checkpoint and each rank its
+    RNG state; resumed under torchrun, the run ends with the weights and losses of a run that never stopped (with
+    dropout on: each rank's RNG must continue where it was)."""
+    import os
+    import signal
+    import time
+
+    from mlflow.tracking import MlflowClient
+    from safetensors.torch import load_file
+
+    env = offline_env(tmp_path)
+    args = [a for a in COMMON if not a.startswith(("student.dropout", "train.max_steps"))] + [
+        "train.max_steps=14", "train.checkpoint_every=2", "train.log_every=2"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdrun"]
+    ref = subprocess.run([*torchrun, *args, "tracking.run_name=ref", f"hydra.run.dir={tmp_path / 'ref'}"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    out = tmp_path / "stopped"
+    stop_args = [*args, "tracking.run_name=stopped", f"hydra.run.dir={out}"]
+    proc = subprocess.Popen([*torchrun, *stop_args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "ckpt-00000002").is_dir():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert "stopped by SIGTERM after step" in err, err[-3000:]
+    step = int(err.split("stopped by SIGTERM after step ")[1].split(";")[0])
+    assert 2 <= step < 14 and (out / "checkpoints" / f"ckpt-{step:08d}" / "rank-1.pt").is_file()
+    resumed = subprocess.run([*torchrun, *stop_args, "resume=auto"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("ddp").experiment_id])}
+    assert sorted(runs) == ["ref", "stopped"] and runs["stopped"].info.status == "FINISHED"
+    for key in ("train/loss", "train/grad_norm"):
+        got = [(m.step, m.value) for m in client.get_metric_history(runs["stopped"].info.run_id, key)]
+        want = [(m.step, m.value) for m in client.get_metric_history(runs["ref"].info.run_id, key)]
+        assert sorted(got) == sorted(want) and len(got) == 7, key
+    a = load_file(str(out / "student" / "model.safetensors"))
+    b = load_file(str(tmp_path / "ref" / "student" / "model.safetensors"))
+    assert all(torch_equal(a[k], b[k]) for k in a)
+
+
+def torch_equal(x, y) -> bool:
+    import torch
+
+    return torch.equal(x, y)

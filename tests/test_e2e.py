@@ -171,3 +171,12 @@ def test_a_non_finite_loss_fails_the_run_with_the_reason_tagged_and_keeps_the_la
     run = _only_run(_client(tmp_path), "nan")
     assert run.info.status == "FAILED"
     assert run.data.tags["kdrun.failure"].startswith("NonFiniteLossError: non-finite loss or gradient at step 2")
+
+
+@pytest.mark.parametrize("key", ["output_dir", "hydra.run.dir"])
+def test_an_output_dir_that_cannot_be_written_fails_before_anything_runs(tmp_path, key):
+    (tmp_path / "a_file").write_text("")
+    r = run_kdrun(SMALL + [f"{key}={tmp_path / 'a_file' / 'out'}"], cwd=tmp_path, env=offline_env(tmp_path))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"kdrun: error: {key}={tmp_path / 'a_file' / 'out'} is not a writable directory (Not a directory)" \
+        in r.stderr

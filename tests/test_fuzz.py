@@ -7,14 +7,17 @@ from conftest import offline_env, run_kdrun
 
 VALID = ["loss=margin_mse", "loss=listwise_kl", "loss=pointwise_mse", "student=colbert", "optimizer.lr=1e-4",
          "train.grad_accum=2", "hardware.length_groups=2", "hardware.pad_to_multiple_of=16", "student.dropout=0",
-         "data.negatives_per_query=2", "teacher.mode=online", "optimizer.schedule=constant", "train.log_every=1"]
+         "data.negatives_per_query=2", "teacher.mode=online", "optimizer.schedule=constant", "train.log_every=1",
+         "train.checkpoint_every=1", "resume=auto", "tracking.fallback=local"]
 INVALID = ["loss=nope", "train.max_steps=abc", "train.batch_size=0", "hardware.length_groups=0",
            "teacher.path=/nonexistent", "student.path=/nonexistent", "student.init=pretrained", "data=triples",
            "data.eval_fraction=2", "teacher.kind=ranker", "hardware=multi_gpu", "student.layers=[9,9]",
            "student.dropout=2", "nonsense_key=1", "optimizer.lr=-1", "hardware.device=cuda", "data.max_train_queries=0",
            "train.batch_size=100000", "loss=kd_kl", "teacher=smollm2", "data=fortunes", "experiment=nope",
            "loss.terms.0.temperature=0", "train.epochs=0", "train.max_steps=0", "hardware.precision=fp16",
-           "data.eval_candidates=1", "student.layers=[0,99]", "tracking.uri=http://127.0.0.1:9"]
+           "data.eval_candidates=1", "student.layers=[0,99]", "tracking.uri=http://127.0.0.1:9",
+           "resume=/nonexistent", "train.keep_checkpoints=0", "train.checkpoint_every=-1", "tracking.fallback=cloud",
+           "output_dir=/proc/kdrun-out"]
 SMALL = ["train.max_steps=1", "train.batch_size=4", "data.max_train_queries=8", "data.max_eval_queries=4",
          "tracking.log_student=false"]
 

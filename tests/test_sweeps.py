@@ -40,10 +40,13 @@ def test_four_parallel_jobs_land_as_children_of_one_parent(parallel_sweep):
     assert len({c.info.run_name for c in children}) == 4  # every child named by its swept values only
     assert all(c.info.run_name.split(" ", 1)[1].startswith("optimizer.lr=") and "max_steps" not in c.info.run_name
                for c in children)
-    for c in children:  # nothing lost: every step of every metric history
-        assert [m.step for m in client.get_metric_history(c.info.run_id, "train/loss")] == [1, 2, 3]
-        for key in ("eval/student/mrr_at_10", "eval/teacher/mrr_at_10", "model/student_params"):
-            assert key in c.data.metrics
+    keys = set().union(*(c.data.metrics for c in children))
+    assert {"train/loss", "train/margin_mse", "train/lr", "train/grad_norm", "eval/student/mrr_at_10",
+            "eval/teacher/mrr_at_10", "model/student_params"} <= keys
+    for c in children:  # nothing lost: every metric of every job, every step of every training metric
+        assert set(c.data.metrics) == keys
+        for key in (k for k in keys if k.startswith("train/") and k != "train/max_steps"):
+            assert [m.step for m in client.get_metric_history(c.info.run_id, key)] == [1, 2, 3], key
     assert "optimizer.lr=1e-4,2e-4,3e-4,4e-4" in parent.data.params["sweep.overrides"]
     assert parent.data.metrics["sweep/finished"] == 4
     assert parent.data.metrics["best/eval/student/mrr_at_10"] == max(c.data.metrics["eval/student/mrr_at_10"]

@@ -71,6 +71,23 @@ def test_a_missing_file_names_the_key(files):
         load(**{**files, "qrels": "nope.tsv"}, **ARGS)
 
 
+def test_an_unreadable_file_names_the_key_and_the_reason(files, monkeypatch):
+    import builtins
+    import errno
+    import os
+
+    real_open = builtins.open
+
+    def guarded(path, *args, **kwargs):  # (tests may run as root, which chmod cannot lock out)
+        if str(path) == str(files["qrels"]):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded)
+    with pytest.raises(DataError, match=f"data.qrels={files['qrels']}: cannot read it \\(Permission denied\\)"):
+        load(**files, **ARGS)
+
+
 def test_msmarco_layout_scored_then_trained_from_the_file_by_ids(tmp_path):
     """Real text (chatterbot) written in MS MARCO's layout with numeric ids; `kdrun mode=score` writes the
     Margin-MSE file by those ids, and a ColBERT student trains from it."""

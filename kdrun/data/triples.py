@@ -34,6 +34,8 @@ def _lines(key: str, path: str) -> Iterator[Tuple[int, List[str], Path]]:
                     yield n, line.rstrip("\n").split("\t") if "\t" in line else line.split(), f
     except UnicodeDecodeError as e:
         raise DataError(f"data.{key}={path}: not UTF-8 text ({e})") from e
+    except OSError as e:  # permissions, a file that vanished, an I/O error
+        raise DataError(f"data.{key}={path}: cannot read it ({e.strerror or e})") from e
 
 
 def read_texts(key: str, path: str) -> Dict[str, str]:

@@ -3,6 +3,7 @@ optimizer; then evaluates, trains, evaluates again and records everything in MLf
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -162,12 +163,24 @@ def load_data(cfg: DictConfig):
     return task_name, build(node)
 
 
+RESULT_FILE = "kdrun-result.json"  # in output_dir when a run has finished: resume=auto does not repeat it
+
+
 def run(cfg: DictConfig) -> Dict[str, object]:
+    done = Path(cfg.output_dir) / RESULT_FILE
+    if cfg.resume == "auto" and done.is_file():  # e.g. a sweep run again after a pre-emption: this job had finished
+        result = json.loads(done.read_text())
+        print(f"kdrun: {cfg.output_dir} holds a finished run (MLflow run {result['run_id']}); resume=auto has "
+              "nothing to do")
+        return result
     rt = runtime(cfg)
     try:
-        return _run(cfg, rt)
+        result = _run(cfg, rt)
     finally:
         rt.close()
+    if rt.is_main:
+        done.write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
 
 def _run(cfg: DictConfig, rt) -> Dict[str, object]:

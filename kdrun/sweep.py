@@ -123,6 +123,8 @@ class MlflowSweep(Callback):
         exp_id = exp.experiment_id if exp else client.create_experiment(name)
         given = list(OmegaConf.select(config, "hydra.overrides.task", default=[]) or [])
         overrides = [redact_arg(o) for o in given]  # credentials never reach the store
+        if any(o.startswith("resume=") for o in given) and self._continue(client, exp_id, config, given):
+            return
         commit = git_commit()
         run = client.create_run(exp_id, run_name=f"sweep {Path(_sweep_dir(config)).name}", tags={
             PARENT_TAG: "1", SWEEP_DIR_TAG: _sweep_dir(config), "kdrun.command": command_line(),
@@ -136,6 +138,25 @@ class MlflowSweep(Callback):
         os.environ[SWEPT_ENV] = ",".join(swept_keys(given))  # jobs name themselves by these
         atexit.register(self._fail_if_open, config)  # Hydra skips on_multirun_end when a job raises
         log.info("MLflow sweep parent run %s (experiment '%s')", self.run_id, name)
+
+    def _continue(self, client, exp_id: str, config: DictConfig, given: list) -> bool:
+        """A sweep run again with resume=...: its jobs continue their own runs (finished ones are not repeated), so
+        the parent run of the same sweep directory continues too, rather than a new, childless one."""
+        from kdrun.report import PARENT_TAG
+
+        found = client.search_runs([exp_id], max_results=1, filter_string=f"tags.`{SWEEP_DIR_TAG}` = "
+                                   f"'{_sweep_dir(config)}' and tags.`{PARENT_TAG}` = '1'")
+        if not found:
+            return False
+        self.run_id = found[0].info.run_id
+        client.update_run(self.run_id, status="RUNNING")
+        resumes = int(found[0].data.tags.get("kdrun.resumes", "0")) + 1
+        client.set_tag(self.run_id, "kdrun.resumes", str(resumes))
+        os.environ[ENV] = self.run_id
+        os.environ[SWEPT_ENV] = ",".join(swept_keys(given))
+        atexit.register(self._fail_if_open, config)
+        log.info("MLflow sweep parent run %s continues (resume %d)", self.run_id, resumes)
+        return True
 
     def _fail_if_open(self, config: DictConfig) -> None:
         if self.run_id:

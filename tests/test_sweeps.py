@@ -199,3 +199,48 @@ def test_a_locked_sqlite_store_is_retried_not_lost():
     assert retry_locked(flaky) == "ok" and len(calls) == 3
     with pytest.raises(ValueError):
         retry_locked(lambda: (_ for _ in ()).throw(ValueError("another error")))
+
+
+@pytest.mark.slow
+def test_a_sweep_stopped_by_sigterm_continues_with_resume_auto(tmp_path):
+    """Pre-empted mid-sweep, then the same command with resume=auto: the stopped job continues its own MLflow run,
+    the job that never ran starts, a finished job is not repeated, and the sweep keeps its one parent run."""
+    import os
+    import signal
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    env = offline_env(tmp_path)
+    sweep_dir = tmp_path / "multirun"
+    args = ["-m", "train.max_steps=16", "train.checkpoint_every=2", "train.log_every=2", "tracking.log_student=false",
+            "tracking.experiment=presweep", "optimizer.lr=1e-4,2e-4", f"hydra.sweep.dir={sweep_dir}"]
+    exe = Path(sys.executable).with_name("kdrun")
+    proc = subprocess.Popen([str(exe), *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (sweep_dir / "0" / "checkpoints" / "ckpt-00000004").is_dir():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
+    assert not (sweep_dir / "1").exists()  # the second job never started
+
+    again = run_kdrun([*args, "resume=auto"], cwd=tmp_path, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("presweep").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("kdrun.sweep_parent") == "1"]
+    children = sorted((r for r in runs if r not in parents), key=lambda r: r.data.params["optimizer.lr"])
+    assert len(parents) == 1 and len(children) == 2, [r.info.run_name for r in runs]
+    assert parents[0].info.status == "FINISHED" and parents[0].data.tags["kdrun.resumes"] == "1"
+    assert parents[0].data.metrics["sweep/finished"] == 2
+    assert children[0].data.tags["kdrun.resumes"] == "1" and "kdrun.resumes" not in children[1].data.tags
+    for c in children:
+        assert c.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(c.info.run_id, "train/loss")] == list(range(2, 17, 2))
+
+    once_more = run_kdrun([*args, "resume=auto"], cwd=tmp_path, env=env)  # everything finished: nothing to do
+    assert once_more.returncode == 0 and once_more.stdout.count("resume=auto has nothing to do") == 2
+    assert len(client.search_runs([client.get_experiment_by_name("presweep").experiment_id])) == 3

@@ -298,8 +298,9 @@ class StopSignals:
                     signal.Signals(signum).name)
 
     def __exit__(self, *exc):
-        for s, old in self._old.items():
+        for s, old in self._old.items():  # (idempotent: a second call finds nothing to restore)
             signal.signal(s, old)
+        self._old = {}
         return False
 
     def requested(self, rt) -> int:

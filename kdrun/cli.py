@@ -5,6 +5,7 @@ Nothing heavy is imported at module level (no torch, transformers or mlflow), so
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -36,9 +37,10 @@ def _main(cfg: DictConfig):
         result = pipeline.score(cfg) if config.enum_value(cfg.mode) == "score" else pipeline.run(cfg)
     except KdrunError as e:
         if hasattr(e, "signum"):  # checkpoint.Interrupted: SIGTERM/SIGINT, checkpointed
-            print(f"kdrun: {e}", file=sys.stderr)
-            if e.path:
-                print(f"kdrun: continue with: {_resume_command(e.path)}", file=sys.stderr)
+            if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 speaks for all
+                print(f"kdrun: {e}", file=sys.stderr)
+                if e.path:
+                    print(f"kdrun: continue with: {_resume_command(e.path)}", file=sys.stderr)
             sys.exit(128 + e.signum)
         print(f"kdrun: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -267,6 +267,7 @@ def _run(cfg: DictConfig, rt) -> Dict[str, object]:
                                parent_run_id=sweep.parent_run_id())
     log.info("MLflow %s", tracker.run_url())
     ckpt_dir = checkpoint.root(cfg.output_dir)
+    signals = checkpoint.StopSignals().__enter__()  # from now on SIGTERM/SIGINT end in a checkpoint, not a dead run
     try:
         if not found:
             tracker.text(OmegaConf.to_yaml(redact(resolved)), "config.yaml")  # credentials never reach the store
@@ -328,12 +329,12 @@ def _run(cfg: DictConfig, rt) -> Dict[str, object]:
             tracker.metrics({"train/checkpoint_seconds": time.perf_counter() - t0}, step=step)
             return path
 
-        with checkpoint.StopSignals() as signals:
-            loop.train(rt.wrap(student), teacher, loss_fn, loop.forever(loader), optim, rt, max_steps=max_steps,
-                       grad_accum=tr.grad_accum, log_every=tr.log_every, eval_every=tr.eval_every,
-                       log=tracker.metrics, evaluate=periodic_eval, max_nonfinite_skips=tr.max_nonfinite_skips,
-                       checkpoint=save_checkpoint, checkpoint_every=tr.checkpoint_every, signals=signals,
-                       resume=loop_state)
+        loop.train(rt.wrap(student), teacher, loss_fn, loop.forever(loader), optim, rt, max_steps=max_steps,
+                   grad_accum=tr.grad_accum, log_every=tr.log_every, eval_every=tr.eval_every,
+                   log=tracker.metrics, evaluate=periodic_eval, max_nonfinite_skips=tr.max_nonfinite_skips,
+                   checkpoint=save_checkpoint, checkpoint_every=tr.checkpoint_every, signals=signals,
+                   resume=loop_state)
+        signals.__exit__()  # the rest (evaluation, saving) finishes rather than stopping
         if counter is not None:  # precompute: 0 when every output came from the cache
             tracker.metrics({"teacher/train_forward_calls": counter.calls}, step=max_steps)
         after = periodic_eval(max_steps)
@@ -345,11 +346,13 @@ def _run(cfg: DictConfig, rt) -> Dict[str, object]:
             tracker.artifacts(str(out), "student")
         tracker.end("FINISHED")
     except (KeyboardInterrupt, checkpoint.Interrupted):  # resumable: resume=PATH continues this very run
+        signals.__exit__()
         tracker.end("KILLED")
         raise
     except BaseException as e:
         if isinstance(e, NonFiniteLossError) and (last := checkpoint.latest_name(ckpt_dir)):
             e.args = (f"{e}. The last good checkpoint is kept: {last}",)
+        signals.__exit__()
         tracker.tags({"kdrun.failure": f"{type(e).__name__}: {e}"[:4000]})  # why, in the UI
         tracker.end("FAILED")
         raise

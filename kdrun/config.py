@@ -123,7 +123,7 @@ _DIST = ("classification", "causal_lm")
 # the task families each loss term fits
 TERM_TASKS = {
     "margin_mse": ("ranking",), "listwise_kl": ("ranking",), "pointwise_mse": ("ranking",), "in_batch_kl": ("ranking",),
-    "kd_kl": _DIST, "ce": _DIST, "forward_kl": _DIST, "reverse_kl": _DIST, "jsd": _DIST, "skew_kl": _DIST,
+    "kd_kl": _DIST, "ce": ("ranking", *_DIST), "forward_kl": _DIST, "reverse_kl": _DIST, "jsd": _DIST, "skew_kl": _DIST,
     "skew_rkl": _DIST, "taid": _DIST, "bd_kd": _DIST,
     "hidden_mse": ("classification",), "embedding_mse": ("classification",), "attention_mse": ("classification",),
     "attention_kl": ("classification",), "feature_norm_direction": ("classification",),

@@ -43,6 +43,26 @@ def _overrides() -> list:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+def _choices() -> Dict[str, str]:
+    """The config-group options this run was composed from, as tags (kdrun.choice.loss = margin_mse, ...): the UI
+    filters by them and sweep results group by them."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    return {f"kdrun.choice.{g}": str(c) for g, c in HydraConfig.get().runtime.choices.items()
+            if c is not None and "/" not in g}
+
+
+def flops_per_token(model) -> float:
+    """Forward FLOPs per token, approximated as 2 x the parameters outside embedding tables (Kaplan et al. 2020;
+    attention's length-dependent term left out): what a token costs to encode, comparable across students."""
+    import torch
+
+    embedding = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    return 2.0 * sum(p.numel() for p in model.parameters() if id(p) not in embedding)
+
+
 def _run_name() -> str:
     """A sweep job: "#N" and its swept values, so the UI tells children apart; a single run: the time and a random
     suffix (MLflow's own names would repeat here: they draw from `random`, which kdrun seeds)."""
@@ -229,9 +249,9 @@ def _run(cfg: DictConfig, rt) -> Dict[str, object]:
         raise ConfigError("loss terms on hidden states or attentions compare teacher and student token by token, so "
                           "both must tokenize alike: the same tokenizer and teacher.max_length == student.max_length "
                           f"(now {cfg.teacher.max_length} and {cfg.student.max_length})")
-    for model in (student, teacher):
-        if model is not None:
-            model.request(loss_fn.needs)  # hidden states, attentions, features, in-batch scores
+    student.request(loss_fn.student_needs)  # hidden states, attentions, features, in-batch scores
+    if teacher is not None:
+        teacher.request(loss_fn.needs)
 
     counter = _forward_counter(teacher) if teacher is not None else None  # teacher forward calls on training data
     cache = teacher_cache.CacheInfo()
@@ -263,7 +283,7 @@ def _run(cfg: DictConfig, rt) -> Dict[str, object]:
         run_id = tracker.resume(found[1]["run_id"], step=found[1]["step"])
     else:
         run_id = tracker.start(cfg.tracking.run_name or _run_name(), params,
-                               tags={**resolved["tracking"]["tags"], "kdrun.task": task_name},
+                               tags={**resolved["tracking"]["tags"], "kdrun.task": task_name, **_choices()},
                                parent_run_id=sweep.parent_run_id())
     log.info("MLflow %s", tracker.run_url())
     ckpt_dir = checkpoint.root(cfg.output_dir)
@@ -277,6 +297,8 @@ def _run(cfg: DictConfig, rt) -> Dict[str, object]:
                          **getattr(getattr(teacher, "main", teacher), "finetune_info", {}), **setup_metrics,
                          "model/student_params": n_params(student), "model/loss_params": n_params(loss_fn),
                          "model/teacher_params": n_params(teacher) if teacher is not None else 0,
+                         "model/student_flops_per_token": flops_per_token(student),
+                         **({"model/teacher_flops_per_token": flops_per_token(teacher)} if teacher is not None else {}),
                          "train/max_steps": max_steps}, step=0)
 
         latency: Dict[str, float] = {}  # the last evaluation's milliseconds per held-out example

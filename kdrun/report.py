@@ -68,6 +68,88 @@ def table(runs: Sequence) -> Tuple[List[str], List[List[str]]]:
     return columns, rows
 
 
+SEED_KEY = "train.seed"  # what a reproduction sweep repeats; results average over it
+CHOICE_TAG = "kdrun.choice."  # a run's config-group choices (kdrun.choice.student = colbert, ...)
+
+
+def factors(runs: Sequence) -> List[str]:
+    """What tells the groups of a sweep apart, the seed left out: config groups whose choice varies ("student",
+    "loss"), then varied params outside those groups ("optimizer.lr")."""
+    order = ("teacher", "student", "loss", "data", "hardware", "optimizer", "experiment")
+    groups = sorted({k[len(CHOICE_TAG):] for r in runs for k in r.data.tags if k.startswith(CHOICE_TAG)},
+                    key=lambda g: (order.index(g) if g in order else len(order), g))
+    groups = [g for g in groups if len({r.data.tags.get(CHOICE_TAG + g) for r in runs}) > 1]
+    params = [p for p in varied_params(runs) if p != SEED_KEY and not p.startswith(tuple(f"{g}." for g in groups))]
+    return groups + params
+
+
+def _factor(run, key: str) -> str:
+    return run.data.tags.get(CHOICE_TAG + key) if "." not in key else short(key, run.data.params.get(key))
+
+
+def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan")
+    return mean, std
+
+
+def results(runs: Sequence) -> Tuple[List[str], List[List[str]], List[str], List[List[str]]]:
+    """Mean and standard deviation over seeds (train.seed) of the student's held-out metrics per group (see
+    `factors`), the teacher's own figures as the first row, and each group's cost relative to the teacher:
+    evaluation latency per held-out query, and parameters. Returns CSV (columns, rows: means and stds apart) and
+    Markdown (columns, rows: "mean ± std")."""
+    done = [r for r in runs if r.info.status == "FINISHED"]
+    keys = factors(done)
+    metrics = sorted({k.split("/")[-1] for r in done for k in r.data.metrics
+                      if k.startswith("eval/student/") and k != "eval/student/ms_per_example"
+                      and f"eval/teacher/{k.split('/')[-1]}" in r.data.metrics})
+    costs = ("latency_vs_teacher", "flops_vs_teacher", "params_vs_teacher")
+    groups: Dict[tuple, list] = {}
+    for r in done:
+        groups.setdefault(tuple(_factor(r, k) for k in keys), []).append(r)
+    stats = [*metrics, *costs]
+    csv_columns = ["model", *keys, "seeds", *(f"{m}_{x}" for m in stats for x in ("mean", "std"))]
+    md_columns = ["model", *keys, "seeds", *metrics, "latency per query vs teacher", "FLOPs per token vs teacher",
+                  "params vs teacher"]
+    csv_rows, md_rows = [], []
+
+    def values(members: list, who: str, stat: str) -> List[float]:
+        if stat == "latency_vs_teacher":
+            num, den = f"eval/{who}/ms_per_example", "eval/teacher/ms_per_example"
+        elif stat == "params_vs_teacher":
+            num, den = f"model/{who}_params", "model/teacher_params"
+        elif stat == "flops_vs_teacher":
+            num, den = f"model/{who}_flops_per_token", "model/teacher_flops_per_token"
+        else:
+            return [r.data.metrics[f"eval/{who}/{stat}"] for r in members if f"eval/{who}/{stat}" in r.data.metrics]
+        return [r.data.metrics[num] / r.data.metrics[den] for r in members
+                if num in r.data.metrics and r.data.metrics.get(den)]
+
+    def add(who: str, label: tuple, members: list) -> None:
+        seeds = str(len({r.data.params.get(SEED_KEY) for r in members}))
+        csv_row, md_row = [who, *label, seeds], [who, *label, seeds]
+        for stat in stats:
+            got = values(members, who, stat)
+            mean, std = _mean_std(got) if got else (float("nan"), float("nan"))
+            csv_row += [f"{mean:.6g}", f"{std:.6g}"]
+            digits = 3 if stat in costs else 4
+            md_row.append("-" if math.isnan(mean) else f"{mean:.{digits}f}" +
+                          ("" if math.isnan(std) else f" ± {std:.{digits}f}"))
+        csv_rows.append(csv_row)
+        md_rows.append(md_row)
+
+    if any("eval/teacher/ms_per_example" in r.data.metrics for r in done):
+        add("teacher", ("",) * len(keys), done)
+    for label, members in groups.items():
+        add("student", label, members)
+    return csv_columns, csv_rows, md_columns, md_rows
+
+
+def results_markdown(columns, md_rows) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in md_rows]) + "\n"
+
+
 def to_csv(columns, rows) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -189,6 +271,11 @@ def write_report(client, runs: Sequence, out_dir: Path) -> Dict[str, Path]:
     files = {"summary.csv": out_dir / "summary.csv", "summary.md": out_dir / "summary.md"}
     files["summary.csv"].write_text(to_csv(columns, rows))
     files["summary.md"].write_text(to_markdown(columns, rows))
+    csv_columns, csv_rows, md_columns, md_rows = results(runs)  # mean +- std over seeds, the teacher first
+    if csv_rows:
+        files["results.csv"], files["results.md"] = out_dir / "results.csv", out_dir / "results.md"
+        files["results.csv"].write_text(to_csv(csv_columns, csv_rows))
+        files["results.md"].write_text(results_markdown(md_columns, md_rows))
     for name, made in (("pareto.png", plot_pareto(runs, out_dir / "pareto.png")),
                        ("loss_curves.png", plot_losses(client, runs, out_dir / "loss_curves.png"))):
         if made:

@@ -37,15 +37,22 @@ def _sweep_dir(config: DictConfig) -> str:
     return str(Path(config.hydra.sweep.dir).resolve())
 
 
-def swept_keys(overrides) -> list:
-    """The keys a sweep varies: its overrides with several values (a,b / range / interval / choice)."""
+def swept_keys(overrides, config: Optional[DictConfig] = None) -> list:
+    """The keys a sweep varies: its overrides with several values (a,b / range / interval / choice), and the
+    sweeper's own `params` (a preset such as experiment=reproduce_margin_mse sets them) that the command line does
+    not pin to one value."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    params = dict(OmegaConf.select(config, "hydra.sweeper.params", default={}) or {}) if config is not None else {}
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
+        from_params = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
     except Exception:  # noqa: BLE001 - a name is cosmetic; Hydra reports bad overrides itself
         return []
-    return [o.key_or_group for o in parsed if o.is_sweep_override()]
+    pinned = {o.key_or_group for o in parsed if not o.is_sweep_override()}
+    keys = [o.key_or_group for o in parsed if o.is_sweep_override()]
+    return keys + [o.key_or_group for o in from_params
+                   if o.is_sweep_override() and o.key_or_group not in pinned and o.key_or_group not in keys]
 
 
 def job_name() -> Optional[str]:
@@ -135,7 +142,7 @@ class MlflowSweep(Callback):
         client.log_param(self.run_id, "sweep.launcher", OmegaConf.select(config, "hydra.launcher._target_", default=""))
         client.log_text(self.run_id, "\n".join(overrides) + "\n", "sweep_overrides.txt")
         os.environ[ENV] = self.run_id
-        os.environ[SWEPT_ENV] = ",".join(swept_keys(given))  # jobs name themselves by these
+        os.environ[SWEPT_ENV] = ",".join(swept_keys(given, config))  # jobs name themselves by these
         atexit.register(self._fail_if_open, config)  # Hydra skips on_multirun_end when a job raises
         log.info("MLflow sweep parent run %s (experiment '%s')", self.run_id, name)
 
@@ -153,7 +160,7 @@ class MlflowSweep(Callback):
         resumes = int(found[0].data.tags.get("kdrun.resumes", "0")) + 1
         client.set_tag(self.run_id, "kdrun.resumes", str(resumes))
         os.environ[ENV] = self.run_id
-        os.environ[SWEPT_ENV] = ",".join(swept_keys(given))
+        os.environ[SWEPT_ENV] = ",".join(swept_keys(given, config))
         atexit.register(self._fail_if_open, config)
         log.info("MLflow sweep parent run %s continues (resume %d)", self.run_id, resumes)
         return True
@@ -173,6 +180,7 @@ class MlflowSweep(Callback):
         client = _client(config)
         runs = report.runs_of(client, parent_run_id=self.run_id)
         status = "FINISHED" if runs and all(r.info.status == "FINISHED" for r in runs) else "FAILED"
+        files = {}
         try:
             if runs:
                 files = report.write_report(client, runs, Path(_sweep_dir(config)) / "summary")
@@ -187,6 +195,8 @@ class MlflowSweep(Callback):
                 client.log_artifact(self.run_id, str(optimized), "summary")
             client.log_metric(self.run_id, "sweep/jobs", len(runs))
             client.log_metric(self.run_id, "sweep/finished", sum(r.info.status == "FINISHED" for r in runs))
+            if runs and "results.md" in files:  # mean +- std over seeds per group, the teacher first
+                print("\n" + files["results.md"].read_text(), end="")
             print(f"\nkdrun: sweep parent run {self.run_id}: {len(runs)} jobs, summary under "
                   f"{Path(_sweep_dir(config)) / 'summary'} and in the run's artifacts (summary/)")
         finally:

@@ -85,6 +85,25 @@ def test_experiment_presets_pick_their_task_families():
     assert cls.teacher.finetune.steps > 0 and [t.name.value for t in cls.loss.terms] == ["kd_kl", "ce"]
     lm = _compose(["experiment=causal_lm_demo"])
     assert lm.data.task == config.Task.causal_lm and lm.teacher.gguf_file.endswith(".gguf")
+    rep = _compose(["experiment=reproduce_margin_mse"])
+    assert rep.data.task == config.Task.ranking and rep.tracking.experiment == "reproduce_margin_mse"
+
+
+def test_the_reproduction_preset_sweeps_students_losses_and_seeds():
+    from hydra import compose, initialize_config_dir
+
+    from kdrun.sweep import swept_keys
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=reproduce_margin_mse"], return_hydra_config=True)
+    params = dict(cfg.hydra.sweeper.params)
+    assert params == {"student": "teacher_slice,colbert", "loss": "ce,pointwise_mse,margin_mse,listwise_kl",
+                      "train.seed": "1,2,3"}
+    assert swept_keys(["experiment=reproduce_margin_mse"], cfg) == ["student", "loss", "train.seed"]
+    assert swept_keys(["train.seed=1", "optimizer.lr=1e-4,2e-4"], cfg) == ["optimizer.lr", "student", "loss"]
+    for student in ("teacher_slice", "colbert"):  # every job of the sweep composes and validates
+        for loss in ("ce", "pointwise_mse", "margin_mse", "listwise_kl"):
+            config.validate(_compose(["experiment=reproduce_margin_mse", f"student={student}", f"loss={loss}"]))
 
 
 def test_design_card_command_composes():
@@ -111,7 +130,7 @@ def test_default_is_offline_minilm_teaching_its_two_layer_slice(minilm_dir):
     (["optimizer.lr=0"], "optimizer.lr"),
     (["teacher.path=null", "teacher.name=null"], "teacher.path"),
     (["student=tinybert", "student.name=null"], "student.path"),
-    (["loss=kd_kl"], r"kd_kl is a classification/causal_lm loss.*losses for ranking: \['in_batch_kl', 'listwise_kl'"),
+    (["loss=kd_kl"], r"kd_kl is a classification/causal_lm loss.*losses for ranking: \['ce', 'in_batch_kl', 'listwise_kl'"),
     (["experiment=classification_demo", "loss=margin_mse"], "margin_mse is a ranking loss"),
     (["experiment=causal_lm_demo", "loss=hidden_mse"], "hidden_mse is a classification loss"),
     (["data=fortunes"], "teacher.kind=bi_encoder is a ranking teacher but data.task=classification"),

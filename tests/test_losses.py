@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from kdrun.losses import Context, WeightedLoss
+from kdrun.losses import functional as F
 from kdrun.losses.functional import margin_mse
 
 
@@ -99,3 +100,26 @@ def test_weighted_loss_passes_temperature_to_terms_that_take_one():
     out = WeightedLoss(terms, RANKING)({"scores": s}, {"scores": t}, {})
     assert out["listwise_kl"].item() == pytest.approx(listwise_kl(s, t, temperature=2.0).item())
     assert out["loss"].item() == pytest.approx(out["listwise_kl"].item() + 0.1 * out["margin_mse"].item())
+
+
+def test_in_batch_ce_known_value_and_positive_columns():
+    # 2 queries, n=2 (positive, one sampled negative): the positives sit at columns 0 and 2
+    s = torch.tensor([[2.0, 0.0, 1.0, -1.0],
+                      [0.5, 0.5, 3.0, 1.0]])
+    want = (-(2.0 - torch.logsumexp(s[0], 0)) - (3.0 - torch.logsumexp(s[1], 0))) / 2
+    assert F.in_batch_ce(s).item() == pytest.approx(want.item(), rel=1e-6)
+    # a per-query shift changes nothing; other queries' passages count as negatives
+    assert F.in_batch_ce(s + torch.tensor([[5.0], [-2.0]])).item() == pytest.approx(want.item(), rel=1e-6)
+    harder = s.clone()
+    harder[0, 3] = 10.0  # query 0 scores query 1's negative above its own positive
+    assert F.in_batch_ce(harder) > F.in_batch_ce(s)
+    with pytest.raises(ValueError, match="in_batch_ce"):
+        F.in_batch_ce(torch.zeros(2, 3))
+
+
+def test_ranking_ce_term_reads_only_the_students_in_batch_scores():
+    loss = WeightedLoss([("ce", 1.0, {})], Context(task="ranking"))
+    assert loss.needs == set() and loss.student_needs == {"in_batch_scores"}  # the teacher gives nothing extra
+    s = {"scores": torch.zeros(2, 2), "in_batch_scores": torch.tensor([[2.0, 0.0, 1.0, -1.0], [0.5, 0.5, 3.0, 1.0]])}
+    out = loss(s, {"scores": torch.full((2, 2), float("nan"))}, {})  # teacher scores are not read
+    assert torch.isfinite(out["loss"]) and out["ce"] == out["loss"]

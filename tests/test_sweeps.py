@@ -57,7 +57,8 @@ def test_the_parent_holds_the_summary_table_and_plots(parallel_sweep):
     tmp, _, client, runs = parallel_sweep
     parent = next(x for x in runs if x.data.tags.get("kdrun.sweep_parent") == "1")
     names = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
-    assert names == {"summary/summary.csv", "summary/summary.md", "summary/pareto.png", "summary/loss_curves.png"}
+    assert names == {"summary/summary.csv", "summary/summary.md", "summary/pareto.png", "summary/loss_curves.png",
+                     "summary/results.csv", "summary/results.md"}
     local = Path(client.download_artifacts(parent.info.run_id, "summary", str(tmp / "dl")))
     csv = (local / "summary.csv").read_text().splitlines()
     header = csv[0].split(",")
@@ -66,6 +67,10 @@ def test_the_parent_holds_the_summary_table_and_plots(parallel_sweep):
     assert len(csv) == 5
     assert (local / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp / "multirun" / "summary" / "summary.md").is_file()
+    results = (local / "results.csv").read_text().splitlines()  # grouped by the swept lr, the teacher first
+    assert results[0].startswith("model,optimizer.lr,seeds,mrr_at_10_mean,mrr_at_10_std")
+    assert [r.split(",")[:3] for r in results[1:]] == [["teacher", "", "1"]] + [
+        ["student", lr, "1"] for lr in ("0.0001", "0.0002", "0.0003", "0.0004")]
 
 
 def test_kdrun_report_rebuilds_the_table_from_an_experiment_or_a_parent(parallel_sweep, tmp_path):
@@ -83,6 +88,36 @@ def test_kdrun_report_rebuilds_the_table_from_an_experiment_or_a_parent(parallel
     r = subprocess.run([str(exe), "--experiment", "nope", "--tracking-uri", uri], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode != 0 and "no MLflow experiment named 'nope'" in r.stderr
+
+
+def _fake_run(seed, student, loss, mrr, ms, status="FINISHED"):
+    from types import SimpleNamespace as NS
+
+    metrics = {"eval/student/mrr_at_10": mrr, "eval/teacher/mrr_at_10": 0.6, "eval/student/ms_per_example": ms,
+               "eval/teacher/ms_per_example": 10.0, "model/student_params": 20.0, "model/teacher_params": 40.0,
+               "model/student_flops_per_token": 1.0, "model/teacher_flops_per_token": 3.0}
+    return NS(info=NS(status=status, run_name=f"{student} {loss} {seed}", run_id=f"{student}{loss}{seed}"),
+              data=NS(metrics=metrics, params={"train.seed": str(seed), "student.arch": student, "loss.terms": loss},
+                      tags={"kdrun.choice.student": student, "kdrun.choice.loss": loss, "kdrun.choice.data": "x"}))
+
+
+def test_results_average_over_seeds_per_student_and_loss_with_the_teacher_first():
+    from kdrun import report
+
+    runs = [_fake_run(s, st, lo, mrr, ms) for st, lo, base in (("bi", "ce", 0.3), ("colbert", "margin_mse", 0.5))
+            for s, mrr, ms in ((1, base, 4.0), (2, base + 0.1, 6.0), (3, base + 0.2, 5.0))]
+    runs.append(_fake_run(4, "bi", "ce", 0.99, 1.0, status="FAILED"))  # failed runs are left out
+    assert report.factors(runs[:6]) == ["student", "loss"]  # the seed and the groups' own params are not factors
+    csv_columns, csv_rows, md_columns, md_rows = report.results(runs)
+    assert csv_columns[:6] == ["model", "student", "loss", "seeds", "mrr_at_10_mean", "mrr_at_10_std"]
+    assert csv_rows[0][:6] == ["teacher", "", "", "3", "0.6", "0"]
+    assert [r[:3] for r in csv_rows[1:]] == [["student", "bi", "ce", "3"][:3], ["student", "colbert", "margin_mse"]]
+    bi = dict(zip(csv_columns, csv_rows[1]))
+    assert float(bi["mrr_at_10_mean"]) == pytest.approx(0.4) and float(bi["mrr_at_10_std"]) == pytest.approx(0.1)
+    assert float(bi["latency_vs_teacher_mean"]) == pytest.approx(0.5) and bi["seeds"] == "3"
+    assert float(bi["flops_vs_teacher_mean"]) == pytest.approx(1 / 3) and float(bi["params_vs_teacher_mean"]) == 0.5
+    assert md_rows[1][4] == "0.4000 ± 0.1000" and md_columns[-3:] == [
+        "latency per query vs teacher", "FLOPs per token vs teacher", "params vs teacher"]
 
 
 def test_pareto_front():
@@ -244,3 +279,34 @@ def test_a_sweep_stopped_by_sigterm_continues_with_resume_auto(tmp_path):
     once_more = run_kdrun([*args, "resume=auto"], cwd=tmp_path, env=env)  # everything finished: nothing to do
     assert once_more.returncode == 0 and once_more.stdout.count("resume=auto has nothing to do") == 2
     assert len(client.search_runs([client.get_experiment_by_name("presweep").experiment_id])) == 3
+
+
+@pytest.mark.slow
+def test_the_quick_reproduction_sweep_leaves_the_results_table(tmp_path):
+    """scripts/reproduce_margin_mse --quick (capped further here): 2 students x 4 losses, 1 seed; the parent's
+    results.md has the teacher's row and one row per (student, loss)."""
+    from mlflow.tracking import MlflowClient
+
+    env = offline_env(tmp_path)
+    script = Path(__file__).resolve().parent.parent / "scripts" / "reproduce_margin_mse"
+    r = subprocess.run([str(script), "--quick", "train.max_steps=4", "data.max_train_queries=64",
+                        "data.max_eval_queries=20", f"hydra.sweep.dir={tmp_path / 'multirun'}"], cwd=tmp_path,
+                       env={**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"}, capture_output=True,
+                       text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("reproduce_margin_mse").experiment_id])
+    parent = next(x for x in runs if x.data.tags.get("kdrun.sweep_parent") == "1")
+    assert len(runs) == 9 and all(x.info.status == "FINISHED" for x in runs)
+    local = Path(client.download_artifacts(parent.info.run_id, "summary/results.md", str(tmp_path / "dl")))
+    lines = local.read_text().splitlines()
+    assert lines[0].startswith("| model | student | loss | seeds | mrr_at_10 | ndcg_at_10 |")
+    assert "latency per query vs teacher" in lines[0] and "FLOPs per token vs teacher" in lines[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert rows[0][:4] == ["teacher", "", "", "1"]
+    assert sorted((row[1], row[2]) for row in rows[1:]) == sorted(
+        (s, l) for s in ("teacher_slice", "colbert") for l in ("ce", "pointwise_mse", "margin_mse", "listwise_kl"))
+    assert all(row[3] == "1" for row in rows[1:])
+    flops = [float(row[-2]) for row in rows[1:]]
+    assert all(0.2 < f < 0.5 for f in flops), flops  # 2 of the teacher's 6 layers (+ ColBERT's projection)
+    assert lines[0] in r.stdout and "| student | colbert | margin_mse | 1 |" in r.stdout  # printed at the end too

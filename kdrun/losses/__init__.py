@@ -47,6 +47,7 @@ def distributions(student: Dict, teacher: Dict):
 
 class Term(nn.Module):
     needs: frozenset = frozenset()  # model outputs beyond scores/logits: "hidden_states", "attentions", "features"
+    student_needs: frozenset = frozenset()  # outputs only the student must give (e.g. its in-batch scores)
 
     def logs(self) -> Dict[str, float]:
         return {}
@@ -78,9 +79,18 @@ class DistributionTerm(Term):
 
 
 class CrossEntropy(Term):
-    """Hard labels: classification labels, or next tokens of a causal LM (the data, not the teacher)."""
+    """Hard labels, not the teacher: classification labels, next tokens of a causal LM, or for ranking the positive
+    among the batch's passages (in-batch and sampled negatives)."""
+
+    def __init__(self, ranking: bool = False):
+        super().__init__()
+        self.ranking = ranking
+        if ranking:
+            self.student_needs = frozenset({"in_batch_scores"})
 
     def forward(self, s: Dict, t: Dict, batch: Dict) -> torch.Tensor:
+        if self.ranking:
+            return F.in_batch_ce(s["in_batch_scores"])
         return F.cross_entropy(s["logits"], batch["labels"])
 
 
@@ -196,7 +206,7 @@ def build_term(name: str, options: dict, ctx: Context) -> Term:
     if name in dist_fns:
         return DistributionTerm(dist_fns[name], options)
     if name == "ce":
-        return CrossEntropy()
+        return CrossEntropy(ranking=ctx.task == "ranking")
     if name == "taid":
         return Taid(options["t_start"], options["t_end"], options["taid_alpha"], options["taid_beta"], ctx.total_batches)
     if name in ("hidden_mse", "embedding_mse"):
@@ -236,7 +246,12 @@ class WeightedLoss(nn.Module):
 
     @property
     def needs(self) -> set:
+        """What the terms read of both models beyond scores/logits."""
         return set().union(*(t.needs for t in self.terms))
+
+    @property
+    def student_needs(self) -> set:
+        return self.needs | set().union(*(t.student_needs for t in self.terms))
 
     def forward(self, student_out: Dict, teacher_out: Dict, batch: Dict) -> Dict[str, torch.Tensor]:
         out: Dict[str, torch.Tensor] = {}

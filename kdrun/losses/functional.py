@@ -42,6 +42,21 @@ def listwise_kl(student_scores: torch.Tensor, teacher_scores: torch.Tensor, temp
     return forward_kl(student_scores, teacher_scores, temperature=temperature)
 
 
+def in_batch_ce(student_in_batch: torch.Tensor) -> torch.Tensor:
+    """Hard labels, no teacher (the baseline of ranking distillation; DPR-style): per query b, cross-entropy over
+    every passage of the batch, [B, B*n] with query b's own list (positive, then its sampled negatives) in columns
+    b*n .. b*n+n-1, so the positive is column b*n and the other queries' passages are in-batch negatives:
+
+        L = mean_b ( -s[b, b*n] + log sum_j exp s[b, j] )
+    """
+    s = student_in_batch.float()
+    b = s.shape[0]
+    if s.ndim != 2 or s.shape[1] % b:
+        raise ValueError(f"in_batch_ce: expected [B, B*n] in-batch scores, got {tuple(s.shape)}")
+    n = s.shape[1] // b
+    return torch.nn.functional.cross_entropy(s, torch.arange(b, device=s.device) * n)
+
+
 def pointwise_mse(student_scores: torch.Tensor, teacher_scores: torch.Tensor) -> torch.Tensor:
     """Pointwise MSE: L = mean_{b,j} (s[b,j] - t[b,j])^2. The student must reproduce the teacher's
     absolute scores, scale and offset included: the baseline that Margin-MSE improves on when

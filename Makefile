@@ -7,7 +7,7 @@ PORT   ?= 5000
 # the default CUDA wheel from PyPI elsewhere); an existing torch is kept as it is.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-slow ui server clean
+.PHONY: install demo reproduce test test-slow ui server clean
 
 install: $(VENV)/.kdrun-installed
 
@@ -25,6 +25,10 @@ $(VENV)/.kdrun-installed: pyproject.toml
 
 demo: install
 	$(BIN)/kdrun
+
+# Hofstaetter et al.'s claims on the offline data (README, "Results"): 24 runs, ~30 min on 2 CPU cores
+reproduce: install
+	PATH=$(abspath $(BIN)):$$PATH scripts/reproduce_margin_mse
 
 test: install
 	$(BIN)/python -m pytest

@@ -42,9 +42,17 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """SHA-256 of the full tokenizer definition (fast tokenizers) or of its vocabulary and special tokens."""
+    """SHA-256 of the full tokenizer definition (fast tokenizers) or of its vocabulary and special tokens. A fast
+    tokenizer's serialised truncation and padding are left out: they are the last call's settings (a tokenizer
+    that has been called once serialises differently), not the definition."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    if backend is not None:
+        definition = json.loads(backend.to_str())
+        definition.pop("truncation", None)
+        definition.pop("padding", None)
+        text = json.dumps(definition, sort_keys=True)
+    else:
+        text = json.dumps(sorted(tokenizer.get_vocab().items()))
     extra = json.dumps([type(tokenizer).__name__, tokenizer.all_special_tokens], sort_keys=True)
     return hashlib.sha256((text + extra).encode()).hexdigest()
 
@@ -63,7 +71,8 @@ def key_of(description: Dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in blocks (cache entries, checkpoints)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -84,7 +93,7 @@ def read(entry: Path, key: str, description: Dict[str, str], n: int) -> Tuple[Op
             return None, "incomplete (no completion marker)"
         if meta.get("key") != key or meta.get("description") != description:
             return None, "made from other inputs than its key says"
-        if _file_sha256(outputs_file) != meta.get("sha256"):
+        if file_sha256(outputs_file) != meta.get("sha256"):
             return None, "outputs file does not match its checksum"
         outputs = load_file(str(outputs_file))
     except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable meta or tensors
@@ -102,7 +111,7 @@ def write(entry: Path, key: str, description: Dict[str, str], outputs: Dict[str,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in outputs.items()}, str(tmp / "outputs.safetensors"))
-    meta = {"key": key, "description": description, "sha256": _file_sha256(tmp / "outputs.safetensors"),
+    meta = {"key": key, "description": description, "sha256": file_sha256(tmp / "outputs.safetensors"),
             "shapes": {k: list(v.shape) for k, v in outputs.items()}, "teacher_seconds": seconds}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     publish(tmp, entry, key)

@@ -141,7 +141,7 @@ def test_a_damaged_cache_entry_is_rebuilt_not_used(teacher, tmp_path, damage):
     else:
         save_file({"scores": torch.zeros(5, 3)}, str(outputs))
         m = json.loads(meta.read_text())
-        m["sha256"] = teacher_cache._file_sha256(outputs)
+        m["sha256"] = teacher_cache.file_sha256(outputs)
         meta.write_text(json.dumps(m))
     again = teacher_cache.CacheInfo()
     rebuilt = teacher_cache.teacher_outputs(task, teacher, task.rt, str(tmp_path), True, again)
@@ -365,3 +365,13 @@ def test_parallel_jobs_compute_a_missing_entry_once(tmp_path, minilm_dir):
     assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
     lines = sorted(o.strip().splitlines()[-1] for o, _ in outs)
     assert lines == ["MISSES 0 HITS 1", "MISSES 1 HITS 0"], lines
+
+
+def test_a_tokenizers_fingerprint_does_not_change_when_it_is_called(minilm_dir):
+    """Fast tokenizers serialise the last call's truncation and padding: the cache keys must not see them."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    before = teacher_cache.tokenizer_fingerprint(tok)
+    tok(["a question", "a longer answer than that"], truncation=True, max_length=8, padding=True)
+    assert teacher_cache.tokenizer_fingerprint(tok) == before

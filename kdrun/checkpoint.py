@@ -19,7 +19,6 @@ Under DDP every rank writes its own rank file into the same directory (a shared 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from kdrun.errors import ConfigError, KdrunError
+from kdrun.teacher_cache import file_sha256
 
 log = logging.getLogger(__name__)
 FORMAT = 1
@@ -76,14 +76,6 @@ def _torch_save(obj, path: Path) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def rng_state() -> Dict:
@@ -141,7 +133,7 @@ def save(directory: Path, step: int, *, student, loss_fn, optim, loop_state: Dic
                 _fsync(tmp / name)
             meta = {"format": FORMAT, "step": step, "position": position, "run_id": run_id,
                     "world_size": rt.world_size, "config": config,
-                    "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": _digest(tmp / n)} for n in files}}
+                    "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": file_sha256(tmp / n)} for n in files}}
             with open(tmp / "meta.json", "w") as f:
                 json.dump(meta, f, indent=1)
                 f.flush()
@@ -195,7 +187,7 @@ def check(path: Path) -> Dict:
             raise CheckpointError(f"{path}: {name} is missing")
         if f.stat().st_size != want["bytes"]:
             raise CheckpointError(f"{path}: {name} has {f.stat().st_size} bytes, expected {want['bytes']} (truncated)")
-        if _digest(f) != want["sha256"]:
+        if file_sha256(f) != want["sha256"]:
             raise CheckpointError(f"{path}: {name} does not match its SHA-256 in meta.json")
     return meta
 

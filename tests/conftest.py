@@ -37,3 +37,34 @@ def run_kdrun(args, cwd: Path, env=None, timeout=600) -> subprocess.CompletedPro
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "kdrun"]
     return subprocess.run(cmd + list(args), cwd=cwd, env=env or dict(os.environ), capture_output=True,
                           text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mlflow_server(tmp: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` (what `make server` starts) on 127.0.0.1:port, its SQLite store and artifacts in tmp
+    (kept across restarts); returns once /health answers. Stop it with os.killpg(proc.pid, signal)."""
+    import time
+    import urllib.request
+
+    mlflow = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen([str(mlflow), "server", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
+                             "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"], cwd=tmp, stdout=open(tmp / "server.log", "a"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
+                return proc
+        except OSError:
+            time.sleep(0.5)
+        assert proc.poll() is None, (tmp / "server.log").read_text()[-3000:]
+    os.killpg(proc.pid, 9)
+    pytest.fail("mlflow server did not come up in 120 s: " + (tmp / "server.log").read_text()[-3000:])

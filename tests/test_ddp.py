@@ -52,7 +52,6 @@ def test_ddp_stopped_by_sigterm_resumes_to_the_uninterrupted_weights(tmp_path):
     """torchrun forwards SIGTERM to both ranks; they agree on the step, rank 0 writes the checkpoint and each rank its
     RNG state; resumed under torchrun, the run ends with the weights and losses of a run that never stopped (with
     dropout on: each rank's RNG must continue where it was)."""
-    import os
     import signal
     import time
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import offline_env, run_kdrun
+from conftest import free_port, mlflow_server, offline_env, run_kdrun
 from kdrun import tracking
 from test_e2e import SMALL
 
@@ -94,38 +94,11 @@ def test_fallback_local_logs_to_the_local_store_and_says_where(tmp_path):
     assert run.info.status == "FINISHED" and "train/loss" in run.data.metrics
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(tmp: Path, port: int) -> subprocess.Popen:
-    import urllib.request
-
-    mlflow = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen([str(mlflow), "server", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
-                             "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"], cwd=tmp, stdout=open(tmp / "server.log", "a"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
-                return proc
-        except OSError:
-            time.sleep(0.5)
-    os.killpg(proc.pid, 9)
-    pytest.fail("mlflow server did not come up: " + (tmp / "server.log").read_text()[-2000:])
-
-
 @pytest.mark.slow
 def test_a_server_that_dies_mid_run_loses_nothing(tmp_path):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = _serve(tmp_path, port)
+    server = mlflow_server(tmp_path, port)
     exe = Path(sys.executable).with_name("kdrun")
     out = tmp_path / "out"
     run = subprocess.Popen([str(exe), "train.max_steps=60", "train.log_every=1", "tracking.experiment=outage",
@@ -153,7 +126,7 @@ def test_a_server_that_dies_mid_run_loses_nothing(tmp_path):
     assert any(r.get("key") == "train/loss" and r["step"] == 60 for r in rows)
     assert any(r.get("status") == "FINISHED" for r in rows) and any("artifacts" in r for r in rows)
 
-    server = _serve(tmp_path, port)  # back again: everything is sent
+    server = mlflow_server(tmp_path, port)  # back again: everything is sent
     try:
         r = subprocess.run([str(Path(sys.executable).with_name("kdrun-replay")), str(unsent), "--tracking-uri", url],
                            capture_output=True, text=True, timeout=300)

@@ -1,6 +1,5 @@
 """The real `kdrun`, stopped with SIGTERM mid-run and resumed with resume=auto: the same MLflow run continues (no
 duplicate steps) and ends with exactly the weights and logged losses of a run that was never stopped."""
-import os
 import signal
 import subprocess
 import sys

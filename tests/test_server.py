@@ -1,49 +1,22 @@
 """A real MLflow tracking server (what `make server` starts): kdrun logs a run and a 2-job sweep over HTTP, and
 MLflow's client reads back runs, params, metric histories and artifacts."""
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import offline_env, run_kdrun
+from conftest import free_port, mlflow_server, offline_env, run_kdrun
 
 SMALL = ["train.max_steps=2", "train.batch_size=4", "train.log_every=1", "data.max_train_queries=6",
          "data.max_eval_queries=3", "tracking.experiment=served"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("server")
-    port = _free_port()
-    mlflow = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen([str(mlflow), "server", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
-                             "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"],
-                            cwd=tmp, stdout=open(tmp / "server.log", "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    port = free_port()
+    proc = mlflow_server(tmp, port)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                break
-        except OSError:
-            time.sleep(0.5)
-        assert proc.poll() is None, (tmp / "server.log").read_text()[-3000:]
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not come up in 120 s: " + (tmp / "server.log").read_text()[-3000:])
     yield tmp, url
     os.killpg(proc.pid, 15)
     proc.wait(timeout=30)

@@ -50,8 +50,8 @@ def _choices() -> Dict[str, str]:
 
     if not HydraConfig.initialized():
         return {}
-    return {f"kdrun.choice.{g}": str(c) for g, c in HydraConfig.get().runtime.choices.items()
-            if c is not None and "/" not in g}
+    return {f"kdrun.choice.{g.split('@')[-1]}": str(c) for g, c in HydraConfig.get().runtime.choices.items()
+            if c is not None and "/" not in g}  # "teacher@teachers.cls" (an extra teacher) -> "teachers.cls"
 
 
 def flops_per_token(model) -> float:

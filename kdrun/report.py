@@ -84,7 +84,9 @@ def factors(runs: Sequence) -> List[str]:
 
 
 def _factor(run, key: str) -> str:
-    return run.data.tags.get(CHOICE_TAG + key) if "." not in key else short(key, run.data.params.get(key))
+    """A run's value of a factor: its choice of that config group (a tag), else the param."""
+    choice = run.data.tags.get(CHOICE_TAG + key)
+    return choice if choice is not None else short(key, run.data.params.get(key))
 
 
 def _mean_std(values: Sequence[float]) -> Tuple[float, float]:

@@ -143,3 +143,4 @@ def test_two_teachers_are_cached_apart_and_averaged(modes):
     # the main teacher's entry is already cached (same data, weights and settings as the sweep); the cls one is new
     assert (m["teacher/cache_hits"], m["teacher/cache_misses"]) == (1, 1)
     assert runs[0].data.params["teachers.cls.weight"] == "0.5"
+    assert runs[0].data.tags["kdrun.choice.teachers.cls"] == "minilm_offline"  # the extra teacher's option, as a tag

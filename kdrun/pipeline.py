@@ -271,16 +271,14 @@ def _run(cfg: DictConfig, rt) -> Dict[str, object]:
     loop_state = None
     if found:  # weights, optimizer, scheduler, scaler and the loop's window from the checkpoint; the data position
         path, meta = found
-        if {k: meta["position"][k] for k in ("batches_per_epoch", "max_steps")} != \
-                {k: v for k, v in position(0).items() if k != "micro_batches"}:
-            raise ConfigError(f"resume: {path} was written by a run of {meta['position']['max_steps']} steps over "
-                              f"{meta['position']['batches_per_epoch']} batches per epoch; this one has {max_steps} "
+        saved = meta["position"]
+        if (saved["batches_per_epoch"], saved["max_steps"]) != (len(sampler), max_steps):
+            raise ConfigError(f"resume: {path} was written by a run of {saved['max_steps']} steps over "
+                              f"{saved['batches_per_epoch']} batches per epoch; this one has {max_steps} "
                               f"and {len(sampler)}: the data changed. Resume with the same data, or start afresh")
         loop_state = checkpoint.restore(path, student=student, loss_fn=loss_fn, optim=optim, rt=rt)
-        sampler.resume_at(*divmod(meta["position"]["micro_batches"], len(sampler)))
-
-    if found:
-        run_id = tracker.resume(found[1]["run_id"], step=found[1]["step"])
+        sampler.resume_at(*divmod(saved["micro_batches"], len(sampler)))
+        run_id = tracker.resume(meta["run_id"], step=meta["step"])
     else:
         run_id = tracker.start(cfg.tracking.run_name or _run_name(), params,
                                tags={**resolved["tracking"]["tags"], "kdrun.task": task_name, **_choices()},
@@ -368,16 +366,16 @@ def _run(cfg: DictConfig, rt) -> Dict[str, object]:
             tracker.artifacts(str(out), "student")
         tracker.end("FINISHED")
     except (KeyboardInterrupt, checkpoint.Interrupted):  # resumable: resume=PATH continues this very run
-        signals.__exit__()
         tracker.end("KILLED")
         raise
     except BaseException as e:
         if isinstance(e, NonFiniteLossError) and (last := checkpoint.latest_name(ckpt_dir)):
             e.args = (f"{e}. The last good checkpoint is kept: {last}",)
-        signals.__exit__()
         tracker.tags({"kdrun.failure": f"{type(e).__name__}: {e}"[:4000]})  # why, in the UI
         tracker.end("FAILED")
         raise
+    finally:
+        signals.__exit__()  # (already done when training ended)
 
     if not rt.is_main:
         return {"run_id": None, "objective": float("nan")}

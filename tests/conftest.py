@@ -8,6 +8,30 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 
+# Float comparisons that hold on any CPU. The same computation with the same shapes gives the same bits on one
+# machine (tests assert torch.equal there). Across differently shaped computations (a text alone vs in a batch, a
+# cache filled in chunks of another size) oneDNN/MKL pick other kernels by shape and instruction set (AVX2, AVX-512,
+# AMX), which regroup the sums: the results then agree only up to float32 rounding. Such tests compare with
+# f32_close, a tolerance in float32 epsilons relative to the largest magnitude (norm-wise: a regrouped sum's error
+# scales with the size of its terms, so an element near zero may differ by more than its own few ulps).
+F32_EPS = 2.0 ** -23  # torch.finfo(torch.float32).eps
+# 2^6 eps: one forward pass of a 6-layer encoder, its matmuls regrouped (seen: up to 2.1 eps, AVX-512 + AMX)
+FORWARD_ULPS = 64
+# 2^8 eps: a few optimizer steps from teacher outputs that differ in their last bits (each step carries it on)
+TRAINING_ULPS = 256
+
+
+def f32_close(actual, expected, ulps: int = FORWARD_ULPS) -> bool:
+    """|actual - expected| <= ulps * eps32 * max|expected|, elementwise, for tensors or sequences of floats."""
+    import torch
+
+    a = torch.as_tensor(actual, dtype=torch.float64)
+    e = torch.as_tensor(expected, dtype=torch.float64)
+    if a.shape != e.shape:
+        return False
+    scale = e.abs().max().item() if e.numel() else 0.0
+    return bool(((a - e).abs() <= ulps * F32_EPS * scale).all())
+
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> str:

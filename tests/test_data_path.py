@@ -8,6 +8,8 @@ import torch
 from kdrun.data import tokens
 from kdrun.data.batching import BucketBatchSampler
 
+from conftest import f32_close
+
 
 def _area(groups, lengths, multiple):
     return sum(len(g) * -(-max(lengths[i] for i in g) // multiple) * multiple for g in groups)
@@ -61,7 +63,7 @@ def test_grouped_padding_leaves_bi_encoder_and_colbert_scores_unchanged(minilm_d
         feats = model.featurize(queries, passages)
         assert "groups" in feats["passage"] and len(feats["passage"]["groups"]) > 1
         grouped = model(feats)["scores"]
-        torch.testing.assert_close(grouped, plain, atol=1e-4, rtol=1e-5)
+        assert f32_close(grouped, plain), (grouped, plain)  # other padding: equal to float32 rounding
         model.token_table = None
 
 

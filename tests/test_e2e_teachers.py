@@ -1,11 +1,11 @@
 """Teacher modes end to end through the real `kdrun` console script: a learning-rate sweep runs the teacher once
-(the cache), the cached and score-file runs train exactly as the online teacher does, and every ranking student
-architecture trains from every kind of teacher."""
+(the cache), the cached and score-file runs train as the online teacher does (to float32 rounding: the cache ran the
+teacher in batches of other shapes), and every ranking student architecture trains from every kind of teacher."""
 import math
 
 import pytest
 
-from conftest import offline_env, run_kdrun
+from conftest import TRAINING_ULPS, f32_close, offline_env, run_kdrun
 
 SMALL = ["train.max_steps=3", "train.batch_size=4", "train.log_every=1", "data.max_train_queries=8",
          "data.max_eval_queries=4", "tracking.log_student=false", "optimizer.warmup_ratio=0"]
@@ -65,14 +65,14 @@ def test_a_three_lr_sweep_runs_the_teacher_over_the_training_data_once(modes):
     assert online["teacher/train_forward_calls"] >= 3 * 2  # online: query and passage forwards every step
 
 
-def test_cached_teacher_trains_exactly_like_the_online_teacher(modes):
+def test_cached_teacher_trains_like_the_online_teacher(modes):
     tmp, _ = modes
     client, online = _runs(tmp, "online")
     _, sweep = _runs(tmp, "sweep")
     cached = next(r for r in sweep if float(r.data.params["optimizer.lr"]) == 2e-4)
     a, b = _losses(client, online[0]), _losses(client, cached)
     assert len(a) == 3 and all(math.isfinite(x) for x in a)
-    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6, (a, b)
+    assert f32_close(b, a, TRAINING_ULPS), (a, b)
 
 
 def test_a_score_file_from_the_scoring_command_trains_like_the_online_teacher(modes):
@@ -86,7 +86,7 @@ def test_a_score_file_from_the_scoring_command_trains_like_the_online_teacher(mo
     assert run.info.status == "FINISHED" and run.data.metrics["teacher/scores_missing"] == 0
     assert "eval/teacher/mrr_at_10" not in run.data.metrics  # no teacher model to evaluate
     a, b = _losses(client, online[0]), _losses(client, run)
-    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6, (a, b)
+    assert f32_close(b, a, TRAINING_ULPS), (a, b)
 
 
 @pytest.fixture(scope="module")

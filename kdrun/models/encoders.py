@@ -36,9 +36,10 @@ def tokenize(tokenizer, texts, max_length: int, pair_texts=None, pad_to_multiple
 
 def tokenize_groups(tokenizer, texts, max_length: int, pair_texts=None) -> Dict:
     """Texts (or pairs) grouped by their own length rounded up to a multiple of 8, each group padded to
-    exactly that: {"groups": [{"index": rows, features...}], "count": N}. A model's output for a text then does
-    not depend on which texts share its batch (batch-dependent padding changes results in the 7th digit), so a
-    teacher scores a text the same online, in the cache and in a score file (`run_groups` puts rows back)."""
+    exactly that: {"groups": [{"index": rows, features...}], "count": N}. A text's tokens and mask then do not
+    depend on which texts share its batch (batch-dependent padding changes results in the 7th digit), so a teacher
+    scores a text the same online, in the cache and in a score file: bit for bit where the CPU's kernels do not
+    depend on the batch's row count, to float32 rounding where they do (`run_groups` puts rows back)."""
     enc = tokenizer(list(texts), list(pair_texts) if pair_texts is not None else None,
                     truncation=True if pair_texts is None else "longest_first", max_length=max_length)
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
@@ -85,7 +86,7 @@ def own_scores(in_batch: torch.Tensor, n: int) -> torch.Tensor:
 
 class Scorer(nn.Module):
     outputs: set = set()
-    exact: bool = False  # teachers: batch-invariant padding (tokenize_groups), so cached outputs equal online ones
+    exact: bool = False  # teachers: batch-invariant padding (tokenize_groups): cached outputs match online ones
     # students (set by the pipeline from the hardware profile): texts tokenised once, batches padded in length groups
     token_table = None  # kdrun.data.tokens.TokenTable for single texts (queries, passages)
     pad_multiple: int = 8

@@ -5,6 +5,7 @@ Nothing heavy is imported at module level (no torch, transformers or mlflow), so
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -43,12 +44,41 @@ def _main(cfg: DictConfig):
                     print(f"kdrun: continue with: {_resume_command(e.path)}", file=sys.stderr)
             sys.exit(128 + e.signum)
         print(f"kdrun: error: {e}", file=sys.stderr)
+        _discard_empty_run_dir()
         sys.exit(2)
     except OmegaConfBaseException as e:
         print(f"kdrun: error: {e}", file=sys.stderr)
+        _discard_empty_run_dir()
         sys.exit(2)
     # for sweepers: sweep.objective (checked against the task's metrics at validation), else the primary metric
     return result[cfg.sweep.objective] if cfg.sweep.objective else result["objective"]
+
+
+def _discard_empty_run_dir() -> None:
+    """A single run that failed before writing anything: remove the run directory Hydra made for it (its .hydra/
+    and job log only), and the dated folders above it that this leaves empty, up to the working directory."""
+    import shutil
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.RUN:
+        return
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_files = {".hydra", f"{HydraConfig.get().job.name}.log"}
+    if not run_dir.is_dir() or {p.name for p in run_dir.iterdir()} - hydra_files:
+        return
+    logging.shutdown()  # the job log is closed before it goes
+    shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
+    (run_dir / f"{HydraConfig.get().job.name}.log").unlink(missing_ok=True)
+    cwd, run_dir = Path.cwd().resolve(), run_dir.resolve()
+    for d in (run_dir, *run_dir.parents):
+        if d != run_dir and cwd not in d.parents:  # parents only below the working directory
+            break
+        try:
+            d.rmdir()  # only while empty
+        except OSError:
+            break
 
 
 def _resume_command(path) -> str:
@@ -62,7 +92,39 @@ def _resume_command(path) -> str:
 
 
 def main() -> None:
-    _main()
+    """Mistakes on the command line get one line and exit status 2, as kdrun's own config checks do; `--help` and
+    `--cfg job` are answered here (Hydra's own help recomposes the config once per group option: seconds)."""
+    from kdrun import usage
+
+    argv = sys.argv[1:]
+    conf = _conf_dir()
+    user_full_error = bool(os.environ.get("HYDRA_FULL_ERROR"))
+    try:
+        flags, overrides = usage.split_args(argv)
+        usage.check_group_options(overrides, conf)
+        multirun = "-m" in flags or "--multirun" in flags
+        if ("--help" in flags or "-h" in flags) and "--hydra-help" not in flags:
+            print(usage.help_text(conf, overrides, "--resolve" in flags))
+            return
+        cfg_flag = flags.get("--cfg", flags.get("-c"))
+        if cfg_flag == "job" and not multirun and not ({"--package", "-p", "--info", "-i"} & set(flags)):
+            print(usage.job_config(conf, overrides, "--resolve" in flags), end="")
+            if "--resolve" not in flags:
+                print("kdrun: interpolations (${...}) are shown as written; add --resolve to see their values",
+                      file=sys.stderr)
+            return
+        if not user_full_error:  # Hydra raises its composition errors to us instead of printing them in many lines
+            os.environ["HYDRA_FULL_ERROR"] = "1"
+        _main()
+    except KdrunError as e:
+        print(f"kdrun: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # noqa: BLE001 - config mistakes get one line; anything else is re-raised as it is
+        message = None if user_full_error else usage.explain(e)
+        if message is None:
+            raise
+        print(f"kdrun: error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -6,15 +6,17 @@ conf/config.yaml: an unknown key, a wrong type or a value outside an enum fails 
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import importlib.util
 import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import II, MISSING, OmegaConf
+from omegaconf import II, MISSING, DictConfig, ListConfig, OmegaConf
 
 from kdrun.errors import ConfigError
 
@@ -412,12 +414,92 @@ def register() -> None:
         OmegaConf.register_new_resolver("pkg_dir", package_dir)
 
 
+def closest(word: str, candidates: Sequence[str]) -> Optional[str]:
+    """The candidate a typo most likely meant ("max_step" -> "max_steps", "margin-mse" -> "margin_mse"), or None."""
+    norm = lambda w: w.lower().replace("-", "_")
+    by_norm = {norm(c): c for c in candidates}
+    if norm(word) in by_norm:
+        return by_norm[norm(word)]
+    found = difflib.get_close_matches(norm(word), list(by_norm), n=1, cutoff=0.6)
+    return by_norm[found[0]] if found else None
+
+
+_OPEN = object()  # a Dict[str, ...] field: its keys are the user's (tracking.tags.NAME, teachers.NAME)
+
+
+def _fields(schema) -> Dict[str, Any]:
+    """A dataclass's fields and what each holds: another dataclass, _OPEN (a dict of user keys) or None (a value);
+    a list of dataclasses (loss.terms) is described by its element."""
+    import typing
+
+    out = {}
+    for f in dataclasses.fields(schema):
+        hint = typing.get_type_hints(schema)[f.name]
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+        if origin in (dict, Dict):
+            out[f.name] = (_OPEN, args[1] if dataclasses.is_dataclass(args[1]) else None)
+        elif origin in (list, List) and args and dataclasses.is_dataclass(args[0]):
+            out[f.name] = args[0]
+        elif dataclasses.is_dataclass(hint):
+            out[f.name] = hint
+        else:
+            out[f.name] = None
+    return out
+
+
+def schema_keys() -> List[str]:
+    """Every setting's dotted key (data.* from every data option's schema), for did-you-mean suggestions."""
+    def walk(schema, prefix: str) -> List[str]:
+        keys = []
+        for name, kind in _fields(schema).items():
+            if schema is KdrunConfig and name == "data":
+                keys += sorted({k for s in DATA_SCHEMAS.values() for k in walk(s, "data.")})
+            elif isinstance(kind, tuple):  # tracking.tags.NAME, teachers.NAME.*
+                keys += walk(kind[1], f"{prefix}{name}.NAME.") if kind[1] else [f"{prefix}{name}.NAME"]
+            elif kind is not None:
+                keys += walk(kind, f"{prefix}{name}.")
+            else:
+                keys.append(prefix + name)
+        return keys
+
+    return [k.replace(".terms.", ".terms.N.") for k in walk(KdrunConfig, "")]
+
+
+def check_known_keys(cfg: Any) -> None:
+    """Hydra lets `+train.max_step=5` add a key that no kdrun code reads (its own hint after a typo says to): every key
+    must be a field of its section's schema, but under the extension points (tracking.tags.NAME, teachers.NAME)."""
+    def children(node: Any):  # (key, child container), interpolations left unresolved
+        keys = range(len(node)) if isinstance(node, ListConfig) else list(node)
+        for key in keys:
+            if OmegaConf.is_interpolation(node, key) or OmegaConf.is_missing(node, key):
+                continue
+            if isinstance(node[key], (DictConfig, ListConfig)):
+                yield key, node[key]
+
+    def walk(node: Any, path: str) -> None:
+        schema = OmegaConf.get_type(node)
+        if isinstance(node, DictConfig) and dataclasses.is_dataclass(schema):
+            fields = _fields(schema)
+            for key in node:
+                if key not in fields:
+                    where = f"{path}.{key}" if path else str(key)
+                    guess = closest(where, [f"{path}.{k}" if path else k for k in fields])
+                    raise ConfigError(f"{where} is not a kdrun setting (added with '+'?)"
+                                      + (f"; did you mean {guess}?" if guess else "")
+                                      + f" {path or 'the config'} has: {', '.join(fields)}")
+        for key, child in children(node):  # lists (loss.terms) and open dicts (teachers.NAME) hold schemas too
+            walk(child, f"{path}.{key}" if path else str(key))
+
+    walk(cfg, "")
+
+
 def enum_value(x) -> str:
     return x.value if isinstance(x, Enum) else str(x)
 
 
 def validate(cfg: Any) -> None:
     """Cross-field checks the schema cannot express. Raises ConfigError naming the key and the fix."""
+    check_known_keys(cfg)
     t, s, tr, d = cfg.teacher, cfg.student, cfg.train, cfg.data
     for key in d:
         if OmegaConf.is_missing(d, key):

@@ -19,6 +19,7 @@ from kdrun.config import enum_value
 from kdrun.data import scores_file
 from kdrun.data.batching import BucketBatchSampler
 from kdrun.errors import ConfigError, DataError, NonFiniteLossError
+from kdrun.report import JOB_TAG
 from kdrun.secrets import redact, redact_arg
 from kdrun.tracking import NullTracker, Tracker, flatten, summary_table
 
@@ -281,7 +282,8 @@ def _run(cfg: DictConfig, rt) -> Dict[str, object]:
         run_id = tracker.resume(meta["run_id"], step=meta["step"])
     else:
         run_id = tracker.start(cfg.tracking.run_name or _run_name(), params,
-                               tags={**resolved["tracking"]["tags"], "kdrun.task": task_name, **_choices()},
+                               tags={**resolved["tracking"]["tags"], "kdrun.task": task_name, **_choices(),
+                                     **({} if sweep.job_number() is None else {JOB_TAG: str(sweep.job_number())})},
                                parent_run_id=sweep.parent_run_id())
     log.info("MLflow %s", tracker.run_url())
     ckpt_dir = checkpoint.root(cfg.output_dir)

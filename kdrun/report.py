@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from kdrun.config import PRIMARY_METRIC
 
 PARENT_TAG = "kdrun.sweep_parent"  # set on a sweep's parent run
+JOB_TAG = "kdrun.job_num"  # a sweep job's number (Hydra's hydra.job.num): tables list jobs in this order
 # params that differ between jobs without being a choice of the user
 _NOISE = ("output_dir", "tracking.run_name", "scores_out")
 _COSTS = (("model/student_params", "student parameters (millions)", 1e-6),
@@ -24,7 +25,7 @@ _COSTS = (("model/student_params", "student parameters (millions)", 1e-6),
 
 
 def runs_of(client, *, parent_run_id: Optional[str] = None, experiment: Optional[str] = None) -> list:
-    """A parent run's children, or every run of an experiment except sweep parents, oldest first."""
+    """A parent run's children, or every run of an experiment except sweep parents, in `run_order`."""
     if parent_run_id:
         parent = client.get_run(parent_run_id)
         runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
@@ -34,7 +35,34 @@ def runs_of(client, *, parent_run_id: Optional[str] = None, experiment: Optional
         if exp is None:
             raise SystemExit(f"kdrun-report: no MLflow experiment named '{experiment}' in {client.tracking_uri}")
         runs = [r for r in client.search_runs([exp.experiment_id], max_results=5000) if PARENT_TAG not in r.data.tags]
-    return sorted(runs, key=lambda r: r.info.start_time or 0)
+    return run_order(runs)
+
+
+def job_num(run) -> Optional[int]:
+    """A sweep job's number: its tag, or the "#N" its name starts with (runs logged before the tag); else None."""
+    tag = run.data.tags.get(JOB_TAG)
+    if tag is not None and tag.isdigit():
+        return int(tag)
+    name = run.info.run_name or ""
+    head = name[1:].split(" ", 1)[0] if name.startswith("#") else ""
+    return int(head) if head.isdigit() else None
+
+
+def run_order(runs: Sequence) -> list:
+    """Each sweep's jobs together and in job-number order (parallel jobs start in no fixed order, so start times
+    would shuffle them); sweeps, and runs outside sweeps, by when they began; the run id breaks remaining ties."""
+    first: Dict[str, int] = {}  # a sweep's earliest start
+    for r in runs:
+        parent = r.data.tags.get("mlflow.parentRunId")
+        if parent:
+            first[parent] = min(first.get(parent, r.info.start_time or 0), r.info.start_time or 0)
+
+    def key(r):
+        parent, num = r.data.tags.get("mlflow.parentRunId"), job_num(r)
+        began = first[parent] if parent else (r.info.start_time or 0)
+        return (began, parent or "", num if num is not None else -1, r.info.start_time or 0, r.info.run_id)
+
+    return sorted(runs, key=key)
 
 
 def varied_params(runs: Sequence) -> List[str]:

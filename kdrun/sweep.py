@@ -70,6 +70,16 @@ def job_name() -> Optional[str]:
     return f"#{hc.job.num} {' '.join(redact_arg(o) for o in mine)}"[:250]
 
 
+def job_number() -> Optional[int]:
+    """This job's number in its sweep (Hydra's hydra.job.num), else None: what sweep tables are ordered by."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return int(HydraConfig.get().job.num)
+
+
 def parent_run_id() -> Optional[str]:
     """The parent run of this job when it is part of a kdrun sweep, else None."""
     from hydra.core.hydra_config import HydraConfig

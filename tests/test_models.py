@@ -83,3 +83,9 @@ def test_unreachable_hub_names_the_model_and_the_path_fix(tmp_path, monkeypatch)
     msg = str(e.value)
     assert "nboost/pt-bert-base-uncased-msmarco" in msg and "not available offline" in msg
     assert "teacher.path=" in msg
+    # the download command it recommends is the one the installed huggingface_hub ships (`huggingface-cli` is gone)
+    assert "`hf download nboost/pt-bert-base-uncased-msmarco --local-dir DIR`" in msg
+    import sys
+    from pathlib import Path
+
+    assert Path(sys.executable).with_name("hf").is_file()

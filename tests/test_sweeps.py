@@ -120,6 +120,28 @@ def test_results_average_over_seeds_per_student_and_loss_with_the_teacher_first(
         "latency per query vs teacher", "FLOPs per token vs teacher", "params vs teacher"]
 
 
+def test_sweep_jobs_are_ordered_by_job_number_not_by_start_time():
+    """Parallel jobs start in no fixed order: tables list a sweep's jobs by number, whatever their start times."""
+    from types import SimpleNamespace as NS
+
+    from kdrun import report
+
+    def run(num, start, parent="p1", name=None):
+        tags = {"mlflow.parentRunId": parent} if parent else {}
+        if num is not None and name is None:
+            tags[report.JOB_TAG] = str(num)
+        return NS(info=NS(start_time=start, run_id=f"id{num}{start}", run_name=name or f"#{num} x", status="FINISHED"),
+                  data=NS(tags=tags, metrics={}, params={}))
+
+    jobs = [run(3, 100), run(1, 101), run(0, 103), run(2, 102)]  # job 3 happened to start first
+    assert [report.job_num(r) for r in report.run_order(jobs)] == [0, 1, 2, 3]
+    old = run(None, 50, parent="p0", name="#1 lr=2")  # logged before the tag: its name says "#1"
+    older = run(None, 60, parent="p0", name="#0 lr=1")
+    single = run(None, 10, parent=None, name="kdrun-1129")
+    ordered = report.run_order([*jobs, old, single, older])
+    assert [r.info.run_name.split(" ")[0] for r in ordered] == ["kdrun-1129", "#0", "#1", "#0", "#1", "#2", "#3"]
+
+
 def test_pareto_front():
     from kdrun.report import pareto
 

@@ -150,6 +150,44 @@ def test_pareto_front():
     assert pareto([(1.0, 10.0), (2.0, 5.0), (3.0, 7.0)], "min") == [0, 1]
 
 
+@pytest.mark.parametrize("overrides,direction", [
+    ([], "maximize"),  # no sweep.objective: the task's primary metric (ranking: MRR@10)
+    (["experiment=classification_demo"], "maximize"),
+    (["experiment=causal_lm_demo"], "minimize"),  # perplexity
+    (["sweep.objective=eval/student/ms_per_example"], "minimize"),
+    (["sweep.objective=eval/student/ndcg_at_10"], "maximize"),
+    (["experiment=causal_lm_demo", "sweep.direction=maximize"], "maximize"),
+])
+def test_optuna_direction_is_one_optuna_accepts(overrides, direction):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+    from hydra_plugins.kdrun_optuna_sweeper.optuna_sweeper import direction_of
+    from kdrun import config
+
+    config.register()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    assert direction_of(cfg) == direction
+
+
+@pytest.mark.slow
+def test_optuna_sweeper_with_no_objective_optimises_the_primary_metric(tmp_path):
+    r = run_kdrun(["-m", *SMALL, "train.max_steps=1", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
+                   "optimizer.lr=tag(log,interval(1e-5,1e-3))", "tracking.experiment=optuna_default",
+                   f"hydra.sweep.dir={tmp_path / 'multirun'}"], cwd=tmp_path, env=offline_env(tmp_path))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    from mlflow.tracking import MlflowClient
+    from omegaconf import OmegaConf
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("optuna_default").experiment_id])
+    children = [x for x in runs if "mlflow.parentRunId" in x.data.tags]
+    best = OmegaConf.load(tmp_path / "multirun" / "optimization_results.yaml")
+    assert best.direction == "maximize" and best.completed == 2
+    assert best.best_value == pytest.approx(max(c.data.metrics["eval/student/mrr_at_10"] for c in children))
+
+
 @pytest.mark.slow
 def test_optuna_sweeper_maximises_the_named_objective(tmp_path):
     r = run_kdrun(["-m", *SMALL, "train.max_steps=2", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=3",

@@ -55,8 +55,8 @@ def direction_of(config: DictConfig) -> str:
     sweep = config.sweep
     if sweep.direction:
         return enum_value(sweep.direction)
-    if not sweep.objective:
-        return PRIMARY_METRIC[enum_value(config.data.task)][1]
+    if not sweep.objective:  # the task's primary metric: PRIMARY_METRIC says "max" or "min"
+        return {"max": "maximize", "min": "minimize"}[PRIMARY_METRIC[enum_value(config.data.task)][1]]
     name = sweep.objective.rsplit("/", 1)[-1]
     return "minimize" if any(w in name for w in ("loss", "perplexity", "nll", "kl", "ms_per", "mse")) else "maximize"
 

@@ -36,9 +36,10 @@ test: install
 test-slow: install
 	$(BIN)/python -m pytest -m slow
 
-# MLflow UI over the default local store of this directory (the same one `kdrun` logs to)
+# MLflow UI over the default local store of this directory (the same one `kdrun` logs to); prints each kdrun
+# experiment's runs view (MLflow 3 otherwise opens an experiment on its GenAI pages)
 ui: install
-	$(BIN)/mlflow ui --host 127.0.0.1 --port $(PORT)
+	$(BIN)/kdrun-ui --host 127.0.0.1 --port $(PORT)
 
 # a real MLflow tracking server on this machine: SQLite backend, artifacts under ./mlartifacts (proxied by the
 # server), loopback only. Point kdrun at it with tracking.uri=http://127.0.0.1:$(SERVER_PORT)

@@ -328,7 +328,7 @@ class TrainConfig:
     grad_accum: int = II("hardware.grad_accum")
     eval_every: int = 0  # 0: evaluate before training and at the end only
     eval_batch_size: int = 128
-    log_every: int = 10
+    log_every: Optional[int] = None  # None: every max_steps // 25 steps, between 1 and 10 (a curve even for short runs)
     seed: int = 42
     max_nonfinite_skips: int = 0  # > 0: skip up to N steps with a non-finite loss or gradient (else: stop the run)
     checkpoint_every: int = 500  # steps between checkpoints in <output_dir>/checkpoints (0: only on SIGTERM/SIGINT)
@@ -533,7 +533,7 @@ def validate(cfg: Any) -> None:
             if value is not None and value < 1:
                 raise ConfigError(f"student.scratch.{key}={value} must be >= 1 (or null: the teacher's)")
     for key in ("batch_size", "grad_accum", "log_every", "eval_batch_size"):
-        if tr[key] < 1:
+        if tr[key] is not None and tr[key] < 1:
             raise ConfigError(f"train.{key}={tr[key]} must be >= 1")
     hw = cfg.hardware
     if hw.distributed and "WORLD_SIZE" not in os.environ:

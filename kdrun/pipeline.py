@@ -184,6 +184,11 @@ def load_data(cfg: DictConfig):
     return task_name, build(node)
 
 
+def log_interval(max_steps: int) -> int:
+    """train.log_every when it is not set: 25 or more points for runs under 250 steps, every 10 steps beyond."""
+    return min(10, max(1, max_steps // 25))
+
+
 RESULT_FILE = "kdrun-result.json"  # in output_dir when a run has finished: resume=auto does not repeat it
 
 
@@ -269,6 +274,9 @@ def _run(cfg: DictConfig, rt) -> Dict[str, object]:
     optim = loop.make_optim([student, loss_fn], rt, max_steps, **_node(cfg.optimizer))
     position = lambda step: {"micro_batches": step * tr.grad_accum, "batches_per_epoch": len(sampler),
                              "max_steps": max_steps}
+    sizes = {f"data/{k}": f"{v:g}" for k, v in data.stats.items()}  # the data's sizes: params, not metric charts
+    if "data/distinct_texts" in setup_metrics:
+        sizes["data/distinct_texts"] = f"{setup_metrics.pop('data/distinct_texts'):g}"
     loop_state = None
     if found:  # weights, optimizer, scheduler, scaler and the loop's window from the checkpoint; the data position
         path, meta = found
@@ -281,7 +289,7 @@ def _run(cfg: DictConfig, rt) -> Dict[str, object]:
         sampler.resume_at(*divmod(saved["micro_batches"], len(sampler)))
         run_id = tracker.resume(meta["run_id"], step=meta["step"])
     else:
-        run_id = tracker.start(cfg.tracking.run_name or _run_name(), params,
+        run_id = tracker.start(cfg.tracking.run_name or _run_name(), {**params, **sizes},
                                tags={**resolved["tracking"]["tags"], "kdrun.task": task_name, **_choices(),
                                      **({} if sweep.job_number() is None else {JOB_TAG: str(sweep.job_number())})},
                                parent_run_id=sweep.parent_run_id())
@@ -293,8 +301,7 @@ def _run(cfg: DictConfig, rt) -> Dict[str, object]:
             tracker.text(OmegaConf.to_yaml(redact(resolved)), "config.yaml")  # credentials never reach the store
             tracker.text("\n".join(redact_arg(o) for o in _overrides()) + "\n", "overrides.txt")
         n_params = lambda m: sum(p.numel() for p in m.parameters())
-        tracker.metrics({**{f"data/{k}": v for k, v in data.stats.items()},
-                         **getattr(getattr(teacher, "main", teacher), "finetune_info", {}), **setup_metrics,
+        tracker.metrics({**getattr(getattr(teacher, "main", teacher), "finetune_info", {}), **setup_metrics,
                          "model/student_params": n_params(student), "model/loss_params": n_params(loss_fn),
                          "model/teacher_params": n_params(teacher) if teacher is not None else 0,
                          "model/student_flops_per_token": flops_per_token(student),
@@ -351,8 +358,9 @@ def _run(cfg: DictConfig, rt) -> Dict[str, object]:
             tracker.metrics({"train/checkpoint_seconds": time.perf_counter() - t0}, step=step)
             return path
 
+        log_every = tr.log_every or log_interval(max_steps)
         loop.train(rt.wrap(student), teacher, loss_fn, loop.forever(loader), optim, rt, max_steps=max_steps,
-                   grad_accum=tr.grad_accum, log_every=tr.log_every, eval_every=tr.eval_every,
+                   grad_accum=tr.grad_accum, log_every=log_every, eval_every=tr.eval_every,
                    log=tracker.metrics, evaluate=periodic_eval, max_nonfinite_skips=tr.max_nonfinite_skips,
                    checkpoint=save_checkpoint, checkpoint_every=tr.checkpoint_every, signals=signals,
                    resume=loop_state)

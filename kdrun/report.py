@@ -78,22 +78,83 @@ def primary(runs: Sequence) -> Tuple[str, str]:
     return f"eval/student/{name}", direction
 
 
-def table(runs: Sequence) -> Tuple[List[str], List[List[str]]]:
-    """Columns: run, status, the varied params, the student's final held-out metrics, the teacher's primary
-    metric, size, latency and throughput."""
+def starting_values(client, runs: Sequence) -> Dict[str, Dict[str, float]]:
+    """{run id: {eval/student/<metric>: its value before training (step 0)}}: what the student started from."""
+    out: Dict[str, Dict[str, float]] = {}
+    for r in runs:
+        mine = out.setdefault(r.info.run_id, {})
+        for key in r.data.metrics:
+            if key.startswith("eval/student/") and key != "eval/student/ms_per_example":
+                first = [m.value for m in client.get_metric_history(r.info.run_id, key) if m.step == 0]
+                if first:
+                    mine[key] = first[-1]
+    return out
+
+
+def table(runs: Sequence, before: Optional[Dict[str, Dict[str, float]]] = None) -> Tuple[List[str], List[List[str]]]:
+    """Columns: run, status, the varied params, the student's final held-out metrics (each after its value before
+    training, `before/eval/student/...`, when `before` is given), the teacher's primary metric, size, latency and
+    throughput, run id."""
+    before = before or {}
     params = varied_params(runs)
     metric_keys = sorted({k for r in runs for k in r.data.metrics if k.startswith("eval/student/")})
     key, _ = primary(runs)
     extra = [key.replace("student", "teacher"), "model/student_params", "train/samples_per_s"]
-    metric_cols = [*metric_keys, *[k for k in extra if k not in metric_keys]]
+    starts = {k for b in before.values() for k in b}
+    metric_cols = []
+    for k in metric_keys:
+        metric_cols += ([f"before/{k}"] if k in starts else []) + [k]
+    metric_cols += [k for k in extra if k not in metric_keys]
     columns = ["run_name", "status", *params, *metric_cols, "run_id"]
     rows = []
     for r in runs:
+        metrics = {**r.data.metrics, **{f"before/{k}": v for k, v in before.get(r.info.run_id, {}).items()}}
         values = {"run_name": r.info.run_name, "status": r.info.status, "run_id": r.info.run_id,
                   **{p: r.data.params.get(p, "") for p in params},
-                  **{k: f"{r.data.metrics[k]:.6g}" for k in metric_cols if k in r.data.metrics}}
+                  **{k: f"{metrics[k]:.6g}" for k in metric_cols if k in metrics}}
         rows.append([values.get(c, "") for c in columns])
     return columns, rows
+
+
+def summary_markdown(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """summary.md, for reading: metrics rounded, each student metric as "before → after", parameters in millions,
+    long params shortened, no run ids (summary.csv keeps every value whole)."""
+    shown, cells = [], []
+    for i, c in enumerate(columns):
+        if c == "run_id" or c.startswith("before/"):
+            continue
+        before_i = columns.index(f"before/{c}") if f"before/{c}" in columns else None
+        name = {"run_name": "run", "model/student_params": "student params",
+                "train/samples_per_s": "samples/s"}.get(c, c.replace("eval/", "").replace("/", " "))
+        shown.append(name + (" (before → after)" if before_i is not None else ""))
+        cells.append((i, c, before_i))
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    for row in rows:
+        out = []
+        for i, c, before_i in cells:
+            value = _readable(c, row[i])
+            if before_i is not None and row[before_i]:
+                value = f"{_readable(c, row[before_i])} → {value}"
+            out.append(value)
+        lines.append("| " + " | ".join(out) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _readable(column: str, text: str) -> str:
+    """A cell of summary.md: params as "15.6M", latencies and throughput with 1-2 decimals, metrics with 4."""
+    try:
+        value = float(text)
+    except ValueError:
+        return text if column in ("run_name", "status") else short(column, text)
+    if column.endswith("_params"):
+        return f"{value / 1e6:.1f}M"
+    if column.endswith("ms_per_example"):
+        return f"{value:.2f}"
+    if column.endswith("samples_per_s"):
+        return f"{value:.1f}"
+    if column.startswith(("eval/", "before/")):
+        return f"{value:.4f}"
+    return short(column, text)
 
 
 SEED_KEY = "train.seed"  # what a reproduction sweep repeats; results average over it
@@ -123,11 +184,14 @@ def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
     return mean, std
 
 
-def results(runs: Sequence) -> Tuple[List[str], List[List[str]], List[str], List[List[str]]]:
+def results(runs: Sequence, before: Optional[Dict[str, Dict[str, float]]] = None
+            ) -> Tuple[List[str], List[List[str]], List[str], List[List[str]]]:
     """Mean and standard deviation over seeds (train.seed) of the student's held-out metrics per group (see
     `factors`), the teacher's own figures as the first row, and each group's cost relative to the teacher:
-    evaluation latency per held-out query, and parameters. Returns CSV (columns, rows: means and stds apart) and
-    Markdown (columns, rows: "mean ± std")."""
+    evaluation latency per held-out query, and parameters. With `before` (see `starting_values`), each metric's
+    mean before training too. Returns CSV (columns, rows: means and stds apart, `<metric>_before_mean`) and Markdown
+    (columns, rows: "before → mean ± std")."""
+    before = before or {}
     done = [r for r in runs if r.info.status == "FINISHED"]
     keys = factors(done)
     metrics = sorted({k.split("/")[-1] for r in done for k in r.data.metrics
@@ -138,9 +202,11 @@ def results(runs: Sequence) -> Tuple[List[str], List[List[str]], List[str], List
     for r in done:
         groups.setdefault(tuple(_factor(r, k) for k in keys), []).append(r)
     stats = [*metrics, *costs]
-    csv_columns = ["model", *keys, "seeds", *(f"{m}_{x}" for m in stats for x in ("mean", "std"))]
-    md_columns = ["model", *keys, "seeds", *metrics, "latency per query vs teacher", "FLOPs per token vs teacher",
-                  "params vs teacher"]
+    has_before = any(f"eval/student/{m}" in b for b in before.values() for m in metrics)
+    csv_columns = ["model", *keys, "seeds", *(f"{m}_{x}" for m in stats for x in ("mean", "std")),
+                   *([f"{m}_before_mean" for m in metrics] if has_before else [])]
+    md_columns = ["model", *keys, "seeds", *(f"{m} (before → after)" if has_before else m for m in metrics),
+                  "latency per query vs teacher", "FLOPs per token vs teacher", "params vs teacher"]
     csv_rows, md_rows = [], []
 
     def values(members: list, who: str, stat: str) -> List[float]:
@@ -163,8 +229,16 @@ def results(runs: Sequence) -> Tuple[List[str], List[List[str]], List[str], List
             mean, std = _mean_std(got) if got else (float("nan"), float("nan"))
             csv_row += [f"{mean:.6g}", f"{std:.6g}"]
             digits = 3 if stat in costs else 4
-            md_row.append("-" if math.isnan(mean) else f"{mean:.{digits}f}" +
-                          ("" if math.isnan(std) else f" ± {std:.{digits}f}"))
+            start = [before[r.info.run_id][f"eval/{who}/{stat}"] for r in members
+                     if f"eval/{who}/{stat}" in before.get(r.info.run_id, {})]
+            md_row.append(("" if not start else f"{sum(start) / len(start):.{digits}f} → ") +
+                          ("-" if math.isnan(mean) else f"{mean:.{digits}f}" +
+                           ("" if math.isnan(std) else f" ± {std:.{digits}f}")))
+        if has_before:
+            for m in metrics:
+                start = [before[r.info.run_id][f"eval/{who}/{m}"] for r in members
+                         if f"eval/{who}/{m}" in before.get(r.info.run_id, {})]
+                csv_row.append(f"{sum(start) / len(start):.6g}" if start else "")
         csv_rows.append(csv_row)
         md_rows.append(md_row)
 
@@ -186,14 +260,6 @@ def to_csv(columns, rows) -> str:
     writer.writerow(columns)
     writer.writerows(rows)
     return buf.getvalue()
-
-
-def to_markdown(columns, rows) -> str:
-    """For reading: long values shortened (summary.csv keeps them whole)."""
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    keep = {"run_name", "run_id", "status"}
-    lines += ["| " + " | ".join(c if k in keep else short(k, c) for k, c in zip(columns, row)) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def pareto(points: Sequence[Tuple[float, float]], direction: str) -> List[int]:
@@ -227,13 +293,46 @@ def _label(run, params: Sequence[str]) -> str:
     return text or run.info.run_name
 
 
-def plot_pareto(runs: Sequence, path: Path) -> Optional[Path]:
-    """Quality vs student size and vs eval latency, one point per run, the Pareto front joined and ringed."""
+def latency_noise(client, runs: Sequence) -> float:
+    """Measurement noise of eval latency: the median, over runs, of the relative spread (std / mean) of a run's own
+    `eval/student/ms_per_example` across its evaluations (the same model timed again), 0 when no run has two."""
+    spreads = []
+    for r in runs:
+        values = [m.value for m in client.get_metric_history(r.info.run_id, "eval/student/ms_per_example")]
+        if len(values) > 1 and sum(values) > 0:
+            mean, std = _mean_std(values)
+            spreads.append(std / mean)
+    spreads.sort()
+    return spreads[len(spreads) // 2] if spreads else 0.0
+
+
+def front_caveat(xs: Sequence[float], cost_key: str, noise: float) -> Optional[str]:
+    """Why a cost panel shows no Pareto front, or None: every student costs the same, or the latency differences
+    are within measurement noise (under twice the typical spread between evaluations of one student)."""
+    lo, hi = min(xs), max(xs)
+    if len(xs) < 2:
+        return None
+    if hi - lo <= 1e-3 * max(abs(hi), 1e-12):
+        what = f"{hi:.1f}M parameters" if cost_key == "model/student_params" else f"{hi:.2f} ms per example"
+        return f"every student has {what}: no trade-off, no front"
+    if cost_key.endswith("ms_per_example") and (hi - lo) / ((hi + lo) / 2) < 2 * noise:
+        return (f"latencies differ by {100 * (hi - lo) / ((hi + lo) / 2):.0f}%, within measurement noise "
+                f"(±{100 * noise:.0f}% between evaluations of one student): no front")
+    return None
+
+
+def plot_pareto(runs: Sequence, path: Path, before: Optional[Dict[str, Dict[str, float]]] = None,
+                noise: float = 0.0) -> Optional[Path]:
+    """Quality vs student size and vs eval latency, one point per run, the Pareto front joined and ringed; each
+    student's quality before training drawn as a hollow point with a line to where it ended (a student that got
+    worse shows as a line going the wrong way). A panel whose costs are all equal, or whose latency differences are
+    within measurement noise, says so instead of drawing a front."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    before = before or {}
     key, direction = primary(runs)
     params = varied_params(runs)
     usable = [r for r in runs if key in r.data.metrics]
@@ -241,23 +340,33 @@ def plot_pareto(runs: Sequence, path: Path) -> Optional[Path]:
         return None
     fig, axes = plt.subplots(1, len(_COSTS), figsize=(6.5 * len(_COSTS), 4.8))
     for ax, (cost_key, cost_label, scale) in zip(axes, _COSTS):
-        pts = [(r.data.metrics[cost_key] * scale, r.data.metrics[key]) for r in usable if cost_key in r.data.metrics]
         rs = [r for r in usable if cost_key in r.data.metrics]
+        pts = [(r.data.metrics[cost_key] * scale, r.data.metrics[key]) for r in rs]
         for (x, y), r in zip(pts, rs):
-            ax.scatter([x], [y], s=40, label=_label(r, params))
-        front = sorted(pareto(pts, direction), key=lambda i: pts[i][0])
+            dot = ax.scatter([x], [y], s=40, label=_label(r, params), zorder=3)
+            start = before.get(r.info.run_id, {}).get(key)
+            if start is not None:
+                colour = dot.get_facecolor()[0]
+                ax.plot([x, x], [start, y], color=colour, lw=1, alpha=0.6)
+                ax.scatter([x], [start], s=40, facecolors="none", edgecolors=[colour], zorder=3)
+        caveat = front_caveat([x for x, _ in pts], cost_key, noise) if pts else None
+        front = [] if caveat else sorted(pareto(pts, direction), key=lambda i: pts[i][0])
         if front:
             ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1, label="Pareto front")
             ax.scatter([pts[i][0] for i in front], [pts[i][1] for i in front], s=140, facecolors="none",
                        edgecolors="k")
+        if caveat:
+            ax.text(0.5, 0.02, caveat, transform=ax.transAxes, ha="center", va="bottom", fontsize=8, wrap=True,
+                    bbox={"boxstyle": "round", "fc": "lightyellow", "ec": "grey"})
         teacher = usable[0].data.metrics.get(key.replace("student", "teacher"))
         if teacher is not None:
             ax.axhline(teacher, color="grey", lw=1, ls=":", label=f"teacher ({teacher:.4g})")
         ax.set_xlabel(cost_label)
         ax.set_ylabel(f"{key.split('/')[-1]} (held out, {'higher' if direction == 'max' else 'lower'} is better)")
         ax.grid(alpha=0.3)
-    axes[0].set_title("quality vs student size")
-    axes[-1].set_title("quality vs student latency")
+    hollow = " (hollow: before training)" if any(before.get(r.info.run_id) for r in usable) else ""
+    axes[0].set_title("quality vs student size" + hollow)
+    axes[-1].set_title("quality vs student latency" + hollow)
     handles, labels = axes[-1].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.06 + 0.035 * math.ceil(len(labels) / 3), 1, 1))  # room for the legend below
@@ -266,28 +375,59 @@ def plot_pareto(runs: Sequence, path: Path) -> Optional[Path]:
     return path
 
 
+def loss_panels(runs: Sequence) -> List[str]:
+    """The training-loss metrics to draw, each in its own panel (terms live on different scales: a KL of 0.01 and a
+    cross-entropy of 3 on one axis hide each other): train/loss, then every term the runs' losses have, when a
+    run has more than one term or its term has another weight (else the term is the total)."""
+    import json
+
+    terms: List[str] = []
+    for r in runs:
+        try:
+            spec = json.loads(r.data.params.get("loss.terms", "[]"))
+        except ValueError:
+            spec = []
+        if len(spec) > 1 or any(t.get("weight", 1.0) != 1.0 for t in spec):
+            terms += [t["name"] for t in spec if f"train/{t['name']}" in r.data.metrics and t["name"] not in terms]
+    return ["train/loss"] + [f"train/{t}" for t in terms]
+
+
 def plot_losses(client, runs: Sequence, path: Path) -> Optional[Path]:
+    """The training loss per run against the step, and each loss term in a panel of its own."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     params = varied_params(runs)
-    curves = [(r, sorted(client.get_metric_history(r.info.run_id, "train/loss"), key=lambda m: m.step)) for r in runs]
-    curves = [(r, hist) for r, hist in curves if hist]  # each history fetched once
-    if not curves:
+    panels = loss_panels(runs)
+    curves = {key: [(r, sorted(client.get_metric_history(r.info.run_id, key), key=lambda m: m.step)) for r in runs]
+              for key in panels}  # each history fetched once
+    curves = {key: [(r, h) for r, h in got if h] for key, got in curves.items()}
+    panels = [key for key in panels if curves[key]]
+    if not panels:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r, hist in curves:
-        ax.plot([m.step for m in hist], [m.value for m in hist], marker=".", label=_label(r, params))
-    log_scale = all(m.value > 0 for _, hist in curves for m in hist)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (weighted sum of terms" + (", log scale)" if log_scale else ")"))
-    if log_scale:
-        ax.set_yscale("log")
-    ax.set_title("training loss per run")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right")
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.2 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, panels):
+        for r, hist in curves[key]:
+            ax.plot([m.step for m in hist], [m.value for m in hist], marker="." if len(hist) < 60 else None,
+                    label=_label(r, params))
+        log_scale = all(m.value > 0 for _, hist in curves[key] for m in hist)
+        if log_scale:
+            ax.set_yscale("log")
+        ax.set_xlabel("optimizer step")
+        name = "training loss (weighted sum of terms)" if key == "train/loss" else f"term {key.split('/')[-1]}"
+        ax.set_ylabel(name + (", log scale" if log_scale else ""))
+        ax.grid(alpha=0.3)
+        points = max(len(h) for _, h in curves[key])
+        if points < 5:
+            ax.set_title(f"{points} logged points: lower train.log_every for a curve", fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, loc="upper right")
+    fig.suptitle("training loss per run" + (" and per term" if len(panels) > 1 else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -295,18 +435,20 @@ def plot_losses(client, runs: Sequence, path: Path) -> Optional[Path]:
 
 
 def write_report(client, runs: Sequence, out_dir: Path) -> Dict[str, Path]:
-    """summary.csv, summary.md, pareto.png, loss_curves.png in out_dir (plots only when there is data)."""
+    """summary.csv, summary.md, results.csv, results.md, pareto.png, loss_curves.png in out_dir (plots only when
+    there is data)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    columns, rows = table(runs)
+    before = starting_values(client, runs)  # each student's held-out metrics before training
+    columns, rows = table(runs, before)
     files = {"summary.csv": out_dir / "summary.csv", "summary.md": out_dir / "summary.md"}
     files["summary.csv"].write_text(to_csv(columns, rows))
-    files["summary.md"].write_text(to_markdown(columns, rows))
-    csv_columns, csv_rows, md_columns, md_rows = results(runs)  # mean +- std over seeds, the teacher first
+    files["summary.md"].write_text(summary_markdown(columns, rows))
+    csv_columns, csv_rows, md_columns, md_rows = results(runs, before)  # mean +- std over seeds, the teacher first
     if csv_rows:
         files["results.csv"], files["results.md"] = out_dir / "results.csv", out_dir / "results.md"
         files["results.csv"].write_text(to_csv(csv_columns, csv_rows))
         files["results.md"].write_text(results_markdown(md_columns, md_rows))
-    for name, made in (("pareto.png", plot_pareto(runs, out_dir / "pareto.png")),
+    for name, made in (("pareto.png", plot_pareto(runs, out_dir / "pareto.png", before, latency_noise(client, runs))),
                        ("loss_curves.png", plot_losses(client, runs, out_dir / "loss_curves.png"))):
         if made:
             files[name] = made
@@ -341,7 +483,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         for f in files.values():
             client.log_artifact(args.parent, str(f), "summary")
-    print(to_markdown(*table(runs)))
+    print(files["summary.md"].read_text())
     print("kdrun-report: wrote " + ", ".join(str(f) for f in files.values()))
     return 0
 

@@ -133,11 +133,13 @@ class MlflowSweep(Callback):
         from kdrun.report import PARENT_TAG
         from kdrun.secrets import redact_arg
         from kdrun.tracking import command_line, git_commit
+        from kdrun.ui import KIND_TAG, MODEL_TRAINING, mark_model_training
 
         client = _client(config)
         name = config.tracking.experiment
         exp = client.get_experiment_by_name(name)
-        exp_id = exp.experiment_id if exp else client.create_experiment(name)
+        exp_id = exp.experiment_id if exp else client.create_experiment(name, tags={KIND_TAG: MODEL_TRAINING})
+        mark_model_training(client, exp)  # an experiment made before kdrun tagged its kind
         given = list(OmegaConf.select(config, "hydra.overrides.task", default=[]) or [])
         overrides = [redact_arg(o) for o in given]  # credentials never reach the store
         if any(o.startswith("resume=") for o in given) and self._continue(client, exp_id, config, given):

@@ -17,6 +17,7 @@ from typing import Any, Dict, Iterable, Optional
 
 from kdrun.errors import KdrunError
 from kdrun.secrets import redact, redact_arg, redact_text
+from kdrun.ui import mark_model_training, runs_url
 
 log = logging.getLogger(__name__)
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
@@ -144,7 +145,10 @@ class Tracker:
     def _experiment(self, name: str) -> str:
         try:
             with _store_lock(self.uri):  # the first touch creates and migrates a new SQLite store
-                return retry_locked(self.mlflow.set_experiment, name).experiment_id
+                experiment = retry_locked(self.mlflow.set_experiment, name)
+                # MLflow 3's UI opens a model-training experiment on its runs table (else on its GenAI pages)
+                retry_locked(mark_model_training, self.mlflow.MlflowClient(self.uri), experiment)
+                return experiment.experiment_id
         except Exception as e:  # the store is unreachable or unusable: say so before any training
             raise KdrunError(f"MLflow tracking store '{redact_text(self.uri)}' is not usable: "
                              f"{redact_text(str(e).splitlines()[0])}. "
@@ -281,8 +285,9 @@ class Tracker:
     def run_url(self) -> str:
         uri = redact_text(self.uri)
         if uri.startswith("http"):
-            return f"{uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
-        return f"run {self.run_id} in {uri} (browse with `make ui`)"
+            return runs_url(uri, self.experiment_id, self.run_id)
+        return (f"run {self.run_id} in {uri}; browse with `make ui` (or `kdrun-ui`): "
+                f"{runs_url('http://127.0.0.1:5000', self.experiment_id, self.run_id)}")
 
 
 class NullTracker:

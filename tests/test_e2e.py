@@ -58,7 +58,9 @@ def test_params_tags_and_metric_histories_land_in_mlflow(default_run):
     assert all(v > 0 for _, v in hist("train/samples_per_s"))
     assert all(v > 0 for _, v in hist("train/tokens_per_s"))  # real (non-pad) tokens
     assert all(0.5 < v <= 1.0 for _, v in hist("train/real_token_fraction"))  # length buckets and groups
-    assert run.data.metrics["data/distinct_texts"] > 0 and "data/tokenize_seconds" in run.data.metrics
+    assert int(p["data/distinct_texts"]) > 0 and "data/tokenize_seconds" in run.data.metrics
+    assert int(p["data/train_queries"]) == 8 and not any(k in run.data.metrics for k in ("data/train_queries",
+                                                                                          "data/distinct_texts"))
     assert p["train.batch_size"] == "8" and p["hardware.batch_size"] == "32"  # the command line wins
     assert p["train.grad_accum"] == "1"  # resolved from the hardware profile, not logged as ${...}
     for who in ("student", "teacher"):

@@ -100,7 +100,7 @@ def test_classification_loss_trains_through_kdrun(cls_sweep, loss):
     client, run = _check_run(cls_sweep, loss, ["accuracy", "macro_f1"], student_only=["agreement"])
     assert run.data.tags["kdrun.task"] == "classification"
     assert 0.0 <= run.data.metrics["eval/student/agreement"] <= 1.0
-    assert run.data.metrics["data/classes"] == 4
+    assert run.data.params["data/classes"] == "4"
 
 
 def test_classification_teacher_is_fine_tuned_once_per_sweep(cls_sweep):
@@ -201,7 +201,7 @@ def test_local_jsonl_classification_through_datasets(tmp_path, kdrun_cache):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     client = _client(tmp_path)
     run = client.search_runs([client.get_experiment_by_name("jsonl").experiment_id])[0]
-    assert run.data.metrics["data/classes"] == 2 and "eval/student/accuracy" in run.data.metrics
+    assert run.data.params["data/classes"] == "2" and "eval/student/accuracy" in run.data.metrics
 
 
 def test_token_level_terms_need_teacher_and_student_to_tokenize_alike(tmp_path, kdrun_cache):

@@ -71,6 +71,15 @@ def test_the_parent_holds_the_summary_table_and_plots(parallel_sweep):
     assert results[0].startswith("model,optimizer.lr,seeds,mrr_at_10_mean,mrr_at_10_std")
     assert [r.split(",")[:3] for r in results[1:]] == [["teacher", "", "1"]] + [
         ["student", lr, "1"] for lr in ("0.0001", "0.0002", "0.0003", "0.0004")]
+    assert "before/eval/student/mrr_at_10" in header and "run_id" in header  # the CSV keeps everything
+    md = (local / "summary.md").read_text().splitlines()  # for reading: before -> after, rounded, no run ids
+    assert "| mrr_at_10 (before → after) |" in md[0].replace("student mrr_at_10", "mrr_at_10")
+    assert "run_id" not in md[0] and len(md) == 6
+    cells = dict(zip([c.strip() for c in md[0].strip("|").split("|")], [c.strip() for c in md[2].strip("|").split("|")]))
+    assert cells["student params"].endswith("M") and " → " in cells["student mrr_at_10 (before → after)"]
+    first, last = cells["student mrr_at_10 (before → after)"].split(" → ")
+    assert len(first.split(".")[1]) == 4 and len(last.split(".")[1]) == 4
+    assert " → " in (local / "results.md").read_text().splitlines()[3]  # a student row: before → after ± std
 
 
 def test_kdrun_report_rebuilds_the_table_from_an_experiment_or_a_parent(parallel_sweep, tmp_path):
@@ -140,6 +149,32 @@ def test_sweep_jobs_are_ordered_by_job_number_not_by_start_time():
     single = run(None, 10, parent=None, name="kdrun-1129")
     ordered = report.run_order([*jobs, old, single, older])
     assert [r.info.run_name.split(" ")[0] for r in ordered] == ["kdrun-1129", "#0", "#1", "#0", "#1", "#2", "#3"]
+
+
+def test_a_cost_panel_without_a_trade_off_says_so_instead_of_drawing_a_front():
+    from kdrun.report import front_caveat
+
+    assert "every student has 15.6M parameters" in front_caveat([15.6, 15.6, 15.6], "model/student_params", 0.0)
+    assert front_caveat([15.6, 22.7], "model/student_params", 0.0) is None
+    # 4.0 vs 4.2 ms: 5% apart, while one student timed twice varies by 10%: noise
+    assert "within measurement noise" in front_caveat([4.0, 4.2], "eval/student/ms_per_example", 0.10)
+    assert front_caveat([4.0, 8.0], "eval/student/ms_per_example", 0.10) is None
+
+
+def test_loss_terms_get_panels_of_their_own_and_short_runs_log_often():
+    from types import SimpleNamespace as NS
+
+    from kdrun.pipeline import log_interval
+    from kdrun.report import loss_panels
+
+    def run(terms, metrics):
+        return NS(data=NS(params={"loss.terms": terms}, metrics={k: 1.0 for k in metrics}))
+
+    kd = run('[{"name": "kd_kl", "weight": 0.5}, {"name": "ce", "weight": 0.5}]', ["train/loss", "train/kd_kl", "train/ce"])
+    mse = run('[{"name": "margin_mse", "weight": 1.0}]', ["train/loss", "train/margin_mse"])
+    assert loss_panels([mse]) == ["train/loss"]  # one term of weight 1: it is the total
+    assert loss_panels([mse, kd]) == ["train/loss", "train/kd_kl", "train/ce"]
+    assert [log_interval(n) for n in (3, 20, 87, 249, 250, 10_000)] == [1, 1, 3, 9, 10, 10]
 
 
 def test_pareto_front():

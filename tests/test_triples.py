@@ -130,4 +130,4 @@ def test_msmarco_layout_scored_then_trained_from_the_file_by_ids(tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.search_runs([client.get_experiment_by_name("triples").experiment_id])[0]
     assert run.info.status == "FINISHED" and run.data.metrics["teacher/scores_missing"] == 0
-    assert run.data.metrics["data/eval_queries"] == 4 and run.data.params["student.arch"] == "late_interaction"
+    assert run.data.params["data/eval_queries"] == "4" and run.data.params["student.arch"] == "late_interaction"

@@ -59,7 +59,7 @@ def test_params_tags_and_metric_histories_land_in_mlflow(default_run):
     assert all(v > 0 for _, v in hist("train/tokens_per_s"))  # real (non-pad) tokens
     assert all(0.5 < v <= 1.0 for _, v in hist("train/real_token_fraction"))  # length buckets and groups
     assert int(p["data/distinct_texts"]) > 0 and "data/tokenize_seconds" in run.data.metrics
-    assert int(p["data/train_queries"]) == 8 and not any(k in run.data.metrics for k in ("data/train_queries",
+    assert int(p["data/train_queries"]) == 816 and not any(k in run.data.metrics for k in ("data/train_queries",
                                                                                           "data/distinct_texts"))
     assert p["train.batch_size"] == "8" and p["hardware.batch_size"] == "32"  # the command line wins
     assert p["train.grad_accum"] == "1"  # resolved from the hardware profile, not logged as ${...}
@@ -91,6 +91,30 @@ def test_artifacts_config_overrides_and_a_loadable_student(default_run):
     assert out.shape[-1] == 384 and torch.isfinite(out).all()
     overrides = client.download_artifacts(run.info.run_id, "overrides.txt", str(tmp / "dl2"))
     assert "train.max_steps=4" in open(overrides).read()
+
+
+def test_the_experiment_opens_on_its_runs_in_the_mlflow_ui(default_run):
+    """MLflow 3's UI opens an experiment on its GenAI pages, where these runs do not show: kdrun tags the experiment
+    as a model-training one and `make ui` (kdrun-ui) prints the runs view's URL, as the run's own summary does."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tmp, r = default_run
+    client = _client(tmp)
+    exp = client.get_experiment_by_name("e2e")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    run = _only_run(client)
+    assert f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}" in r.stdout
+    legacy = client.create_experiment("made_before_the_tag")  # an experiment logged by an older kdrun
+    client.create_run(legacy, tags={"kdrun.command": "kdrun"})
+    ui = subprocess.run([str(Path(sys.executable).with_name("kdrun-ui")), "--no-serve", "--port", "5123",
+                         "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}"], capture_output=True, text=True,
+                        timeout=120)
+    assert ui.returncode == 0, ui.stderr
+    assert f"http://127.0.0.1:5123/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning" in ui.stdout
+    assert f"#/experiments/{legacy}/runs?workflowType=machine_learning" in ui.stdout
+    assert client.get_experiment(legacy).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_hub_teacher_without_network_names_teacher_path(tmp_path):

@@ -103,6 +103,9 @@ def main() -> None:
         flags, overrides = usage.split_args(argv)
         usage.check_group_options(overrides, conf)
         multirun = "-m" in flags or "--multirun" in flags
+        if "--version" in flags:  # Hydra's own would print Hydra's version
+            print(usage.versions())
+            return
         if ("--help" in flags or "-h" in flags) and "--hydra-help" not in flags:
             print(usage.help_text(conf, overrides, "--resolve" in flags))
             return

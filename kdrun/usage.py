@@ -185,6 +185,20 @@ def unknown_key(key: str, schema=None) -> str:
                else " (kdrun --help lists the keys)"))
 
 
+def versions() -> str:
+    """`kdrun --version`: kdrun's and its main dependencies' installed versions (no import of them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    deps = ", ".join(f"{name} {v(name)}" for name in ("torch", "transformers", "hydra-core", "mlflow"))
+    return f"kdrun {v('kdrun')} ({deps})"
+
+
 # ---- --help and --cfg job, composed once (Hydra's own help recomposes the config store for every option) ----
 
 def compose(conf_dir: str, overrides: Sequence[str], hydra: bool = False):

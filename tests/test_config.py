@@ -238,6 +238,14 @@ def test_help_lists_groups_without_recomposing_per_option(tmp_path, monkeypatch,
     assert "- name: listwise_kl" in out  # the config shown is the one these overrides give
 
 
+def test_version_is_kdruns(tmp_path):
+    from importlib.metadata import version
+
+    r = _cli(["--version"], tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith(f"kdrun {version('kdrun')} (torch ")
+    assert f"hydra-core {version('hydra-core')}" in r.stdout and "NO_TORCH" in r.stdout
+
+
 def test_cfg_job_says_how_to_resolve_and_resolve_works(tmp_path):
     shown = _cli(["--cfg", "job"], tmp_path)
     assert shown.returncode == 0 and "output_dir: ${hydra:runtime.output_dir}" in shown.stdout

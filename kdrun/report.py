@@ -309,12 +309,13 @@ def latency_noise(client, runs: Sequence) -> float:
 def front_caveat(xs: Sequence[float], cost_key: str, noise: float) -> Optional[str]:
     """Why a cost panel shows no Pareto front, or None: every student costs the same, or the latency differences
     are within measurement noise (under twice the typical spread between evaluations of one student)."""
-    lo, hi = min(xs), max(xs)
     if len(xs) < 2:
         return None
-    if hi - lo <= 1e-3 * max(abs(hi), 1e-12):
-        what = f"{hi:.1f}M parameters" if cost_key == "model/student_params" else f"{hi:.2f} ms per example"
-        return f"every student has {what}: no trade-off, no front"
+    lo, hi = min(xs), max(xs)
+    if hi - lo <= 0.01 * max(abs(hi), 1e-12):  # within 1%: a new head or projection, not another size
+        size = f"{lo:.1f}M" if f"{lo:.1f}" == f"{hi:.1f}" else f"{lo:.2f}-{hi:.2f}M"
+        what = f"{size} parameters" if cost_key == "model/student_params" else f"{hi:.2f} ms per example"
+        return f"every student has {what} (within 1%): no trade-off, no front"
     if cost_key.endswith("ms_per_example") and (hi - lo) / ((hi + lo) / 2) < 2 * noise:
         return (f"latencies differ by {100 * (hi - lo) / ((hi + lo) / 2):.0f}%, within measurement noise "
                 f"(±{100 * noise:.0f}% between evaluations of one student): no front")
@@ -339,14 +340,15 @@ def plot_pareto(runs: Sequence, path: Path, before: Optional[Dict[str, Dict[str,
     if not usable:
         return None
     fig, axes = plt.subplots(1, len(_COSTS), figsize=(6.5 * len(_COSTS), 4.8))
+    colours = _colours(plt, usable)
     for ax, (cost_key, cost_label, scale) in zip(axes, _COSTS):
         rs = [r for r in usable if cost_key in r.data.metrics]
         pts = [(r.data.metrics[cost_key] * scale, r.data.metrics[key]) for r in rs]
         for (x, y), r in zip(pts, rs):
-            dot = ax.scatter([x], [y], s=40, label=_label(r, params), zorder=3)
+            colour = colours[r.info.run_id]
+            ax.scatter([x], [y], s=40, color=colour, label=_label(r, params), zorder=3)
             start = before.get(r.info.run_id, {}).get(key)
             if start is not None:
-                colour = dot.get_facecolor()[0]
                 ax.plot([x, x], [start, y], color=colour, lw=1, alpha=0.6)
                 ax.scatter([x], [start], s=40, facecolors="none", edgecolors=[colour], zorder=3)
         caveat = front_caveat([x for x, _ in pts], cost_key, noise) if pts else None
@@ -373,6 +375,12 @@ def plot_pareto(runs: Sequence, path: Path, before: Optional[Dict[str, Dict[str,
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _colours(plt, runs: Sequence) -> Dict[str, tuple]:
+    """One colour per run, none repeated up to 20 runs (matplotlib's default cycle repeats after 10)."""
+    cmap = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
+    return {r.info.run_id: cmap(i % cmap.N) for i, r in enumerate(runs)}
 
 
 def loss_panels(runs: Sequence) -> List[str]:
@@ -410,10 +418,11 @@ def plot_losses(client, runs: Sequence, path: Path) -> Optional[Path]:
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.2 * rows), squeeze=False)
+    colours = _colours(plt, runs)
     for ax, key in zip(axes.flat, panels):
         for r, hist in curves[key]:
             ax.plot([m.step for m in hist], [m.value for m in hist], marker="." if len(hist) < 60 else None,
-                    label=_label(r, params))
+                    color=colours[r.info.run_id], label=_label(r, params))
         log_scale = all(m.value > 0 for _, hist in curves[key] for m in hist)
         if log_scale:
             ax.set_yscale("log")

@@ -155,6 +155,7 @@ def test_a_cost_panel_without_a_trade_off_says_so_instead_of_drawing_a_front():
     from kdrun.report import front_caveat
 
     assert "every student has 15.6M parameters" in front_caveat([15.6, 15.6, 15.6], "model/student_params", 0.0)
+    assert "15.62-15.66M" in front_caveat([15.62, 15.66], "model/student_params", 0.0)  # a projection more
     assert front_caveat([15.6, 22.7], "model/student_params", 0.0) is None
     # 4.0 vs 4.2 ms: 5% apart, while one student timed twice varies by 10%: noise
     assert "within measurement noise" in front_caveat([4.0, 4.2], "eval/student/ms_per_example", 0.10)

@@ -42,7 +42,8 @@ def kdrun_experiments(client) -> List:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    ap = argparse.ArgumentParser(prog="kdrun-ui", description="MLflow's UI over the local store, opened on kdrun's runs")
+    ap = argparse.ArgumentParser(prog="kdrun-ui",
+                                 description="MLflow's UI over the local store, opened on kdrun's runs")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=5000)
     ap.add_argument("--backend-store-uri", default=None,

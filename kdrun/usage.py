@@ -6,7 +6,6 @@ checked here or translated from Hydra's own exception. Imports no torch: all of 
 """
 from __future__ import annotations
 
-import difflib
 import re
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple

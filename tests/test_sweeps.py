@@ -75,7 +75,8 @@ def test_the_parent_holds_the_summary_table_and_plots(parallel_sweep):
     md = (local / "summary.md").read_text().splitlines()  # for reading: before -> after, rounded, no run ids
     assert "| mrr_at_10 (before → after) |" in md[0].replace("student mrr_at_10", "mrr_at_10")
     assert "run_id" not in md[0] and len(md) == 6
-    cells = dict(zip([c.strip() for c in md[0].strip("|").split("|")], [c.strip() for c in md[2].strip("|").split("|")]))
+    row = lambda line: [c.strip() for c in line.strip("|").split("|")]
+    cells = dict(zip(row(md[0]), row(md[2])))
     assert cells["student params"].endswith("M") and " → " in cells["student mrr_at_10 (before → after)"]
     first, last = cells["student mrr_at_10 (before → after)"].split(" → ")
     assert len(first.split(".")[1]) == 4 and len(last.split(".")[1]) == 4
@@ -171,7 +172,8 @@ def test_loss_terms_get_panels_of_their_own_and_short_runs_log_often():
     def run(terms, metrics):
         return NS(data=NS(params={"loss.terms": terms}, metrics={k: 1.0 for k in metrics}))
 
-    kd = run('[{"name": "kd_kl", "weight": 0.5}, {"name": "ce", "weight": 0.5}]', ["train/loss", "train/kd_kl", "train/ce"])
+    kd = run('[{"name": "kd_kl", "weight": 0.5}, {"name": "ce", "weight": 0.5}]',
+             ["train/loss", "train/kd_kl", "train/ce"])
     mse = run('[{"name": "margin_mse", "weight": 1.0}]', ["train/loss", "train/margin_mse"])
     assert loss_panels([mse]) == ["train/loss"]  # one term of weight 1: it is the total
     assert loss_panels([mse, kd]) == ["train/loss", "train/kd_kl", "train/ce"]

@@ -11,7 +11,7 @@ from kdrun.data.ranking import RankingData, text_id
 from kdrun.errors import ConfigError, DataError
 from kdrun.losses import WeightedLoss, Context
 from kdrun.models import build_student, build_teacher
-from kdrun.models.encoders import BiEncoder, LateInteraction, load_scorer, maxsim
+from kdrun.models.encoders import LateInteraction, load_scorer, maxsim
 from kdrun.models.ensemble import Ensemble, combine
 from kdrun.runtime import make_runtime
 from kdrun.tasks.ranking import RankingTask

@@ -70,7 +70,8 @@ def resolve_source(role: str, name: Optional[str], path: Optional[str], gguf_fil
     raise ModelLoadError(
         f"{role} model '{name}' is not available offline: the Hugging Face hub ({hub_endpoint()}) "
         f"cannot be reached and there is no copy in the local cache. Download it where the hub is "
-        f"reachable (`hf download {name} --local-dir DIR`, the command huggingface_hub installs) and pass {role}.path=DIR"
+        f"reachable (`hf download {name} --local-dir DIR`, the command huggingface_hub installs) and pass "
+        f"{role}.path=DIR"
     )
 
 

@@ -173,3 +173,40 @@ def test_cross_entropy_term_reads_labels():
     loss = WeightedLoss([("ce", 1.0)], Context(task="classification"))
     out = loss({"logits": torch.tensor([[math.log(3.0), 0.0]])}, {}, {"labels": torch.tensor([0])})
     assert out["ce"].item() == pytest.approx(-math.log(0.75), rel=1e-6)
+
+
+def test_attention_terms_see_no_attention_dropout(minilm_dir):
+    """transformers returns attention probabilities after attention dropout: a training student's maps would be
+    noise against the teacher's. The same model as student (training) and teacher gives attention terms of ~0 once
+    the student's attention dropout is off; its hidden dropout stays (rows still sum to 1 with it on)."""
+    import copy
+
+    from torch import nn
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from kdrun.models.classifier import SequenceClassifier
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_dir, num_labels=2)
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    teacher = SequenceClassifier(copy.deepcopy(model), tok, 32).eval()
+    student = SequenceClassifier(model, tok, 32).train()
+    for name, module in student.model.named_modules():  # hidden dropout off: only attention dropout could differ
+        if isinstance(module, nn.Dropout) and not name.endswith("attention.self.dropout"):
+            module.p = 0.0
+    assert model.config.attention_probs_dropout_prob > 0
+    for m in (teacher, student):
+        m.request({"attentions"})
+    texts = ["the kernel panicked at boot", "a song about the sea and the stars"]
+    features = student.featurize(texts)
+    ctx = Context(task="classification", student_hidden=384, teacher_hidden=384, student_layers=6, teacher_layers=6)
+    loss = WeightedLoss([("attention_kl", 1.0), ("attention_mse", 1.0)], ctx)
+    with torch.no_grad():
+        out = loss(student(features), teacher(features), {"attention_mask": features["attention_mask"]})
+    assert out["attention_kl"].item() < 1e-5 and out["attention_mse"].item() < 1e-9, out
+    for name, module in student.model.named_modules():  # hidden dropout back on: the maps are still distributions
+        if isinstance(module, nn.Dropout) and not name.endswith("attention.self.dropout"):
+            module.p = 0.1
+    with torch.no_grad():
+        rows = student(features)["attentions"][0].sum(-1)
+    assert torch.allclose(rows, torch.ones_like(rows), atol=1e-5)

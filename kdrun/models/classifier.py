@@ -28,6 +28,22 @@ def classifier_head(model: nn.Module) -> nn.Linear:
     raise ModelLoadError(f"cannot find the classification head (`classifier` or `score`) of a {type(model).__name__}")
 
 
+def no_attention_dropout(model: nn.Module) -> int:
+    """Set the dropout on attention probabilities to 0 in every attention module (BERT's `*SelfAttention.dropout`,
+    DistilBERT's `MultiHeadSelfAttention.dropout`, decoders' float `attention_dropout`); returns how many."""
+    changed = 0
+    for module in model.modules():
+        if not type(module).__name__.endswith("Attention"):
+            continue
+        if isinstance(getattr(module, "dropout", None), nn.Dropout):
+            module.dropout.p = 0.0
+            changed += 1
+        elif isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+            changed += 1
+    return changed
+
+
 class SequenceClassifier(nn.Module):
     def __init__(self, model: nn.Module, tokenizer, max_length: int):
         super().__init__()
@@ -41,10 +57,13 @@ class SequenceClassifier(nn.Module):
             self._features = args[0]
 
     def request(self, outputs: set) -> None:
-        """Ask for extra outputs; attention maps need eager attention (SDPA does not return them)."""
+        """Ask for extra outputs. Attention maps need eager attention (SDPA does not return them), and no attention
+        dropout: transformers returns the probabilities after it, so a training student's rows would be noise that
+        no longer sums to 1, compared against the teacher's clean rows. Hidden-state dropout stays."""
         self.outputs = set(outputs) & {"hidden_states", "attentions", "features"}
         if "attentions" in self.outputs:
             self.model.set_attn_implementation("eager")
+            no_attention_dropout(self.model)
 
     @property
     def num_labels(self) -> int:

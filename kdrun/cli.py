@@ -106,11 +106,12 @@ def main() -> None:
         if "--version" in flags:  # Hydra's own would print Hydra's version
             print(usage.versions())
             return
-        if ("--help" in flags or "-h" in flags) and "--hydra-help" not in flags:
+        own_config = not ({"--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn"} & set(flags))
+        if ("--help" in flags or "-h" in flags) and "--hydra-help" not in flags and own_config:
             print(usage.help_text(conf, overrides, "--resolve" in flags))
             return
         cfg_flag = flags.get("--cfg", flags.get("-c"))
-        if cfg_flag == "job" and not multirun and not ({"--package", "-p", "--info", "-i"} & set(flags)):
+        if cfg_flag == "job" and own_config and not multirun and not ({"--package", "-p", "--info", "-i"} & set(flags)):
             print(usage.job_config(conf, overrides, "--resolve" in flags), end="")
             if "--resolve" not in flags:
                 print("kdrun: interpolations (${...}) are shown as written; add --resolve to see their values",

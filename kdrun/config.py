@@ -97,44 +97,6 @@ class Device(Enum):
     cuda = "cuda"
 
 
-class LossName(Enum):
-    # ranking
-    margin_mse = "margin_mse"
-    listwise_kl = "listwise_kl"
-    pointwise_mse = "pointwise_mse"
-    in_batch_kl = "in_batch_kl"
-    # distributions (classification and causal LM)
-    kd_kl = "kd_kl"
-    ce = "ce"
-    forward_kl = "forward_kl"
-    reverse_kl = "reverse_kl"
-    jsd = "jsd"
-    skew_kl = "skew_kl"
-    skew_rkl = "skew_rkl"
-    taid = "taid"
-    bd_kd = "bd_kd"
-    # representations (classification)
-    hidden_mse = "hidden_mse"
-    embedding_mse = "embedding_mse"
-    attention_mse = "attention_mse"
-    attention_kl = "attention_kl"
-    feature_norm_direction = "feature_norm_direction"
-
-
-_DIST = ("classification", "causal_lm")
-# the task families each loss term fits
-TERM_TASKS = {
-    "margin_mse": ("ranking",), "listwise_kl": ("ranking",), "pointwise_mse": ("ranking",), "in_batch_kl": ("ranking",),
-    "kd_kl": _DIST, "ce": ("ranking", *_DIST), "forward_kl": _DIST, "reverse_kl": _DIST, "jsd": _DIST, "skew_kl": _DIST,
-    "skew_rkl": _DIST, "taid": _DIST, "bd_kd": _DIST,
-    "hidden_mse": ("classification",), "embedding_mse": ("classification",), "attention_mse": ("classification",),
-    "attention_kl": ("classification",), "feature_norm_direction": ("classification",),
-}
-# terms that read more of the teacher than its scores/logits, so they need teacher.mode=online
-NEEDS_ONLINE_TEACHER = {"in_batch_kl", "hidden_mse", "embedding_mse", "attention_mse", "attention_kl",
-                        "feature_norm_direction"}
-
-
 class Schedule(Enum):
     linear = "linear"  # linear warmup, then linear decay to 0
     constant = "constant"  # linear warmup, then constant
@@ -200,23 +162,10 @@ class StudentConfig:
 
 
 @dataclass
-class LossTerm:
-    name: LossName = LossName.margin_mse
-    weight: float = 1.0
-    temperature: float = 1.0  # softmax temperature: listwise_kl, in_batch_kl, kd_kl, forward/reverse_kl, bd_kd
-    alpha: float = 0.1  # skew_kl / skew_rkl: the share of the other distribution mixed in
-    beta: float = 0.5  # jsd: the teacher's share of the mixture
-    t_start: float = 0.4  # taid: the interpolation's start ...
-    t_end: float = 1.0  # ... and end
-    taid_alpha: float = 5e-4  # taid: adaptive step size
-    taid_beta: float = 0.99  # taid: momentum of the loss's relative change
-    layer_map: Optional[List[int]] = None  # hidden_mse / attention_*: teacher layer (1-based) per student layer
-    teacher: Optional[str] = None  # with several teachers: which one feeds this term ("teacher" or a teachers.<name>); None: their weighted mean
-
-
-@dataclass
 class LossConfig:
-    terms: List[LossTerm] = field(default_factory=lambda: [LossTerm()])
+    """Terms keyed by name, each with its own settings (kdrun/losses/specs.py checks them against the term's spec):
+    loss.terms.kd_kl.weight=0.5; a term of your own: loss.terms.NAME._target_=pkg.module.fn."""
+    terms: Dict[str, Any] = field(default_factory=dict)  # (the loss yaml fills it: a default here would merge in)
 
 
 @dataclass
@@ -429,7 +378,7 @@ _OPEN = object()  # a Dict[str, ...] field: its keys are the user's (tracking.ta
 
 def _fields(schema) -> Dict[str, Any]:
     """A dataclass's fields and what each holds: another dataclass, _OPEN (a dict of user keys) or None (a value);
-    a list of dataclasses (loss.terms) is described by its element."""
+    a list of dataclasses is described by its element."""
     import typing
 
     out = {}
@@ -454,7 +403,7 @@ def schema_keys() -> List[str]:
         for name, kind in _fields(schema).items():
             if schema is KdrunConfig and name == "data":
                 keys += sorted({k for s in DATA_SCHEMAS.values() for k in walk(s, "data.")})
-            elif isinstance(kind, tuple):  # tracking.tags.NAME, teachers.NAME.*
+            elif isinstance(kind, tuple):  # tracking.tags.NAME, teachers.NAME.*, loss.terms.NAME
                 keys += walk(kind[1], f"{prefix}{name}.NAME.") if kind[1] else [f"{prefix}{name}.NAME"]
             elif kind is not None:
                 keys += walk(kind, f"{prefix}{name}.")
@@ -462,7 +411,7 @@ def schema_keys() -> List[str]:
                 keys.append(prefix + name)
         return keys
 
-    return [k.replace(".terms.", ".terms.N.") for k in walk(KdrunConfig, "")]
+    return walk(KdrunConfig, "")
 
 
 def check_known_keys(cfg: Any) -> None:
@@ -487,7 +436,7 @@ def check_known_keys(cfg: Any) -> None:
                     raise ConfigError(f"{where} is not a kdrun setting (added with '+'?)"
                                       + (f"; did you mean {guess}?" if guess else "")
                                       + f" {path or 'the config'} has: {', '.join(fields)}")
-        for key, child in children(node):  # lists (loss.terms) and open dicts (teachers.NAME) hold schemas too
+        for key, child in children(node):  # lists and open dicts (teachers.NAME) hold schemas too
             walk(child, f"{path}.{key}" if path else str(key))
 
     walk(cfg, "")
@@ -553,7 +502,9 @@ def validate(cfg: Any) -> None:
         raise ConfigError("set train.max_steps > 0 or train.epochs > 0")
     if tr.eval_every < 0:
         raise ConfigError(f"train.eval_every={tr.eval_every} must be >= 0 (0: only before and after training)")
-    _validate_loss(cfg, task)
+    from kdrun.losses import specs
+
+    specs.parse(cfg.loss.terms, task, ["teacher", *cfg.teachers], online=enum_value(t.mode) == "online")
     objective = cfg.sweep.objective
     if objective:
         known = [f"eval/{who}/{m}" for who in ("student", "teacher") for m in (*TASK_METRICS[task], "ms_per_example")]
@@ -622,37 +573,3 @@ def _validate_teachers(cfg: Any, task: str, mode: str) -> None:
         _validate_teacher(t, f"teachers.{name}", task)
         if enum_value(t.mode) == "scores_file":
             raise ConfigError(f"teachers.{name}.mode=scores_file: extra teachers must be models")
-
-
-def _validate_loss(cfg: Any, task: str) -> None:
-    terms = cfg.loss.terms
-    if not terms:
-        raise ConfigError("loss.terms is empty: list at least one term, e.g. loss=margin_mse")
-    names = [enum_value(term.name) for term in terms]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"loss.terms {names}: each term may appear once")
-    for i, term in enumerate(terms):
-        name = names[i]
-        if task not in TERM_TASKS[name]:
-            fits = sorted(n for n, tasks in TERM_TASKS.items() if task in tasks)
-            raise ConfigError(f"loss.terms.{i}.name={name} is a {'/'.join(TERM_TASKS[name])} loss, but data.task={task}; "
-                              f"losses for {task}: {fits}")
-        if term.temperature <= 0:
-            raise ConfigError(f"loss.terms.{i}.temperature={term.temperature} must be > 0")
-        if name == "jsd" and not 0.0 < term.beta < 1.0:
-            raise ConfigError(f"loss.terms.{i}.beta={term.beta} must be in (0, 1) for jsd")
-        if name in ("skew_kl", "skew_rkl") and not 0.0 <= term.alpha < 1.0:
-            raise ConfigError(f"loss.terms.{i}.alpha={term.alpha} must be in [0, 1) for {name}")
-        if name == "taid" and not 0.0 <= term.t_start < term.t_end <= 1.0:
-            raise ConfigError(f"loss.terms.{i}: taid needs 0 <= t_start < t_end <= 1 "
-                              f"(got t_start={term.t_start}, t_end={term.t_end})")
-        if name in NEEDS_ONLINE_TEACHER and enum_value(cfg.teacher.mode) != "online":
-            raise ConfigError(f"loss.terms.{i}.name={name} reads the teacher's internals, which a precomputed "
-                              "teacher does not keep; set teacher.mode=online")
-        if name in NEEDS_ONLINE_TEACHER and cfg.teachers:
-            raise ConfigError(f"loss.terms.{i}.name={name} reads one teacher's internals; it does not work with "
-                              "several teachers (teachers.*)")
-        known = ["teacher", *cfg.teachers]
-        if term.teacher is not None and term.teacher not in known:
-            raise ConfigError(f"loss.terms.{i}.teacher={term.teacher}: no such teacher; choose one of {known} "
-                              "(or null: the weighted mean of all)")

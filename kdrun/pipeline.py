@@ -214,14 +214,17 @@ def _run(cfg: DictConfig, rt) -> Dict[str, object]:
     from torch.utils.data import DataLoader
 
     from kdrun import train as loop
-    from kdrun.losses import WeightedLoss
+    from kdrun.losses import WeightedLoss, specs
     from kdrun.runtime import compile_model, seed_everything
     from kdrun.tasks import task_class
 
     hw, tr = _node(cfg.hardware), cfg.train
     sweep.writable_dir(cfg.output_dir, "output_dir")  # checkpoints and the student go there: fail now, not after hours
     seed_everything(tr.seed)  # the same on every rank: identical initialisation
+    terms = specs.parse(cfg.loss.terms, enum_value(cfg.data.task), ["teacher", *cfg.teachers],
+                        online=enum_value(cfg.teacher.mode) == "online")
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    resolved["loss"]["terms"] = {name: spec.as_config() for name, spec in terms.items()}  # every setting in effect
     params = flatten(redact(resolved))
     found = resume_point(cfg, params)  # (checkpoint dir, its meta.json) or None; a bad resume= fails here
     # an unusable store fails before any loading; under DDP rank 0 alone logs
@@ -247,10 +250,9 @@ def _run(cfg: DictConfig, rt) -> Dict[str, object]:
         raise DataError(f"{data.source}: {len(examples)} training examples, fewer than train.batch_size={tr.batch_size}")
     batches_per_epoch = len(examples) // tr.batch_size // rt.world_size  # each rank's share
     max_steps = tr.max_steps if tr.max_steps > 0 else max(1, math.ceil(tr.epochs * batches_per_epoch / tr.grad_accum))
-    terms = [(t.pop("name"), t.pop("weight"), t) for t in _node(cfg.loss)["terms"]]
     loss_fn = WeightedLoss(terms, loss_context(task_name, student, teacher, cfg.student,
                                                    max_steps * tr.grad_accum)).to(rt.device)
-    task.token_level = bool({"hidden_states", "attentions"} & loss_fn.needs)
+    task.token_level = bool({"hidden_states", "attentions", "attention_scores"} & loss_fn.needs)
     if task.token_level and not task.collate(online=True).shared:
         raise ConfigError("loss terms on hidden states or attentions compare teacher and student token by token, so "
                           "both must tokenize alike: the same tokenizer and teacher.max_length == student.max_length "

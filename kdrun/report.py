@@ -65,10 +65,38 @@ def run_order(runs: Sequence) -> list:
     return sorted(runs, key=key)
 
 
+LOSS = "loss.terms"  # one column for the loss: its terms' names ("kd_kl+ce"), however many settings they have
+
+
+def term_names(run) -> List[str]:
+    """The run's loss terms by name: from its loss.terms.NAME.* params (or the one JSON list of runs logged before
+    terms were keyed by name)."""
+    import json
+
+    old = run.data.params.get(LOSS)
+    if old and old.startswith("["):
+        try:
+            return [t["name"] for t in json.loads(old)]
+        except (ValueError, TypeError, KeyError):
+            return []
+    return list(dict.fromkeys(k.split(".")[2] for k in run.data.params if k.startswith(LOSS + ".")))
+
+
+def param(run, key: str) -> str:
+    """A run's value of a param, or of the loss column (its terms' names)."""
+    return "+".join(term_names(run)) if key == LOSS else run.data.params.get(key, "")
+
+
 def varied_params(runs: Sequence) -> List[str]:
-    keys = sorted({k for r in runs for k in r.data.params})
-    return [k for k in keys if not k.startswith(_NOISE)
-            and len({r.data.params.get(k) for r in runs}) > 1]
+    """The params that differ between runs: the loss once (when the terms differ), then every term setting that
+    all runs have and that differs."""
+    keys = sorted({k for r in runs for k in r.data.params if not k.startswith(LOSS)})
+    varied = [k for k in keys if not k.startswith(_NOISE) and len({r.data.params.get(k) for r in runs}) > 1]
+    if len({param(r, LOSS) for r in runs}) > 1:
+        varied.append(LOSS)
+    settings = sorted({k for r in runs for k in r.data.params if k.startswith(LOSS + ".")})
+    return varied + [k for k in settings if all(k in r.data.params for r in runs)
+                     and len({r.data.params[k] for r in runs}) > 1]
 
 
 def primary(runs: Sequence) -> Tuple[str, str]:
@@ -110,7 +138,7 @@ def table(runs: Sequence, before: Optional[Dict[str, Dict[str, float]]] = None) 
     for r in runs:
         metrics = {**r.data.metrics, **{f"before/{k}": v for k, v in before.get(r.info.run_id, {}).items()}}
         values = {"run_name": r.info.run_name, "status": r.info.status, "run_id": r.info.run_id,
-                  **{p: r.data.params.get(p, "") for p in params},
+                  **{p: param(r, p) for p in params},
                   **{k: f"{metrics[k]:.6g}" for k in metric_cols if k in metrics}}
         rows.append([values.get(c, "") for c in columns])
     return columns, rows
@@ -175,7 +203,7 @@ def factors(runs: Sequence) -> List[str]:
 def _factor(run, key: str) -> str:
     """A run's value of a factor: its choice of that config group (a tag), else the param."""
     choice = run.data.tags.get(CHOICE_TAG + key)
-    return choice if choice is not None else short(key, run.data.params.get(key))
+    return choice if choice is not None else short(key, param(run, key))
 
 
 def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
@@ -275,20 +303,13 @@ def pareto(points: Sequence[Tuple[float, float]], direction: str) -> List[int]:
 
 
 def short(key: str, value) -> str:
-    """A param value for a legend or the Markdown table: loss terms by name ("margin_mse+ce"), long values cut."""
-    import json
-
+    """A param value for a legend or the Markdown table, long values cut."""
     text = "" if value is None else str(value)
-    if key == "loss.terms":
-        try:
-            return "+".join(t["name"] for t in json.loads(text))
-        except (ValueError, TypeError, KeyError):
-            pass
     return text if len(text) <= 32 else text[:29] + "..."
 
 
 def _label(run, params: Sequence[str]) -> str:
-    text = ", ".join(f"{'loss' if p == 'loss.terms' else p.split('.')[-1]}={short(p, run.data.params.get(p))}"
+    text = ", ".join(f"{'loss' if p == LOSS else p.split('.')[-1]}={short(p, param(run, p))}"
                      for p in params)
     return text or run.info.run_name
 
@@ -387,16 +408,12 @@ def loss_panels(runs: Sequence) -> List[str]:
     """The training-loss metrics to draw, each in its own panel (terms live on different scales: a KL of 0.01 and a
     cross-entropy of 3 on one axis hide each other): train/loss, then every term the runs' losses have, when a
     run has more than one term or its term has another weight (else the term is the total)."""
-    import json
-
     terms: List[str] = []
     for r in runs:
-        try:
-            spec = json.loads(r.data.params.get("loss.terms", "[]"))
-        except ValueError:
-            spec = []
-        if len(spec) > 1 or any(t.get("weight", 1.0) != 1.0 for t in spec):
-            terms += [t["name"] for t in spec if f"train/{t['name']}" in r.data.metrics and t["name"] not in terms]
+        names = term_names(r)
+        weights = [r.data.params.get(f"{LOSS}.{n}.weight", "1.0") for n in names]
+        if len(names) > 1 or any(float(w) != 1.0 for w in weights):
+            terms += [n for n in names if f"train/{n}" in r.data.metrics and n not in terms]
     return ["train/loss"] + [f"train/{t}" for t in terms]
 
 

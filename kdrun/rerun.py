@@ -31,6 +31,10 @@ def _data_schema(data: dict) -> Optional[str]:
 def rerun_config(stored: dict, run_name: str) -> dict:
     """The stored resolved config as a primary config: kdrun's schema, the data option's schema, the values."""
     cfg = {k: v for k, v in stored.items() if k not in _FRESH}
+    if isinstance(cfg.get("loss", {}).get("terms"), list):  # logged before terms were keyed by name
+        from kdrun.losses.specs import from_list
+
+        cfg["loss"] = {**cfg["loss"], "terms": from_list(cfg["loss"]["terms"])}
     schema = _data_schema(cfg.get("data", {}))
     defaults = ["kdrun_schema", *([f"schema/data/{schema}@data"] if schema else []), "_self_"]
     cfg.setdefault("tracking", {})["run_name"] = f"rerun of {run_name}"[:250]

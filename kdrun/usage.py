@@ -166,6 +166,8 @@ def unknown_key(key: str, schema=None) -> str:
 
     parent, _, leaf = key.rpartition(".")
     head = key.split(".")
+    if head[:2] == ["loss", "terms"] and len(head) >= 3:
+        return _unknown_term_key(head[2], head[3] if len(head) > 3 else None)
     if head[0] == "teachers" and len(head) >= 2:
         return f"{key}: there is no teacher '{head[1]}' yet; add one with +teacher@teachers.{head[1]}=OPTION"
     if parent == "tracking.tags":
@@ -196,6 +198,22 @@ def versions() -> str:
 
     deps = ", ".join(f"{name} {v(name)}" for name in ("torch", "transformers", "hydra-core", "mlflow"))
     return f"kdrun {v('kdrun')} ({deps})"
+
+
+def _unknown_term_key(name: str, setting: Optional[str]) -> str:
+    """loss.terms.NAME[.SETTING] that the composed loss does not have: a foreign setting, or a term to add."""
+    import dataclasses
+
+    from kdrun.losses.specs import TERMS
+
+    where = f"loss.terms.{name}"
+    if setting is None or name not in TERMS:
+        return (f"{where}: this loss has no term '{name}'; add a term with a '+': +{where}.weight=W (a kdrun term: "
+                f"{', '.join(sorted(TERMS))}) or +{where}._target_=your.module.function")
+    taken = [f.name for f in dataclasses.fields(TERMS[name])]
+    if setting in taken:
+        return f"{where}.{setting}: this loss's yaml does not list it; set it with a '+': +{where}.{setting}=VALUE"
+    return f"{where}: {name} takes no '{setting}' (it would be ignored); its settings: {taken}"
 
 
 # ---- --help and --cfg job, composed once (Hydra's own help recomposes the config store for every option) ----

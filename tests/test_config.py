@@ -1,4 +1,5 @@
 """Every option of every group composes and validates; bad configs fail with one clear message."""
+import re
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ from omegaconf import OmegaConf
 from conftest import CONF, run_kdrun
 from kdrun import config
 from kdrun.errors import ConfigError
+from kdrun.losses import specs
 
 config.register()
 GROUPS = ["teacher", "student", "loss", "data", "hardware", "optimizer", "experiment"]
@@ -24,8 +26,8 @@ def context(group: str, option: str) -> list:
         return []
     extra = []
     if group == "loss":
-        names = [t.name for t in OmegaConf.load(CONF / "loss" / f"{option}.yaml").terms]
-        extra = ["teacher.mode=online"] if config.NEEDS_ONLINE_TEACHER & set(names) else []
+        names = list(OmegaConf.load(CONF / "loss" / f"{option}.yaml").terms)
+        extra = ["teacher.mode=online"] if any(specs.TERMS[n].online_teacher for n in names) else []
     if group == "data" and option == "triples":  # its files have no default
         extra = [f"data.{k}={k}.tsv" for k in ("collection", "queries", "triples", "qrels")]
     if group == "teacher" and option == "scores_file":  # a scores file, and a student that needs no teacher model
@@ -37,7 +39,7 @@ def task_of(group: str, option: str) -> str:
     """The task family an option belongs to, read from its yaml (ranking for task-neutral groups)."""
     node = OmegaConf.load(CONF / group / f"{option}.yaml")
     if group == "loss":
-        return config.TERM_TASKS[node.terms[0].name][0]
+        return specs.TERMS[next(iter(node.terms))].tasks[0]
     if group == "teacher":
         return config.TASK_OF_KIND[node.kind]
     if group == "data":
@@ -67,22 +69,28 @@ def test_every_option_composes_and_validates(group, option, monkeypatch):
         node = OmegaConf.to_container(cfg[group], resolve=True, enum_to_str=True)
         assert node, f"{group}={option} is empty"
         if group == "loss":  # the command line wins over the preset's choice
-            expected = [t.name for t in OmegaConf.load(CONF / "loss" / f"{option}.yaml").terms]
-            assert [t["name"] for t in node["terms"]] == expected
+            expected = list(OmegaConf.load(CONF / "loss" / f"{option}.yaml").terms)
+            assert list(node["terms"]) == expected
 
 
-def test_every_loss_yaml_fits_exactly_the_tasks_of_its_terms():
+def test_every_loss_yaml_names_registered_terms_with_every_setting_they_take():
+    """A yaml shows its terms' every knob (so `loss.terms.NAME.SETTING=...` needs no '+'), and its terms share a task."""
+    import dataclasses
+
     for path in sorted((CONF / "loss").glob("*.yaml")):
-        names = [t.name for t in OmegaConf.load(path).terms]
-        tasks = set.intersection(*(set(config.TERM_TASKS[n]) for n in names))
+        terms = OmegaConf.load(path).terms
+        tasks = set.intersection(*(set(specs.TERMS[n].tasks) for n in terms))
         assert tasks, f"{path.name}: its terms fit no common task"
-    assert set(config.TERM_TASKS) == {e.value for e in config.LossName}
+        for name, node in terms.items():
+            taken = {f.name for f in dataclasses.fields(specs.TERMS[name])} - {"teacher"}
+            assert set(node) == taken, (path.name, name, set(node) ^ taken)
+    assert {n for p in (CONF / "loss").glob("*.yaml") for n in OmegaConf.load(p).terms} == set(specs.TERMS)
 
 
 def test_experiment_presets_pick_their_task_families():
     cls = _compose(["experiment=classification_demo"])
     assert cls.data.task == config.Task.classification and cls.teacher.kind == config.TeacherKind.classifier
-    assert cls.teacher.finetune.steps > 0 and [t.name.value for t in cls.loss.terms] == ["kd_kl", "ce"]
+    assert cls.teacher.finetune.steps > 0 and list(cls.loss.terms) == ["kd_kl", "ce"]
     lm = _compose(["experiment=causal_lm_demo"])
     assert lm.data.task == config.Task.causal_lm and lm.teacher.gguf_file.endswith(".gguf")
     rep = _compose(["experiment=reproduce_margin_mse"])
@@ -111,7 +119,7 @@ def test_design_card_command_composes():
     config.validate(cfg)
     assert cfg.teacher.kind == config.TeacherKind.cross_encoder
     assert cfg.student.name == "huawei-noah/TinyBERT_General_4L_312D"
-    assert [t.name for t in cfg.loss.terms] == [config.LossName.margin_mse]
+    assert list(cfg.loss.terms) == ["margin_mse"]
 
 
 def test_default_is_offline_minilm_teaching_its_two_layer_slice(minilm_dir):
@@ -138,8 +146,8 @@ def test_default_is_offline_minilm_teaching_its_two_layer_slice(minilm_dir):
     (["loss=in_batch_kl", "teacher.mode=precompute"], "in_batch_kl reads the teacher's internals"),
     (["experiment=causal_lm_demo", "teacher.mode=precompute"], "teacher.top_k"),
     (["teacher.top_k=8"], "causal-LM teachers only"),
-    (["experiment=classification_demo", "loss=jsd", "loss.terms.0.beta=1.0"], "beta"),
-    (["experiment=causal_lm_demo", "loss=taid", "loss.terms.0.t_start=1.0"], "t_start < t_end"),
+    (["experiment=classification_demo", "loss=jsd", "loss.terms.jsd.beta=1.0"], "loss.terms.jsd.beta=1.0"),
+    (["experiment=causal_lm_demo", "loss=taid", "loss.terms.taid.t_start=1.0"], "t_start < t_end"),
     (["experiment=classification_demo", "student.arch=late_interaction"], "student.arch=late_interaction is a ranking"),
     (["student.dim=0"], "student.dim"),
     (["data=triples", "data.collection=c.tsv"], "data.queries has no value"),
@@ -151,7 +159,8 @@ def test_default_is_offline_minilm_teaching_its_two_layer_slice(minilm_dir):
      "scores_file reads ranking scores"),
     (["mode=score", "experiment=classification_demo"], "mode=score writes a ranking teacher's scores"),
     (["mode=score", "teacher.mode=scores_file", "teacher.scores_file=s.tsv"], "needs ranking data and a teacher model"),
-    (["+teacher@teachers.second=minilm_offline", "loss.terms.0.teacher=third"], r"no such teacher; choose one of \['teacher', 'second'\]"),
+    (["+teacher@teachers.second=minilm_offline", "+loss.terms.margin_mse.teacher=third"],
+     r"no such teacher; choose one of \['teacher', 'second'\]"),
     (["+teacher@teachers.second=minilm_classifier"], "teachers.second.kind=classifier is a classification teacher"),
     (["+teacher@teachers.second=minilm_offline", "teachers.second.weight=0"], "teachers.second.weight"),
     (["experiment=causal_lm_demo", "+teacher@teachers.second=smollm2"], "a causal-LM run takes one"),
@@ -181,9 +190,13 @@ def _cli(args, tmp_path):
     (["train.nope=1"], ["train.nope is not a kdrun setting", "max_steps"]),  # unknown key
     (["train.max_step=5"], ["did you mean train.max_steps?"]),
     (["+train.max_step=5"], ["train.max_step is not a kdrun setting", "did you mean train.max_steps?"]),  # Hydra's hint
-    (["++loss.terms.0.tau=2"], ["loss.terms.0.tau is not a kdrun setting"]),
+    (["++loss.terms.margin_mse.tau=2"], ["loss.terms.margin_mse: margin_mse takes no 'tau'"]),
     (["data.categories=[a]"], ["data.categories", "data=fortunes/fortunes_lm has it"]),  # another data option's key
     (["tracking.tags.team=x"], ["+tracking.tags.team=VALUE"]),  # a new tag needs the '+'
+    (["experiment=causal_lm_demo", "loss.terms.forward_kl.beta=0.9"],  # once accepted and ignored
+     ["loss.terms.forward_kl: forward_kl takes no 'beta'", "'temperature'"]),
+    (["experiment=causal_lm_demo", "loss=jsd", "loss.terms.jsd.temperature=2"], ["jsd takes no 'temperature'"]),
+    (["loss.terms.kd_kl.weight=1"], ["this loss has no term 'kd_kl'", "+loss.terms.kd_kl.weight=W"]),
     (["--max-steps", "5"], ["key=value", "kdrun train.max_steps=5"]),  # options are overrides, not flags
     (["--lr=1e-4"], ["kdrun optimizer.lr=1e-4"]),
     (["train.max_steps=[1,2"], ["cannot read the override 'train.max_steps=[1,2'"]),  # Hydra's parser
@@ -212,6 +225,24 @@ def test_bad_config_fails_fast_with_one_message_and_no_torch(tmp_path, args, exp
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
 
 
+LOSS_OPTIONS = [o for g, o in OPTIONS if g == "loss"]
+
+
+@pytest.mark.parametrize("option", LOSS_OPTIONS)
+def test_a_setting_a_term_does_not_take_is_an_error_naming_the_term(option):
+    """Settings were once dropped silently (forward_kl's beta, jsd's temperature): every term of every loss yaml
+    refuses a setting another term takes, naming the term and the settings it does take."""
+    import dataclasses
+
+    every = {f.name for cls in specs.TERMS.values() for f in dataclasses.fields(cls)}
+    for name in OmegaConf.load(CONF / "loss" / f"{option}.yaml").terms:
+        taken = [f.name for f in dataclasses.fields(specs.TERMS[name])]
+        foreign = sorted(every - set(taken))[0]
+        match = re.escape(f"loss.terms.{name}: {name} takes no '{foreign}'") + ".*" + re.escape(f"its settings: {taken}")
+        with pytest.raises(ConfigError, match=match):
+            config.validate(_compose([*context("loss", option), f"loss={option}", f"+loss.terms.{name}.{foreign}=1"]))
+
+
 def test_only_the_extension_points_take_new_keys():
     cfg = _compose(["+tracking.tags.team=search", "+teacher@teachers.second=minilm_offline"])
     config.check_known_keys(cfg)  # tracking.tags.NAME and teachers.NAME are open
@@ -235,7 +266,7 @@ def test_help_lists_groups_without_recomposing_per_option(tmp_path, monkeypatch,
     cli.main()
     out = capsys.readouterr().out
     assert "loss: attention_kl, attention_mse, bd_kd, ce," in out and "schema/data" not in out
-    assert "- name: listwise_kl" in out  # the config shown is the one these overrides give
+    assert "  terms:\n    listwise_kl:\n" in out  # the config shown is the one these overrides give
 
 
 def test_version_is_kdruns(tmp_path):

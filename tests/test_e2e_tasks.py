@@ -10,14 +10,15 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import CONF, offline_env, run_kdrun
-from kdrun.config import TERM_TASKS
+from kdrun.losses.specs import TERMS
+from kdrun.report import term_names
 
 
 def losses_for(task: str):
     out = []
     for path in sorted((CONF / "loss").glob("*.yaml")):
-        names = [t.name for t in OmegaConf.load(path).terms]
-        if all(task in TERM_TASKS[n] for n in names):
+        names = list(OmegaConf.load(path).terms)
+        if all(task in TERMS[n].tasks for n in names):
             out.append(path.stem)
     return out
 
@@ -67,8 +68,8 @@ def rank_sweep(tmp_path_factory, kdrun_cache):
 
 def _run_of(sweep, loss):
     client, runs = sweep
-    yaml_terms = [t.name for t in OmegaConf.load(CONF / "loss" / f"{loss}.yaml").terms]
-    matching = [r for r in runs if [t["name"] for t in json.loads(r.data.params["loss.terms"])] == yaml_terms]
+    yaml_terms = list(OmegaConf.load(CONF / "loss" / f"{loss}.yaml").terms)
+    matching = [r for r in runs if sorted(term_names(r)) == sorted(yaml_terms)]
     assert len(matching) == 1, f"loss={loss}: {len(matching)} runs with terms {yaml_terms}"
     return client, matching[0], yaml_terms
 

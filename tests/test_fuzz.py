@@ -14,7 +14,7 @@ INVALID = ["loss=nope", "train.max_steps=abc", "train.batch_size=0", "hardware.l
            "data.eval_fraction=2", "teacher.kind=ranker", "hardware=multi_gpu", "student.layers=[9,9]",
            "student.dropout=2", "nonsense_key=1", "optimizer.lr=-1", "hardware.device=cuda", "data.max_train_queries=0",
            "train.batch_size=100000", "loss=kd_kl", "teacher=smollm2", "data=fortunes", "experiment=nope",
-           "loss.terms.0.temperature=0", "train.epochs=0", "train.max_steps=0", "hardware.precision=fp16",
+           "loss.terms.margin_mse.weight=-1", "train.epochs=0", "train.max_steps=0", "hardware.precision=fp16",
            "data.eval_candidates=1", "student.layers=[0,99]", "tracking.uri=http://127.0.0.1:9",
            "resume=/nonexistent", "train.keep_checkpoints=0", "train.checkpoint_every=-1", "tracking.fallback=cloud",
            "output_dir=/proc/kdrun-out"]

@@ -210,3 +210,41 @@ def test_attention_terms_see_no_attention_dropout(minilm_dir):
     with torch.no_grad():
         rows = student(features)["attentions"][0].sum(-1)
     assert torch.allclose(rows, torch.ones_like(rows), atol=1e-5)
+
+
+def test_tinybert_paper_attention_loss_on_raw_scores():
+    """attention_mse form=scores: TinyBERT's code zeroes masked entries (<= -100) of the raw scores on both sides and
+    takes the MSE over every entry, summed over layers."""
+    from kdrun.losses.functional import attention_score_mse
+
+    s = torch.tensor([[[[1.0, -1e4], [2.0, -1e4]]]])  # [B=1, H=1, L=2, L=2], key 2 masked
+    t = torch.tensor([[[[0.0, -1e4], [4.0, -1e4]]]])
+    assert attention_score_mse(s, t).item() == pytest.approx((1.0 + 4.0) / 4)
+    ctx = Context(task="classification", student_hidden=2, teacher_hidden=2, student_layers=2, teacher_layers=2)
+    loss = WeightedLoss([("attention_mse", 1.0, {"form": "scores"})], ctx)
+    assert loss.needs == {"attention_scores"}
+    out = loss({"attentions": (s, s)}, {"attentions": (t, t)}, {"attention_mask": torch.tensor([[1, 0]])})
+    assert out["attention_mse"].item() == pytest.approx(2 * 1.25)  # summed over the two layers
+
+
+def test_raw_attention_scores_softmax_to_the_eager_probabilities(minilm_dir):
+    import copy
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from kdrun.models.classifier import SequenceClassifier
+
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_dir, num_labels=2).eval()
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    probs_model, scores_model = SequenceClassifier(model, tok, 32), SequenceClassifier(copy.deepcopy(model), tok, 32)
+    probs_model.request({"attentions"})
+    scores_model.request({"attention_scores"})
+    features = probs_model.featurize(["a short one", "a much longer text about kernels and compilers"])
+    with torch.no_grad():
+        probs, scores = probs_model(features)["attentions"], scores_model(features)["attentions"]
+        same_logits = torch.allclose(probs_model(features)["logits"], scores_model(features)["logits"], atol=1e-5)
+    assert len(scores) == 6 and same_logits
+    padded = features["attention_mask"] == 0  # the short text's padding columns
+    assert bool((scores[0][padded[:, None, None, :].expand_as(scores[0])] <= -1e2).all())
+    for p, s in zip(probs, scores):
+        assert torch.allclose(torch.softmax(s, -1), p, atol=1e-6)

@@ -94,12 +94,14 @@ def test_pointwise_mse_known_value_and_scale_sensitivity():
     assert pointwise_mse(t + 3.0, t).item() == pytest.approx(9.0)  # unlike margin_mse, offsets count
 
 
-def test_weighted_loss_passes_temperature_to_terms_that_take_one():
+def test_weighted_loss_passes_settings_and_refuses_those_a_term_does_not_take():
     s, t = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 2.0]])
-    terms = [("listwise_kl", 1.0, {"temperature": 2.0}), ("margin_mse", 0.1, {"temperature": 2.0})]
+    terms = [("listwise_kl", 1.0, {"temperature": 2.0}), ("margin_mse", 0.1)]
     out = WeightedLoss(terms, RANKING)({"scores": s}, {"scores": t}, {})
     assert out["listwise_kl"].item() == pytest.approx(listwise_kl(s, t, temperature=2.0).item())
     assert out["loss"].item() == pytest.approx(out["listwise_kl"].item() + 0.1 * out["margin_mse"].item())
+    with pytest.raises(ValueError, match=r"margin_mse takes no \['temperature'\]; its settings: \['weight', 'teacher'\]"):
+        WeightedLoss([("margin_mse", 1.0, {"temperature": 2.0})], RANKING)  # once silently dropped
 
 
 def test_in_batch_ce_known_value_and_positive_columns():
@@ -123,3 +125,47 @@ def test_ranking_ce_term_reads_only_the_students_in_batch_scores():
     s = {"scores": torch.zeros(2, 2), "in_batch_scores": torch.tensor([[2.0, 0.0, 1.0, -1.0], [0.5, 0.5, 3.0, 1.0]])}
     out = loss(s, {"scores": torch.full((2, 2), float("nan"))}, {})  # teacher scores are not read
     assert torch.isfinite(out["loss"]) and out["ce"] == out["loss"]
+
+
+# ---- a user's own term, by _target_ (tests/plugins/my_terms.py) ----
+
+def _parse(terms, task="ranking"):
+    from kdrun.losses.specs import parse
+
+    return parse(terms, task, ["teacher"], online=False)
+
+
+def test_a_users_function_and_module_become_terms_with_their_settings_checked(monkeypatch):
+    from pathlib import Path
+
+    from kdrun.errors import ConfigError
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "plugins"))
+    terms = _parse({"mine": {"_target_": "my_terms.scaled_margin_mse", "scale": 2.0, "weight": 0.5},
+                    "gap": {"_target_": "my_terms.ScoreGap", "margin": 0.5}})
+    assert terms["mine"].as_config() == {"_target_": "my_terms.scaled_margin_mse", "weight": 0.5, "scale": 2.0}
+    loss = WeightedLoss(terms, RANKING)
+    s, t = torch.tensor([[2.0, 0.0]]), torch.tensor([[1.0, 0.0]])
+    out = loss({"scores": s}, {"scores": t}, {})
+    assert out["mine"].item() == pytest.approx(0.0) and out["gap"].item() == pytest.approx(1.5 ** 2)
+    assert [n for n, _ in loss.named_parameters()] == ["terms.1.module.margin"]  # trains with the student
+    with pytest.raises(ConfigError, match=r"loss.terms.mine: my_terms.scaled_margin_mse takes no 'scal'; its "
+                                          r"settings: \['weight', 'teacher', 'scale'\]"):
+        _parse({"mine": {"_target_": "my_terms.scaled_margin_mse", "scal": 2.0}})
+    with pytest.raises(ConfigError, match=r"is called as fn\(student_out, teacher_out, batch"):
+        _parse({"mine": {"_target_": "my_terms.two_arguments"}})
+    with pytest.raises(ConfigError, match="cannot import it"):
+        _parse({"mine": {"_target_": "my_terms.nope"}})
+    with pytest.raises(ConfigError, match="loss.terms.mine is a ranking loss, but data.task=classification"):
+        _parse({"mine": {"_target_": "my_terms.scaled_margin_mse"}}, task="classification")  # its `tasks`
+
+
+def test_a_loss_logged_before_terms_were_keyed_by_name_converts_for_reruns():
+    from kdrun.losses.specs import from_list
+
+    old = [{"name": "kd_kl", "weight": 0.5, "temperature": 2.0, "alpha": 0.1, "beta": 0.5, "t_start": 0.4,
+            "t_end": 1.0, "taid_alpha": 5e-4, "taid_beta": 0.99, "layer_map": None, "teacher": None},
+           {"name": "ce", "weight": 0.5, "temperature": 1.0, "alpha": 0.1, "beta": 0.5, "layer_map": None}]
+    assert from_list(old) == {"kd_kl": {"weight": 0.5, "temperature": 2.0, "teacher": None},
+                              "ce": {"weight": 0.5}}  # what the old run used: the settings each term takes
+    assert set(_parse(from_list(old), task="classification")) == {"kd_kl", "ce"}

@@ -170,11 +170,16 @@ def test_loss_terms_get_panels_of_their_own_and_short_runs_log_often():
     from kdrun.report import loss_panels
 
     def run(terms, metrics):
-        return NS(data=NS(params={"loss.terms": terms}, metrics={k: 1.0 for k in metrics}))
+        params = {f"loss.terms.{name}.weight": str(w) for name, w in terms.items()}
+        return NS(data=NS(params=params, metrics={k: 1.0 for k in metrics}))
 
-    kd = run('[{"name": "kd_kl", "weight": 0.5}, {"name": "ce", "weight": 0.5}]',
-             ["train/loss", "train/kd_kl", "train/ce"])
-    mse = run('[{"name": "margin_mse", "weight": 1.0}]', ["train/loss", "train/margin_mse"])
+    kd = run({"kd_kl": 0.5, "ce": 0.5}, ["train/loss", "train/kd_kl", "train/ce"])
+    mse = run({"margin_mse": 1.0}, ["train/loss", "train/margin_mse"])
+    old = NS(data=NS(params={"loss.terms": '[{"name": "kd_kl", "weight": 0.5}, {"name": "ce", "weight": 0.5}]'},
+                     metrics={}))  # logged before terms were keyed by name
+    from kdrun.report import term_names
+
+    assert term_names(old) == ["kd_kl", "ce"] and term_names(kd) == ["kd_kl", "ce"]
     assert loss_panels([mse]) == ["train/loss"]  # one term of weight 1: it is the total
     assert loss_panels([mse, kd]) == ["train/loss", "train/kd_kl", "train/ce"]
     assert [log_interval(n) for n in (3, 20, 87, 249, 250, 10_000)] == [1, 1, 3, 9, 10, 10]
@@ -286,7 +291,8 @@ def test_kdrun_rerun_repeats_a_logged_run_from_its_stored_config(tmp_path):
     assert again.data.tags["kdrun.rerun_of"] == first.info.run_id
     differ = {k for k in first.data.params if first.data.params[k] != again.data.params.get(k)}
     assert differ == {"output_dir", "tracking.run_name", "scores_out"}, differ
-    assert again.data.params["loss.terms"] == first.data.params["loss.terms"]
+    terms = lambda run: {k: v for k, v in run.data.params.items() if k.startswith("loss.terms.")}
+    assert terms(again) == terms(first) and terms(first)
     losses = lambda run: [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"),
                                                   key=lambda m: m.step)]
     assert losses(again) == pytest.approx(losses(first), abs=1e-6)

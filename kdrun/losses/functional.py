@@ -248,6 +248,17 @@ def attention_mse(student_attn: torch.Tensor, teacher_attn: torch.Tensor,
     return (sq * pair).sum() / (pair.sum() * sq.shape[1]).clamp(min=1.0)
 
 
+def attention_score_mse(student_scores: torch.Tensor, teacher_scores: torch.Tensor) -> torch.Tensor:
+    """TinyBERT's attention loss as its paper and code define it (Jiao et al. 2020, eq. 8; task_distill.py): MSE
+    between raw pre-softmax attention scores [B, H, L, L] (q k^T / sqrt(d) plus the additive mask), entries at or
+    below -100 (the masked ones) set to 0 on both sides, mean over every entry. The paper sums this over layers
+    (the term does). Different head counts: both sides averaged over heads first."""
+    s, t = _match_heads(student_scores.float(), teacher_scores.float())
+    s = torch.where(s <= -1e2, torch.zeros_like(s), s)
+    t = torch.where(t <= -1e2, torch.zeros_like(t), t)
+    return (s - t).pow(2).mean()
+
+
 def attention_kl(student_attn: torch.Tensor, teacher_attn: torch.Tensor,
                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention-distribution transfer (MiniLM, Wang et al. 2020, "MiniLM: Deep Self-Attention

@@ -28,6 +28,28 @@ def classifier_head(model: nn.Module) -> nn.Linear:
     raise ModelLoadError(f"cannot find the classification head (`classifier` or `score`) of a {type(model).__name__}")
 
 
+SCORES_ATTENTION = "kdrun_scores"  # an attention implementation that returns raw scores as its "attentions"
+
+
+def scores_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Eager attention (transformers' own math) that returns the raw pre-softmax scores, q k^T * scaling plus the
+    additive mask, in place of the probabilities: what TinyBERT's paper distils (attention_mse form=scores)."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * (query.size(-1) ** -0.5 if scaling is None else scaling)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = nn.functional.dropout(torch.softmax(scores, dim=-1), p=dropout, training=module.training)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), scores
+
+
+def _register_scores_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask
+
+    if SCORES_ATTENTION not in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(SCORES_ATTENTION, scores_attention)
+        AttentionMaskInterface.register(SCORES_ATTENTION, eager_mask)  # the additive float mask eager attention gets
+
+
 def no_attention_dropout(model: nn.Module) -> int:
     """Set the dropout on attention probabilities to 0 in every attention module (BERT's `*SelfAttention.dropout`,
     DistilBERT's `MultiHeadSelfAttention.dropout`, decoders' float `attention_dropout`); returns how many."""
@@ -60,8 +82,14 @@ class SequenceClassifier(nn.Module):
         """Ask for extra outputs. Attention maps need eager attention (SDPA does not return them), and no attention
         dropout: transformers returns the probabilities after it, so a training student's rows would be noise that
         no longer sums to 1, compared against the teacher's clean rows. Hidden-state dropout stays."""
-        self.outputs = set(outputs) & {"hidden_states", "attentions", "features"}
-        if "attentions" in self.outputs:
+        self.outputs = set(outputs) & {"hidden_states", "attentions", "attention_scores", "features"}
+        if {"attentions", "attention_scores"} <= self.outputs:
+            raise ValueError("attention probabilities and raw attention scores cannot both be distilled in one run")
+        if "attention_scores" in self.outputs:  # returned as "attentions", raw
+            _register_scores_attention()
+            self.model.set_attn_implementation(SCORES_ATTENTION)
+            no_attention_dropout(self.model)
+        elif "attentions" in self.outputs:
             self.model.set_attn_implementation("eager")
             no_attention_dropout(self.model)
 
@@ -88,13 +116,13 @@ class SequenceClassifier(nn.Module):
         return self._forward(features)
 
     def _forward(self, features: Features) -> Dict[str, torch.Tensor]:
-        out = self.model(**features, output_hidden_states="hidden_states" in self.outputs,
-                         output_attentions="attentions" in self.outputs)
+        maps = bool({"attentions", "attention_scores"} & self.outputs)
+        out = self.model(**features, output_hidden_states="hidden_states" in self.outputs, output_attentions=maps)
         result = {"logits": out.logits.float()}
         if "hidden_states" in self.outputs:
             result["hidden_states"] = out.hidden_states
-        if "attentions" in self.outputs:
-            result["attentions"] = out.attentions
+        if maps:
+            result["attentions"] = out.attentions  # probabilities, or raw scores (attention_scores)
         if "features" in self.outputs:
             result["features"] = self._features
         return result

@@ -49,7 +49,8 @@ class TermSpec:
     name: ClassVar[str] = ""
     tasks: ClassVar[Tuple[str, ...]] = ()  # the task families it fits
     # how the term reads the models' outputs: "scores" ([B, n] lists), "in_batch_scores" ([B, B*n]),
-    # "distribution" (logits, or a top-k teacher's log-probs, masked), "module" (a Term module of terms.py)
+    # "distribution" (logits, or a top-k teacher's log-probs, masked), "labelled" (classification logits and the
+    # labels: fn(s, t, labels, **settings)), "module" (a Term module of terms.py)
     reads: ClassVar[str] = "distribution"
     target: ClassVar[str] = ""  # what it builds: a function of functional.py or a module of terms.py
     needs: ClassVar[FrozenSet[str]] = frozenset()  # outputs both models must give beyond scores/logits

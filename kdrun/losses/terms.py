@@ -70,6 +70,18 @@ class DistributionTerm(Term):
         return self.fn(student, teacher, mask=batch.get("loss_mask"), **self.kw)
 
 
+class LabelledTerm(Term):
+    """Classification logits [B, C] with the labels: fn(student_logits, teacher_logits, labels, **settings) (for
+    methods that treat the target class apart, such as DKD)."""
+
+    def __init__(self, fn: Callable, settings: dict):
+        super().__init__()
+        self.fn, self.kw = fn, settings
+
+    def forward(self, s: Dict, t: Dict, batch: Dict) -> torch.Tensor:
+        return self.fn(s["logits"], t["logits"], batch["labels"], **self.kw)
+
+
 class CustomTerm(Term):
     """A user's term (`loss.terms.NAME._target_`): fn(student_out, teacher_out, batch, **settings), or an nn.Module
     built with the settings and called with the three."""
@@ -265,6 +277,8 @@ def build_term(spec: S.TermSpec, ctx: Context) -> Term:
         term = _target(spec.target).from_spec(spec, ctx)
     elif spec.reads in ("scores", "in_batch_scores"):
         term = ScoreTerm(_target(spec.target), spec.settings(), key=spec.reads)
+    elif spec.reads == "labelled":
+        term = LabelledTerm(_target(spec.target), spec.settings())
     else:
         term = DistributionTerm(_target(spec.target), spec.settings())
     if spec.reads != "module":  # a module knows what it reads (attention_mse: probabilities or raw scores)

@@ -197,6 +197,34 @@ def bd_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: Opti
     return masked_mean(per, mask) * temperature**2
 
 
+def dkd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float = 1.0,
+        beta: float = 8.0, temperature: float = 4.0) -> torch.Tensor:
+    """Decoupled KD (Zhao et al. 2022, "Decoupled Knowledge Distillation"): classical KD split at the target class y,
+    the two parts weighted apart (logits [B, C], labels [B]; softmax at temperature T):
+
+        TCKD = KL([p_t(y), 1 - p_t(y)] || [p_s(y), 1 - p_s(y)])        (target vs the rest, binary)
+        NCKD = KL(p_t(. | not y) || p_s(. | not y))                     (among the non-target classes)
+        L = T^2 * mean_b (alpha * TCKD + beta * NCKD)
+
+    Classical KD is TCKD + (1 - p_t(y)) * NCKD: its non-target part is damped where the teacher is confident, which
+    DKD undoes with its own weight beta (the paper: alpha=1, beta=8 on CIFAR-100, T=4)."""
+    log_s, log_t = _logprobs(student_logits, temperature), _logprobs(teacher_logits, temperature)
+    y = labels.long().unsqueeze(-1)
+    target = torch.zeros_like(log_s, dtype=torch.bool).scatter_(-1, y, True)
+    low = torch.finfo(log_s.dtype).min
+
+    def binary(log_p):  # [log p(y), log (1 - p(y))]
+        log_y = log_p.gather(-1, y)
+        return torch.cat([log_y, torch.log1p(-log_y.exp().clamp(max=1 - 1e-7))], dim=-1)
+
+    def others(logits):  # log-softmax over the non-target classes
+        return torch.log_softmax(logits.float().masked_fill(target, low) / temperature, dim=-1)
+
+    tckd = _kl_from_logprobs(binary(log_t), binary(log_s))
+    nckd = _kl_from_logprobs(others(teacher_logits), others(student_logits))
+    return (alpha * tckd + beta * nckd).mean() * temperature**2
+
+
 def topk_distributions(student_logits: torch.Tensor, teacher_topk_logprobs: torch.Tensor,
                        teacher_topk_ids: torch.Tensor):
     """Teacher top-k -> both sides as (k+1)-way log-probabilities: the teacher's k tokens plus one "rest"

@@ -211,6 +211,21 @@ class CE(TermSpec):
     tasks, reads, target = ANY_TASK, "module", "kdrun.losses.terms.CrossEntropy"
 
 
+@term("dkd")
+@dataclass
+class DKD(_Tempered):
+    """Decoupled KD (Zhao et al. 2022): T^2 (alpha TCKD + beta NCKD), KD split at the target class."""
+    alpha: float = 1.0  # the target-class part (binary: the target vs the rest)
+    beta: float = 8.0  # the non-target part (among the other classes)
+    temperature: float = 4.0
+    tasks, reads, target = ("classification",), "labelled", "kdrun.losses.functional.dkd"
+
+    def check(self, where: str) -> None:
+        super().check(where)
+        if self.alpha < 0 or self.beta < 0:
+            raise ConfigError(f"{where}: alpha={self.alpha} and beta={self.beta} must be >= 0")
+
+
 # ---- representations (classification): hidden states, attentions, features ----
 
 @dataclass

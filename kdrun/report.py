@@ -491,10 +491,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or the local store)")
     ap.add_argument("--log", action="store_true", help="also log the files as artifacts of the parent run (--parent)")
     args = ap.parse_args(argv)
-    from mlflow.tracking import MlflowClient
+    from kdrun.tracking import open_store
 
-    client = MlflowClient(tracking_uri=args.tracking_uri)
     try:
+        client = open_store(args.tracking_uri).client
         runs = runs_of(client, parent_run_id=args.parent, experiment=args.experiment)
     except Exception as e:  # an unknown run id or an unreachable store
         print(f"kdrun-report: error: {str(e).splitlines()[0]}", file=sys.stderr)

@@ -48,10 +48,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--tracking-uri", help="where the run is (default: MLFLOW_TRACKING_URI or the local store); the "
                                            "rerun logs there too unless an override says otherwise")
     args = ap.parse_args(argv)
-    from mlflow.tracking import MlflowClient
+    from kdrun.tracking import open_store
 
-    client = MlflowClient(tracking_uri=args.tracking_uri)
     try:
+        client = open_store(args.tracking_uri).client
         run = client.get_run(args.run_id)
         with tempfile.TemporaryDirectory() as tmp:
             stored = yaml.safe_load(Path(client.download_artifacts(args.run_id, "config.yaml", tmp)).read_text())

@@ -27,10 +27,16 @@ SWEPT_ENV = "KDRUN_SWEPT_KEYS"
 SWEEP_DIR_TAG = "kdrun.sweep_dir"
 
 
-def _client(config: DictConfig):
-    from mlflow.tracking import MlflowClient
+def _store(config: DictConfig, experiment: Optional[str] = None):
+    """The sweep's tracking store, reached as its jobs reach it (tracking.uri, the probe, tracking.fallback)."""
+    from kdrun.config import enum_value
+    from kdrun.tracking import open_store
 
-    return MlflowClient(tracking_uri=config.tracking.uri or None)
+    return open_store(config.tracking.uri or None, experiment, enum_value(config.tracking.fallback))
+
+
+def _client(config: DictConfig):
+    return _store(config).client
 
 
 def _sweep_dir(config: DictConfig) -> str:
@@ -133,13 +139,10 @@ class MlflowSweep(Callback):
         from kdrun.report import PARENT_TAG
         from kdrun.secrets import redact_arg
         from kdrun.tracking import command_line, git_commit
-        from kdrun.ui import KIND_TAG, MODEL_TRAINING, mark_model_training
 
-        client = _client(config)
         name = config.tracking.experiment
-        exp = client.get_experiment_by_name(name)
-        exp_id = exp.experiment_id if exp else client.create_experiment(name, tags={KIND_TAG: MODEL_TRAINING})
-        mark_model_training(client, exp)  # an experiment made before kdrun tagged its kind
+        store = _store(config, name)
+        client, exp_id = store.client, store.experiment_id
         given = list(OmegaConf.select(config, "hydra.overrides.task", default=[]) or [])
         overrides = [redact_arg(o) for o in given]  # credentials never reach the store
         if any(o.startswith("resume=") for o in given) and self._continue(client, exp_id, config, given):

@@ -12,12 +12,13 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
 
 from kdrun.errors import KdrunError
 from kdrun.secrets import redact, redact_arg, redact_text
-from kdrun.ui import mark_model_training, runs_url
+from kdrun.ui import KIND_TAG, MODEL_TRAINING, mark_model_training, runs_url
 
 log = logging.getLogger(__name__)
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
@@ -108,6 +109,63 @@ def _http_quick_fail() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
+@dataclass
+class Store:
+    """An open tracking store: its URI (after any fallback), a client, and the experiment asked for."""
+    uri: str
+    client: Any
+    experiment_id: Optional[str] = None
+
+
+def open_store(uri: Optional[str], experiment: Optional[str] = None, fallback: str = "none") -> Store:
+    """The one way into the tracking store, for runs, sweep parents, kdrun-report, kdrun-rerun and kdrun-ui: `uri`,
+    else MLFLOW_TRACKING_URI, else MLflow's local store in the working directory. A server that does not accept
+    connections fails in seconds (MLflow's own HTTP retries take minutes); with fallback=local the local store is
+    used instead, and the log says so. With `experiment`: that experiment, created if need be (a new SQLite store
+    under a file lock) and marked as a model-training one."""
+    import mlflow
+
+    resolved = uri or mlflow.get_tracking_uri()
+    if resolved.startswith("http"):
+        _http_quick_fail()
+    try:
+        _check_reachable(resolved)
+        return Store(resolved, mlflow.MlflowClient(resolved), _experiment(resolved, experiment))
+    except KdrunError as e:
+        if fallback != "local":
+            raise
+        log.warning("%s. tracking.fallback=local: logging to the local store %s in %s instead (browse with "
+                    "`make ui`)", e, LOCAL_STORE, Path.cwd())
+        return Store(LOCAL_STORE, mlflow.MlflowClient(LOCAL_STORE), _experiment(LOCAL_STORE, experiment))
+
+
+def _experiment(uri: str, name: Optional[str]) -> Optional[str]:
+    """The id of experiment `name` in the store (created if need be), or None when no name is asked for."""
+    if name is None:
+        return None
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    try:
+        with _store_lock(uri):  # the first touch creates and migrates a new SQLite store
+            found = retry_locked(client.get_experiment_by_name, name)
+            if found is None:
+                try:
+                    return retry_locked(client.create_experiment, name, tags={KIND_TAG: MODEL_TRAINING})
+                except Exception:  # another job created it first (a server: no file lock across machines)
+                    found = retry_locked(client.get_experiment_by_name, name)
+                    if found is None:
+                        raise
+            exp_id = found.experiment_id
+            # MLflow 3's UI opens a model-training experiment on its runs table (else on its GenAI pages)
+            retry_locked(mark_model_training, client, found)
+            return exp_id
+    except Exception as e:  # the store is unreachable or unusable: say so before any training
+        raise KdrunError(f"MLflow tracking store '{redact_text(uri)}' is not usable: "
+                         f"{redact_text(str(e).splitlines()[0])}. "
+                         "Check tracking.uri / MLFLOW_TRACKING_URI, or set tracking.fallback=local") from e
+
+
 class Tracker:
     """One MLflow run. Metrics are buffered while the store cannot be reached and sent when it can again; what
     could never be sent ends in `<output_dir>/mlflow-unsent.jsonl` (named in the log; `kdrun-replay FILE` sends
@@ -117,23 +175,9 @@ class Tracker:
         import mlflow
 
         self.mlflow = mlflow
-        if uri:
-            mlflow.set_tracking_uri(uri)
-        self.uri = mlflow.get_tracking_uri()
-        if self.uri.startswith("http"):
-            _http_quick_fail()
-        try:
-            _check_reachable(self.uri)  # seconds, not MLflow's minutes of HTTP retries
-            self.experiment_id = self._experiment(experiment)
-        except KdrunError as e:
-            if fallback != "local":
-                raise
-            log.warning("%s. tracking.fallback=local: logging this run to the local store %s in %s instead "
-                        "(browse with `make ui`)", e, LOCAL_STORE, Path.cwd())
-            mlflow.set_tracking_uri(LOCAL_STORE)
-            self.uri = mlflow.get_tracking_uri()
-            self.experiment_id = self._experiment(experiment)
-        self.client = mlflow.MlflowClient(self.uri)
+        store = open_store(uri, experiment, fallback)
+        mlflow.set_tracking_uri(store.uri)  # the fluent API (start_run, log_params) logs there too
+        self.uri, self.client, self.experiment_id = store.uri, store.client, store.experiment_id
         self.run_id: Optional[str] = None
         self.skip_through = -1  # a resumed run: metrics up to this step are in the store already
         self.pending: list = []  # (key, value, timestamp ms, step) not yet sent
@@ -141,18 +185,6 @@ class Tracker:
         self.down_since: Optional[float] = None
         self.last_try = 0.0
         self.unsent_file = Path(output_dir) / "mlflow-unsent.jsonl"
-
-    def _experiment(self, name: str) -> str:
-        try:
-            with _store_lock(self.uri):  # the first touch creates and migrates a new SQLite store
-                experiment = retry_locked(self.mlflow.set_experiment, name)
-                # MLflow 3's UI opens a model-training experiment on its runs table (else on its GenAI pages)
-                retry_locked(mark_model_training, self.mlflow.MlflowClient(self.uri), experiment)
-                return experiment.experiment_id
-        except Exception as e:  # the store is unreachable or unusable: say so before any training
-            raise KdrunError(f"MLflow tracking store '{redact_text(self.uri)}' is not usable: "
-                             f"{redact_text(str(e).splitlines()[0])}. "
-                             "Check tracking.uri / MLFLOW_TRACKING_URI, or set tracking.fallback=local") from e
 
     def start(self, run_name: Optional[str], params: Dict[str, str], tags: Dict[str, str],
               parent_run_id: Optional[str] = None) -> str:

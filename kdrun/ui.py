@@ -50,13 +50,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     help="the store to browse (default: MLflow's local store in this directory, what kdrun logs to)")
     ap.add_argument("--no-serve", action="store_true", help="print the URLs only; do not start the UI")
     args = ap.parse_args(argv)
-    from mlflow.tracking import MlflowClient
-
-    from kdrun.tracking import LOCAL_STORE
+    from kdrun.tracking import LOCAL_STORE, open_store
 
     store = args.backend_store_uri or LOCAL_STORE
     base = f"http://{args.host}:{args.port}"
-    experiments = kdrun_experiments(MlflowClient(store)) if _store_exists(store) else []
+    experiments = kdrun_experiments(open_store(store).client) if _store_exists(store) else []
     if experiments:
         print(f"kdrun: runs in {store}, by experiment (most recent first):")
         for exp in experiments:

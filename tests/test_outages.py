@@ -86,12 +86,30 @@ def test_fallback_local_logs_to_the_local_store_and_says_where(tmp_path):
                            "tracking.log_student=false"], cwd=tmp_path, env={**offline_env(tmp_path),
                                                                                "MLFLOW_TRACKING_URI": ""})
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "tracking.fallback=local: logging this run to the local store sqlite:///mlflow.db" in r.stderr + r.stdout
+    assert "tracking.fallback=local: logging to the local store sqlite:///mlflow.db" in r.stderr + r.stdout
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     [run] = client.search_runs([client.get_experiment_by_name("fb").experiment_id])
     assert run.info.status == "FINISHED" and "train/loss" in run.data.metrics
+
+
+def test_fallback_local_takes_a_sweep_parent_along_with_its_jobs(tmp_path):
+    """The sweep's parent run reaches the store the way its jobs do (one way in: kdrun.tracking.open_store), so with
+    a dead server and tracking.fallback=local parent and jobs land together in the local store."""
+    r = run_kdrun(["-m", *SMALL, "train.max_steps=1", "optimizer.lr=1e-4,2e-4", "tracking.uri=http://127.0.0.1:9",
+                   "tracking.fallback=local", "tracking.experiment=fbsweep", "tracking.log_student=false",
+                   f"hydra.sweep.dir={tmp_path / 'multirun'}"], cwd=tmp_path,
+                  env={**offline_env(tmp_path), "MLFLOW_TRACKING_URI": ""}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("fbsweep").experiment_id])
+    parent = [x for x in runs if x.data.tags.get("kdrun.sweep_parent") == "1"]
+    children = [x for x in runs if x.data.tags.get("mlflow.parentRunId")]
+    assert len(parent) == 1 and len(children) == 2 and parent[0].info.status == "FINISHED"
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent[0].info.run_id}
 
 
 @pytest.mark.slow

@@ -21,32 +21,6 @@ from omegaconf import II, MISSING, DictConfig, ListConfig, OmegaConf
 from kdrun.errors import ConfigError
 
 
-class Task(Enum):
-    ranking = "ranking"  # (query, passages) -> scores; MRR/nDCG/Recall
-    classification = "classification"  # text -> class logits; accuracy, macro-F1, agreement
-    causal_lm = "causal_lm"  # token blocks -> next-token logits; perplexity, agreement, KL
-
-
-class TeacherKind(Enum):
-    bi_encoder = "bi_encoder"  # ranking: similarity of separately encoded query and passage
-    cross_encoder = "cross_encoder"  # ranking: a classification head over the (query, passage) pair
-    classifier = "classifier"  # classification: a sequence classifier
-    causal_lm = "causal_lm"  # causal LM: next-token logits
-
-
-# each task's headline held-out metric (what kdrun returns to Hydra's sweepers) and which way is better
-PRIMARY_METRIC = {"ranking": ("mrr_at_10", "max"), "classification": ("accuracy", "max"),
-                  "causal_lm": ("perplexity", "min")}
-
-# the held-out metrics each task logs as eval/student/<name> and eval/teacher/<name>
-TASK_METRICS = {"ranking": ("mrr_at_10", "ndcg_at_10", "recall_at_10"),
-                "classification": ("accuracy", "macro_f1", "agreement"),
-                "causal_lm": ("perplexity", "nll", "top1_agreement", "kl_to_teacher")}
-
-TASK_OF_KIND = {"bi_encoder": "ranking", "cross_encoder": "ranking", "classifier": "classification",
-                "causal_lm": "causal_lm"}
-
-
 class TeacherMode(Enum):
     online = "online"  # the teacher runs on each training batch as it comes
     precompute = "precompute"  # the teacher's outputs over the training data, computed once and cached on disk
@@ -116,11 +90,11 @@ class FinetuneConfig:
 
 @dataclass
 class TeacherConfig:
-    _target_: str = "kdrun.models.build_teacher"
+    _target_: str = "kdrun.tasks.build_teacher"  # the task family builds it (loaded by kind; fine-tuned first if asked)
     name: Optional[str] = None  # Hugging Face hub name
     path: Optional[str] = None  # local directory; wins over name
     gguf_file: Optional[str] = None  # a GGUF file inside path/name (transformers' gguf_file=)
-    kind: TeacherKind = TeacherKind.bi_encoder
+    kind: str = "bi_encoder"  # bi_encoder, cross_encoder (ranking), classifier, causal_lm: what the task family takes
     mode: TeacherMode = TeacherMode.online
     pooling: Pooling = Pooling.mean  # bi_encoder only
     similarity: Similarity = Similarity.cos  # bi_encoder only
@@ -146,7 +120,7 @@ class ScratchConfig:
 
 @dataclass
 class StudentConfig:
-    _target_: str = "kdrun.models.build_student"
+    _target_: str = "kdrun.tasks.build_student"  # the task family builds it
     name: Optional[str] = None
     path: Optional[str] = None
     init: StudentInit = StudentInit.pretrained
@@ -170,9 +144,9 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    """Base of every data option; `task` picks the task family (and so which teachers/losses fit)."""
+    """Base of every data option; `task` picks the task family (kdrun/tasks/: which teachers and losses fit)."""
     _target_: str = MISSING
-    task: Task = Task.ranking
+    task: str = MISSING  # the data option says which family it feeds
     eval_fraction: float = 0.2  # share held out for evaluation
     split_salt: str = "kdrun-v1"  # the held-out split is a hash of (salt, item): stable across seeds
     seed: int = 13
@@ -181,6 +155,7 @@ class DataConfig:
 @dataclass
 class ChatterbotData(DataConfig):
     _target_: str = "kdrun.data.chatterbot.load"
+    task: str = "ranking"
     language: str = "english"
     negatives_per_query: int = 1  # negatives in each training example (margin_mse: 1)
     examples_per_pair: int = 3  # training examples drawn per (query, positive) pair per epoch
@@ -194,6 +169,7 @@ class ChatterbotData(DataConfig):
 class TriplesData(DataConfig):
     """Ranking data in MS MARCO's layout (see kdrun/data/triples.py): tab-separated files joined by ids."""
     _target_: str = "kdrun.data.triples.load"
+    task: str = "ranking"
     collection: str = MISSING  # pid <TAB> passage
     queries: str = MISSING  # qid <TAB> query
     triples: str = MISSING  # qid <TAB> pos_pid <TAB> neg_pid (or a Margin-MSE score file)
@@ -209,7 +185,7 @@ class TriplesData(DataConfig):
 @dataclass
 class FortunesData(DataConfig):
     _target_: str = "kdrun.data.fortunes.load_classification"
-    task: Task = Task.classification
+    task: str = "classification"
     path: Optional[str] = None  # the fortunes folder; None: the standard places (see kdrun.data.fortunes)
     categories: List[str] = field(default_factory=lambda: ["computers", "politics", "science", "songs-poems"])
     max_words: int = 200  # longer fortunes are skipped (poems, ASCII art)
@@ -221,7 +197,7 @@ class FortunesData(DataConfig):
 class TextClassificationData(DataConfig):
     """Any labelled text set through Hugging Face `datasets`: a hub name, or local csv/json/parquet files."""
     _target_: str = "kdrun.data.text_classification.load"
-    task: Task = Task.classification
+    task: str = "classification"
     name: Optional[str] = None  # hub dataset name, e.g. ag_news
     path: Optional[str] = None  # local file(s): csv, json/jsonl or parquet; wins over name
     text_field: str = "text"
@@ -235,7 +211,7 @@ class TextClassificationData(DataConfig):
 @dataclass
 class FortunesLMData(DataConfig):
     _target_: str = "kdrun.data.fortunes.load_corpus"
-    task: Task = Task.causal_lm
+    task: str = "causal_lm"
     path: Optional[str] = None
     categories: Optional[List[str]] = None  # None: every category
     block_size: int = 128  # tokens per packed training/eval block
@@ -447,24 +423,26 @@ def enum_value(x) -> str:
 
 
 def validate(cfg: Any) -> None:
-    """Cross-field checks the schema cannot express. Raises ConfigError naming the key and the fix."""
+    """Cross-field checks the schema cannot express; the task family's own checks; every loss term against its spec.
+    Raises ConfigError naming the key and the fix."""
+    from kdrun import tasks
+    from kdrun.losses import specs
+
     check_known_keys(cfg)
     t, s, tr, d = cfg.teacher, cfg.student, cfg.train, cfg.data
     for key in d:
         if OmegaConf.is_missing(d, key):
             raise ConfigError(f"data.{key} has no value; set it, e.g. data.{key}=/path/to/file (see conf/data/)")
-    task, mode = enum_value(d.task), enum_value(t.mode)
-    _validate_teacher(t, "teacher", task)
-    _validate_teachers(cfg, task, mode)
-    if enum_value(cfg.mode) == "score" and (task != "ranking" or mode == "scores_file"):
-        raise ConfigError("mode=score writes a ranking teacher's scores of the training triples to a file: it needs "
-                          f"ranking data and a teacher model (now data.task={task}, teacher.mode={mode})")
+    task, mode = str(d.task), enum_value(t.mode)
+    fam = tasks.family(task)
+    _validate_teacher(t, "teacher", fam)
+    _validate_teachers(cfg, fam, mode)
+    if enum_value(cfg.mode) == "score" and (not fam.scores_file or mode == "scores_file"):
+        raise ConfigError("mode=score writes a teacher's scores of the training triples to a file: it needs data of "
+                          f"a family with score files (data.task={task}) and a teacher model (teacher.mode={mode})")
     init = enum_value(s.init)
-    if task != "ranking" and enum_value(s.arch) != "bi_encoder":
-        raise ConfigError(f"student.arch={enum_value(s.arch)} is a ranking student; data.task={task} "
-                          "(classification and causal-LM students follow the teacher's architecture)")
-    if s.dim < 1:
-        raise ConfigError(f"student.dim={s.dim} must be >= 1")
+    if enum_value(s.arch) not in fam.student_archs:
+        raise ConfigError(f"student.arch={enum_value(s.arch)}: a {task} student is one of {list(fam.student_archs)}")
     if s.dropout is not None and not 0.0 <= s.dropout < 1.0:
         raise ConfigError(f"student.dropout={s.dropout} must be in [0, 1) (or null: the model's own)")
     if mode == "scores_file" and init in ("teacher_layers", "scratch") and not (t.name or t.path or s.name or s.path):
@@ -472,11 +450,13 @@ def validate(cfg: Any) -> None:
                           "teacher.path (the model the scores came from) or student.path/student.name")
     if init == "teacher_layers":
         if not s.layers:
-            raise ConfigError("student.layers must list teacher layers to keep when student.init=teacher_layers, e.g. student.layers=[0,5]")
+            raise ConfigError("student.layers must list teacher layers to keep when student.init=teacher_layers, "
+                              "e.g. student.layers=[0,5]")
         if len(set(s.layers)) != len(s.layers) or min(s.layers) < 0:
             raise ConfigError(f"student.layers={list(s.layers)}: layer indices must be distinct and >= 0")
     elif init == "pretrained" and not s.name and not s.path:
-        raise ConfigError("student: set student.name (a hub name) or student.path=/local/dir, or student.init=teacher_layers")
+        raise ConfigError("student: set student.name (a hub name) or student.path=/local/dir, or "
+                          "student.init=teacher_layers")
     if init == "scratch":
         for key, value in s.scratch.items():
             if value is not None and value < 1:
@@ -502,47 +482,40 @@ def validate(cfg: Any) -> None:
         raise ConfigError("set train.max_steps > 0 or train.epochs > 0")
     if tr.eval_every < 0:
         raise ConfigError(f"train.eval_every={tr.eval_every} must be >= 0 (0: only before and after training)")
-    from kdrun.losses import specs
-
-    specs.parse(cfg.loss.terms, task, ["teacher", *cfg.teachers], online=enum_value(t.mode) == "online")
+    specs.parse(cfg.loss.terms, task, ["teacher", *cfg.teachers], online=mode == "online")
     objective = cfg.sweep.objective
     if objective:
-        known = [f"eval/{who}/{m}" for who in ("student", "teacher") for m in (*TASK_METRICS[task], "ms_per_example")]
+        known = [f"eval/{who}/{m}" for who in ("student", "teacher") for m in (*fam.metrics, "ms_per_example")]
         if objective not in known:
-            raise ConfigError(f"sweep.objective={objective} is not a held-out metric of a {task} run; choose one of {known}")
+            raise ConfigError(f"sweep.objective={objective} is not a held-out metric of a {task} run; choose one of "
+                              f"{known}")
     if t.top_k < 0:
         raise ConfigError(f"teacher.top_k={t.top_k} must be >= 0 (0: full logits)")
-    if t.top_k and task != "causal_lm":
-        raise ConfigError(f"teacher.top_k={t.top_k} is for causal-LM teachers only (data.task={task})")
-    if task == "causal_lm" and enum_value(t.mode) == "precompute" and not t.top_k:
-        raise ConfigError("teacher.mode=precompute for a causal LM stores the teacher's top-k log-probs per token; "
-                          "set teacher.top_k (e.g. 64), or use teacher.mode=online")
+    if t.top_k and not fam.sparse_teacher:
+        raise ConfigError(f"teacher.top_k={t.top_k}: a {task} teacher gives its full outputs (top-k log-probs are "
+                          "for language-model teachers)")
     if t.finetune.steps < 0:
         raise ConfigError(f"teacher.finetune.steps={t.finetune.steps} must be >= 0")
-    if t.finetune.steps and enum_value(t.kind) != "classifier":
-        raise ConfigError(f"teacher.finetune.steps={t.finetune.steps}: only classifier teachers are fine-tuned "
-                          f"by kdrun (teacher.kind={enum_value(t.kind)})")
+    if t.finetune.steps and not fam.finetunes_teacher:
+        raise ConfigError(f"teacher.finetune.steps={t.finetune.steps}: kdrun fine-tunes classifier teachers, not "
+                          f"{task} teachers (teacher.kind={t.kind})")
     if not 0.0 < d.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be between 0 and 1")
-    if task == "ranking":
-        if d.negatives_per_query < 1 or d.get("examples_per_pair", 1) < 1:
-            raise ConfigError("data.negatives_per_query and data.examples_per_pair must be >= 1")
-        if d.eval_candidates < 2:
-            raise ConfigError(f"data.eval_candidates={d.eval_candidates} must be >= 2")
-    if task == "causal_lm" and d.block_size < 2:
-        raise ConfigError(f"data.block_size={d.block_size} must be >= 2")
+    fam.check(cfg)
     if not 0.0 <= cfg.optimizer.warmup_ratio < 1.0:
         raise ConfigError(f"optimizer.warmup_ratio={cfg.optimizer.warmup_ratio} must be in [0, 1)")
     if cfg.optimizer.lr <= 0:
         raise ConfigError(f"optimizer.lr={cfg.optimizer.lr} must be > 0")
 
 
-def _validate_teacher(t: Any, where: str, task: str) -> None:
-    kind, mode = enum_value(t.kind), enum_value(t.mode)
+def _validate_teacher(t: Any, where: str, fam: Any) -> None:
+    from kdrun import tasks
+
+    mode = enum_value(t.mode)
     if mode == "scores_file":
-        if task != "ranking":
+        if not fam.scores_file:
             raise ConfigError(f"{where}.mode=scores_file reads ranking scores (score_pos score_neg query_id pos_id "
-                              f"neg_id); data.task={task} needs a teacher model (mode=online or precompute)")
+                              f"neg_id); data.task={fam.name} needs a teacher model (mode=online or precompute)")
         if not t.scores_file:
             raise ConfigError(f"{where}.mode=scores_file: set {where}.scores_file=FILE (tab-separated score_pos "
                               "score_neg query_id pos_id neg_id, as written by `kdrun mode=score`)")
@@ -552,24 +525,25 @@ def _validate_teacher(t: Any, where: str, task: str) -> None:
         raise ConfigError(f"{where}.max_missing_fraction={t.max_missing_fraction} must be in [0, 1)")
     if t.weight <= 0:
         raise ConfigError(f"{where}.weight={t.weight} must be > 0")
-    if TASK_OF_KIND[kind] != task:
-        fits = sorted(k for k, v in TASK_OF_KIND.items() if v == task)
-        raise ConfigError(f"{where}.kind={kind} is a {TASK_OF_KIND[kind]} teacher but data.task={task} "
-                          f"(set by data=); for {task} use {where}.kind in {fits}, or pick a matching "
+    if t.kind not in fam.teacher_kinds:
+        other = tasks.family_of_kind(t.kind)
+        what = f"a {'/'.join(other)} teacher" if other else "no kind of teacher kdrun knows"
+        raise ConfigError(f"{where}.kind={t.kind} is {what} but data.task={fam.name} (set by data=); for "
+                          f"{fam.name} use {where}.kind in {sorted(fam.teacher_kinds)}, or pick a matching "
                           "teacher=/data= pair (see `kdrun --help`, or an experiment= preset)")
 
 
-def _validate_teachers(cfg: Any, task: str, mode: str) -> None:
+def _validate_teachers(cfg: Any, fam: Any, mode: str) -> None:
     """Several teachers: cfg.teachers holds the ones beyond cfg.teacher; all run in cfg.teacher.mode."""
     if not cfg.teachers:
         return
-    if task == "causal_lm":
-        raise ConfigError("several teachers (teachers.*) are for ranking and classification; a causal-LM run takes one")
+    if not fam.several_teachers:
+        raise ConfigError(f"several teachers (teachers.*): a {fam.name} run takes one")
     if mode == "scores_file":
         raise ConfigError("several teachers need teacher models: teacher.mode=scores_file takes one scores file")
     for name, t in cfg.teachers.items():
         if name == "teacher":
             raise ConfigError("teachers.teacher: the name 'teacher' means the main teacher; pick another name")
-        _validate_teacher(t, f"teachers.{name}", task)
+        _validate_teacher(t, f"teachers.{name}", fam)
         if enum_value(t.mode) == "scores_file":
             raise ConfigError(f"teachers.{name}.mode=scores_file: extra teachers must be models")

@@ -1,5 +1,7 @@
-"""Builds a run from a validated config, in order: tracking store, data, teacher, student, loss,
-optimizer; then evaluates, trains, evaluates again and records everything in MLflow."""
+"""A run, in named steps that read top to bottom (`_run`): the settings and the tracking store; then what the run
+trains with (`build_all`: data, teachers, student, task, loss, teacher outputs, batches, optimizer); then the MLflow
+run (`record`: evaluate, train, evaluate again, save). Each step is a function of what the ones before built, and
+`run(cfg)` works in-process as from the command line. This module wires; the work is in the modules it calls."""
 from __future__ import annotations
 
 import contextlib
@@ -8,13 +10,14 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict
+from typing import Any, Dict, Optional, Tuple
 
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
-from kdrun import checkpoint, sweep, teacher_cache
+from kdrun import checkpoint, sweep, tasks, teacher_cache
 from kdrun.config import enum_value
 from kdrun.data import scores_file
 from kdrun.data.batching import BucketBatchSampler
@@ -76,21 +79,43 @@ def _hf_model(model):
     return model.model if hasattr(model, "model") else model.encoder
 
 
-def loss_context(task: str, student, teacher, student_cfg, total_batches: int):
-    """What loss terms need to know about the models: widths, depths, the student's origin, class centres."""
-    from kdrun.losses import Context
+# ---- the steps -------------------------------------------------------------------------------------------------
 
-    sc = _hf_model(student).config
-    tc = _hf_model(teacher).config if teacher is not None else None
-    default_map = [i + 1 for i in student_cfg.layers] if enum_value(student_cfg.init) == "teacher_layers" else None
-    centres = None
-    if task == "classification" and teacher is not None:
-        from kdrun.models.classifier import classifier_head
+def runtime(cfg: DictConfig):
+    """The device and precision of cfg.hardware (transformers' own logging and progress bars quietened)."""
+    import transformers
 
-        centres = classifier_head(_hf_model(teacher)).weight
-    return Context(task=task, student_hidden=sc.hidden_size, teacher_hidden=tc.hidden_size if tc else 0,
-                   student_layers=sc.num_hidden_layers, teacher_layers=tc.num_hidden_layers if tc else 0,
-                   default_layer_map=default_map, total_batches=total_batches, class_centres=centres)
+    from kdrun.runtime import make_runtime
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # weight-loading bars; kdrun shows its own progress
+    hw = _node(cfg.hardware)
+    return make_runtime(hw["device"], hw["precision"])  # (hardware.distributed without torchrun: refused at validation)
+
+
+def settings(cfg: DictConfig):
+    """(loss term specs, the resolved config as logged, the flattened params): every loss setting in effect, with
+    credentials redacted."""
+    from kdrun.losses import specs
+
+    terms = specs.parse(cfg.loss.terms, str(cfg.data.task), ["teacher", *cfg.teachers],
+                        online=enum_value(cfg.teacher.mode) == "online")
+    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    resolved["loss"]["terms"] = {name: spec.as_config() for name, spec in terms.items()}
+    return terms, resolved, flatten(redact(resolved))
+
+
+def open_tracker(cfg: DictConfig, rt):
+    """The MLflow run's tracker: an unusable store fails here, before anything loads; under DDP rank 0 alone logs."""
+    if not rt.is_main:
+        return NullTracker()
+    return Tracker(cfg.tracking.uri, cfg.tracking.experiment, enum_value(cfg.tracking.fallback), cfg.output_dir)
+
+
+def load_data(cfg: DictConfig):
+    """(task family, data) from cfg.data: `task` picks the family; the loader does not need it."""
+    node = _node(cfg.data)
+    return tasks.family(node.pop("task")), build(node)
 
 
 _NOT_BUILDER_ARGS = ("mode", "cache", "cache_dir", "scores_file", "max_missing_fraction", "weight")
@@ -110,7 +135,8 @@ def build_teachers(cfg: DictConfig, data, rt):
         weights[name] = node["weight"]
         for key in _NOT_BUILDER_ARGS:
             node.pop(key)
-        models[name] = build(node, data=data, runtime=rt).to(rt.device, dtype=rt.teacher_dtype)  # low precision
+        models[name] = build(node, task=str(cfg.data.task), data=data, runtime=rt).to(rt.device,
+                                                                                       dtype=rt.teacher_dtype)
     if len(models) == 1:
         return models["teacher"], models["teacher"].source
     from kdrun.models.ensemble import Ensemble
@@ -119,11 +145,68 @@ def build_teachers(cfg: DictConfig, data, rt):
     return teacher, teacher.source
 
 
+def build_student(cfg: DictConfig, teacher, teacher_source: Optional[str], rt):
+    """The trainable student, built by the task family (student._target_)."""
+    return build(_node(cfg.student), task=str(cfg.data.task), teacher=teacher,
+                 teacher_source=teacher_source).to(rt.device)
+
+
+def join_scores_file(cfg: DictConfig, data):
+    """teacher.mode=scores_file: (the file's scores per training example, metrics). Joined before the task sees the
+    data: examples without a score are left out (and counted)."""
+    if enum_value(cfg.teacher.mode) != "scores_file":
+        return None, {}
+    table = scores_file.read(cfg.teacher.scores_file)
+    data.train, scores, missing = scores_file.join(data, table, cfg.teacher.scores_file,
+                                                   cfg.teacher.max_missing_fraction)
+    if missing:
+        log.warning("teacher.scores_file: %d training examples have no score and were left out", missing)
+    return scores, {"teacher/scores_missing": missing}
+
+
+def plan_steps(cfg: DictConfig, task, data, rt) -> int:
+    """Optimizer steps: train.max_steps, else train.epochs over each rank's share of the batches."""
+    tr = cfg.train
+    n = len(task.examples())
+    if n < tr.batch_size:
+        raise DataError(f"{data.source}: {n} training examples, fewer than train.batch_size={tr.batch_size}")
+    batches_per_epoch = n // tr.batch_size // rt.world_size
+    return tr.max_steps if tr.max_steps > 0 else max(1, math.ceil(tr.epochs * batches_per_epoch / tr.grad_accum))
+
+
+def loss_context(task, student, teacher, student_cfg, total_batches: int):
+    """What loss terms need to know about the models (widths, depths, the student's origin) and the family's own
+    (classification: the teacher's class centres)."""
+    from kdrun.losses import Context
+
+    sc = _hf_model(student).config
+    tc = _hf_model(teacher).config if teacher is not None else None
+    default_map = [i + 1 for i in student_cfg.layers] if enum_value(student_cfg.init) == "teacher_layers" else None
+    return Context(task=task.name, student_hidden=sc.hidden_size, teacher_hidden=tc.hidden_size if tc else 0,
+                   student_layers=sc.num_hidden_layers, teacher_layers=tc.num_hidden_layers if tc else 0,
+                   default_layer_map=default_map, total_batches=total_batches, **task.loss_context())
+
+
+def build_loss(cfg: DictConfig, terms, task, student, teacher, max_steps: int, rt):
+    """The weighted loss; the models asked for what its terms read (hidden states, attentions, features)."""
+    from kdrun.losses import WeightedLoss
+
+    loss_fn = WeightedLoss(terms, loss_context(task, student, teacher, cfg.student,
+                                               max_steps * cfg.train.grad_accum)).to(rt.device)
+    task.token_level = bool({"hidden_states", "attentions", "attention_scores"} & loss_fn.needs)
+    if task.token_level and not task.collate(online=True).shared:
+        raise ConfigError("loss terms on hidden states or attentions compare teacher and student token by token, so "
+                          "both must tokenize alike: the same tokenizer and teacher.max_length == student.max_length "
+                          f"(now {cfg.teacher.max_length} and {cfg.student.max_length})")
+    student.request(loss_fn.student_needs)  # hidden states, attentions, features, in-batch scores
+    if teacher is not None:
+        teacher.request(loss_fn.needs)
+    return loss_fn
+
+
 def teacher_outputs(task, teacher, cfg: DictConfig, rt, info):
     """Every teacher's outputs over the training data, through the teacher-output cache; several teachers'
     are averaged with their weights (each one's own kept for loss terms that name it)."""
-    from kdrun import teacher_cache
-
     members = dict(teacher.members) if hasattr(teacher, "members") else {"teacher": teacher}
     outputs = {name: teacher_cache.teacher_outputs(task, m, rt, cfg.teacher.cache_dir, cfg.teacher.cache, info, name)
                for name, m in members.items()}
@@ -134,183 +217,140 @@ def teacher_outputs(task, teacher, cfg: DictConfig, rt, info):
     return combine(outputs, teacher.weights)
 
 
-def _forward_counter(teacher):
-    from kdrun.teacher_cache import ForwardCounter
-
-    members = dict(teacher.members).values() if hasattr(teacher, "members") else [teacher]
-    return ForwardCounter([_hf_model(m) for m in members])
-
-
-def student_inputs(task, student, cfg: DictConfig) -> Dict[str, float]:
-    """How the student's batches are built (hardware profile): its training texts tokenised once (cached through
-    `datasets`), padded to a multiple of 8/16, a ranking student's texts in up to `length_groups` length groups.
-    Causal LMs train on packed blocks and cross-encoder students on text pairs: neither has single texts to
-    tokenise ahead."""
-    from kdrun.data import tokens
-    from kdrun.models.hub import cache_root
-    from kdrun.teacher_cache import tokenizer_fingerprint
-
-    hw = cfg.hardware
-    if hasattr(student, "pad_multiple"):
-        student.pad_multiple = hw.pad_to_multiple_of
-    if not hasattr(task, "train_texts") or not hasattr(student, "token_table") or \
-            enum_value(cfg.student.arch) == "cross_encoder":
-        return {}
-    if task.name == "ranking":
-        student.max_groups = hw.length_groups
-    t0 = time.perf_counter()
-    student.token_table, hit = tokens.pretokenize(student.tokenizer, task.train_texts(), student.max_length,
-                                                  cache_root() / "tokens", tokenizer_fingerprint(student.tokenizer))
-    return {"data/tokenize_seconds": time.perf_counter() - t0, "data/tokenize_cache_hit": float(hit),
-            "data/distinct_texts": float(len(student.token_table))}
+def training_examples(cfg: DictConfig, task, teacher, file_scores, rt):
+    """(examples, metrics): with a precomputed teacher, its outputs over every example (from the cache, or
+    computed once); with a scores file, the file's scores; online, the examples as they are."""
+    mode = enum_value(cfg.teacher.mode)
+    if mode == "precompute":
+        cache = teacher_cache.CacheInfo()
+        examples = task.attach(teacher_outputs(task, teacher, cfg, rt, cache))
+        return examples, cache.metrics()
+    if mode == "scores_file":
+        return task.attach({"scores": file_scores}), {}
+    return task.examples(), {}
 
 
-def runtime(cfg: DictConfig):
-    """The device and precision of cfg.hardware (transformers' own logging and progress bars quietened)."""
-    import transformers
-
-    from kdrun.runtime import make_runtime
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()  # weight-loading bars; kdrun shows its own progress
-    hw = _node(cfg.hardware)
-    return make_runtime(hw["device"], hw["precision"])  # (hardware.distributed without torchrun: refused at validation)
-
-
-def load_data(cfg: DictConfig):
-    """(task family, data) from cfg.data: `task` picks the family; the loader does not need it."""
-    node = _node(cfg.data)
-    task_name = node.pop("task")
-    return task_name, build(node)
-
-
-def log_interval(max_steps: int) -> int:
-    """train.log_every when it is not set: 25 or more points for runs under 250 steps, every 10 steps beyond."""
-    return min(10, max(1, max_steps // 25))
-
-
-RESULT_FILE = "kdrun-result.json"  # in output_dir when a run has finished: resume=auto does not repeat it
-
-
-def run(cfg: DictConfig) -> Dict[str, object]:
-    done = Path(cfg.output_dir) / RESULT_FILE
-    if cfg.resume == "auto" and done.is_file():  # e.g. a sweep run again after a pre-emption: this job had finished
-        result = json.loads(done.read_text())
-        print(f"kdrun: {cfg.output_dir} holds a finished run (MLflow run {result['run_id']}); resume=auto has "
-              "nothing to do")
-        return result
-    rt = runtime(cfg)
-    try:
-        result = _run(cfg, rt)
-    finally:
-        rt.close()
-    if rt.is_main:
-        done.write_text(json.dumps(result, indent=1) + "\n")
-    return result
-
-
-def _run(cfg: DictConfig, rt) -> Dict[str, object]:
+def batches(cfg: DictConfig, task, examples, rt):
+    """(sampler, loader): length-bucketed batches (DDP: each rank its share), collated by the task."""
     import torch
     from torch.utils.data import DataLoader
 
-    from kdrun import train as loop
-    from kdrun.losses import WeightedLoss, specs
-    from kdrun.runtime import compile_model, seed_everything
-    from kdrun.tasks import task_class
-
     hw, tr = _node(cfg.hardware), cfg.train
-    sweep.writable_dir(cfg.output_dir, "output_dir")  # checkpoints and the student go there: fail now, not after hours
-    seed_everything(tr.seed)  # the same on every rank: identical initialisation
-    terms = specs.parse(cfg.loss.terms, enum_value(cfg.data.task), ["teacher", *cfg.teachers],
-                        online=enum_value(cfg.teacher.mode) == "online")
-    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    resolved["loss"]["terms"] = {name: spec.as_config() for name, spec in terms.items()}  # every setting in effect
-    params = flatten(redact(resolved))
-    found = resume_point(cfg, params)  # (checkpoint dir, its meta.json) or None; a bad resume= fails here
-    # an unusable store fails before any loading; under DDP rank 0 alone logs
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, enum_value(cfg.tracking.fallback),
-                      cfg.output_dir) if rt.is_main else NullTracker()
-    task_name, data = load_data(cfg)
-    teacher_mode = enum_value(cfg.teacher.mode)
-    teacher, teacher_source = build_teachers(cfg, data, rt)  # None for a scores file
-    student = build(_node(cfg.student), teacher=teacher, teacher_source=teacher_source).to(rt.device)
-    setup_metrics: Dict[str, float] = {}
-    if teacher_mode == "scores_file":  # join before the task sees the data: examples without scores are dropped
-        table = scores_file.read(cfg.teacher.scores_file)
-        data.train, file_scores, missing = scores_file.join(data, table, cfg.teacher.scores_file,
-                                                            cfg.teacher.max_missing_fraction)
-        if missing:
-            log.warning("teacher.scores_file: %d training examples have no score and were left out", missing)
-        setup_metrics["teacher/scores_missing"] = missing
-    task = task_class(task_name)(data, teacher, student, rt, tr.eval_batch_size)
-    setup_metrics.update(student_inputs(task, student, cfg))
-
-    examples = task.examples()
-    if len(examples) < tr.batch_size:
-        raise DataError(f"{data.source}: {len(examples)} training examples, fewer than train.batch_size={tr.batch_size}")
-    batches_per_epoch = len(examples) // tr.batch_size // rt.world_size  # each rank's share
-    max_steps = tr.max_steps if tr.max_steps > 0 else max(1, math.ceil(tr.epochs * batches_per_epoch / tr.grad_accum))
-    loss_fn = WeightedLoss(terms, loss_context(task_name, student, teacher, cfg.student,
-                                                   max_steps * tr.grad_accum)).to(rt.device)
-    task.token_level = bool({"hidden_states", "attentions", "attention_scores"} & loss_fn.needs)
-    if task.token_level and not task.collate(online=True).shared:
-        raise ConfigError("loss terms on hidden states or attentions compare teacher and student token by token, so "
-                          "both must tokenize alike: the same tokenizer and teacher.max_length == student.max_length "
-                          f"(now {cfg.teacher.max_length} and {cfg.student.max_length})")
-    student.request(loss_fn.student_needs)  # hidden states, attentions, features, in-batch scores
-    if teacher is not None:
-        teacher.request(loss_fn.needs)
-
-    counter = _forward_counter(teacher) if teacher is not None else None  # teacher forward calls on training data
-    cache = teacher_cache.CacheInfo()
-    if teacher_mode == "precompute":  # the teacher's outputs over every example: from the cache, or computed once
-        examples = task.attach(teacher_outputs(task, teacher, cfg, rt, cache))
-        setup_metrics.update(cache.metrics())
-    elif teacher_mode == "scores_file":
-        examples = task.attach({"scores": file_scores})
     sampler = BucketBatchSampler(task.lengths(), tr.batch_size, tr.seed, rank=rt.rank, world_size=rt.world_size)
     loader = DataLoader(examples, batch_sampler=sampler, num_workers=hw["num_workers"],
-                        persistent_workers=hw["num_workers"] > 0, collate_fn=task.collate(online=teacher_mode == "online"),
+                        persistent_workers=hw["num_workers"] > 0,
+                        collate_fn=task.collate(online=enum_value(cfg.teacher.mode) == "online"),
                         pin_memory=rt.device.type == "cuda",  # pinned: the copies to the GPU run asynchronously
                         generator=torch.Generator())  # its own: drawing worker seeds leaves the training RNG alone
+    return sampler, loader
+
+
+@dataclass
+class Built:
+    """What `build_all` made, one field per step, for the MLflow run to use."""
+    family: Any
+    data: Any
+    teacher: Any
+    student: Any
+    task: Any
+    loss_fn: Any
+    sampler: Any
+    loader: Any
+    optim: Any
+    max_steps: int
+    setup: Dict[str, float]  # metrics of the build (teacher cache, tokenising, scores missing, fine-tune)
+
+
+def build_all(cfg: DictConfig, terms, rt) -> Built:
+    """Everything the run trains with, each step from the ones before."""
+    from kdrun import train as loop
+
+    family, data = load_data(cfg)
+    teacher, teacher_source = build_teachers(cfg, data, rt)  # None for a scores file
+    student = build_student(cfg, teacher, teacher_source, rt)
+    file_scores, setup = join_scores_file(cfg, data)
+    task = family.task(data, teacher, student, rt, cfg.train.eval_batch_size)
+    setup.update(task.prepare_student(student, _node(cfg.hardware)))
+    max_steps = plan_steps(cfg, task, data, rt)
+    loss_fn = build_loss(cfg, terms, task, student, teacher, max_steps, rt)
+    examples, cache_metrics = training_examples(cfg, task, teacher, file_scores, rt)
+    setup.update(cache_metrics, **getattr(getattr(teacher, "main", teacher), "finetune_info", {}))
+    sampler, loader = batches(cfg, task, examples, rt)
     optim = loop.make_optim([student, loss_fn], rt, max_steps, **_node(cfg.optimizer))
-    position = lambda step: {"micro_batches": step * tr.grad_accum, "batches_per_epoch": len(sampler),
-                             "max_steps": max_steps}
-    sizes = {f"data/{k}": f"{v:g}" for k, v in data.stats.items()}  # the data's sizes: params, not metric charts
-    if "data/distinct_texts" in setup_metrics:
-        sizes["data/distinct_texts"] = f"{setup_metrics.pop('data/distinct_texts'):g}"
-    loop_state = None
-    if found:  # weights, optimizer, scheduler, scaler and the loop's window from the checkpoint; the data position
+    return Built(family, data, teacher, student, task, loss_fn, sampler, loader, optim, max_steps, setup)
+
+
+def begin(cfg: DictConfig, rt, tracker, found, b: Built, params: Dict[str, str], resolved: dict) -> Tuple[str, Any]:
+    """(MLflow run id, the loop's saved state): a checkpoint's weights, optimizer, scheduler and data position
+    restored into the same MLflow run, or a new run with its params (the data's sizes among them) and tags."""
+    if found:
         path, meta = found
         saved = meta["position"]
-        if (saved["batches_per_epoch"], saved["max_steps"]) != (len(sampler), max_steps):
+        if (saved["batches_per_epoch"], saved["max_steps"]) != (len(b.sampler), b.max_steps):
             raise ConfigError(f"resume: {path} was written by a run of {saved['max_steps']} steps over "
-                              f"{saved['batches_per_epoch']} batches per epoch; this one has {max_steps} "
-                              f"and {len(sampler)}: the data changed. Resume with the same data, or start afresh")
-        loop_state = checkpoint.restore(path, student=student, loss_fn=loss_fn, optim=optim, rt=rt)
-        sampler.resume_at(*divmod(saved["micro_batches"], len(sampler)))
-        run_id = tracker.resume(meta["run_id"], step=meta["step"])
-    else:
-        run_id = tracker.start(cfg.tracking.run_name or _run_name(), {**params, **sizes},
-                               tags={**resolved["tracking"]["tags"], "kdrun.task": task_name, **_choices(),
-                                     **({} if sweep.job_number() is None else {JOB_TAG: str(sweep.job_number())})},
-                               parent_run_id=sweep.parent_run_id())
+                              f"{saved['batches_per_epoch']} batches per epoch; this one has {b.max_steps} "
+                              f"and {len(b.sampler)}: the data changed. Resume with the same data, or start afresh")
+        state = checkpoint.restore(path, student=b.student, loss_fn=b.loss_fn, optim=b.optim, rt=rt)
+        b.sampler.resume_at(*divmod(saved["micro_batches"], len(b.sampler)))
+        return tracker.resume(meta["run_id"], step=meta["step"]), state
+    sizes = {f"data/{k}": f"{v:g}" for k, v in b.data.stats.items()}  # the data's sizes: params, not metric charts
+    if "data/distinct_texts" in b.setup:
+        sizes["data/distinct_texts"] = f"{b.setup.pop('data/distinct_texts'):g}"
+    job = sweep.job_number()
+    run_id = tracker.start(cfg.tracking.run_name or _run_name(), {**params, **sizes},
+                           tags={**resolved["tracking"]["tags"], "kdrun.task": b.family.name, **_choices(),
+                                 **({} if job is None else {JOB_TAG: str(job)})},
+                           parent_run_id=sweep.parent_run_id())
+    tracker.text(OmegaConf.to_yaml(redact(resolved)), "config.yaml")  # credentials never reach the store
+    tracker.text("\n".join(redact_arg(o) for o in _overrides()) + "\n", "overrides.txt")
+    return run_id, None
+
+
+def _run(cfg: DictConfig, rt) -> Dict[str, object]:
+    from kdrun.runtime import seed_everything
+
+    sweep.writable_dir(cfg.output_dir, "output_dir")  # checkpoints and the student go there: fail now, not after hours
+    seed_everything(cfg.train.seed)  # the same on every rank: identical initialisation
+    terms, resolved, params = settings(cfg)
+    found = resume_point(cfg, params)  # (checkpoint dir, its meta.json) or None; a bad resume= fails here
+    tracker = open_tracker(cfg, rt)
+    b = build_all(cfg, terms, rt)
+    run_id, loop_state = begin(cfg, rt, tracker, found, b, params, resolved)
     log.info("MLflow %s", tracker.run_url())
+    before, after, teacher_eval, latency = record(cfg, rt, tracker, b, found, run_id, loop_state, params)
+    if not rt.is_main:
+        return {"run_id": None, "objective": float("nan")}
+    rows = [(k, f"{before[k]:.4f}", f"{after[k]:.4f}", f"{teacher_eval[k]:.4f}" if k in teacher_eval else "-")
+            for k in after]
+    print(f"\nkdrun: MLflow {tracker.run_url()} (experiment '{cfg.tracking.experiment}')")
+    print(f"{b.task.describe()}, steps: {b.max_steps}")
+    print(summary_table(rows, ("metric", "student before", "student after", "teacher")))
+    final = {f"eval/student/{k}": v for k, v in after.items()} | {f"eval/teacher/{k}": v for k, v in teacher_eval.items()}
+    final |= {f"eval/{who}/ms_per_example": v for who, v in latency.items()}
+    return final | {"run_id": run_id, "objective": after[b.task.primary]}
+
+
+def record(cfg: DictConfig, rt, tracker, b: Built, found, run_id: str, loop_state, params: Dict[str, str]):
+    """The MLflow run: model sizes, the evaluation before training (read back when resumed), the training loop with
+    its periodic evaluations and checkpoints, the final evaluation, the student saved. Ends the run FINISHED, KILLED
+    (a signal: resumable) or FAILED (with the reason). Returns (before, after, teacher's metrics, latency)."""
+    import torch
+
+    from kdrun import train as loop
+    from kdrun.runtime import compile_model
+
+    tr, student, teacher, task = cfg.train, b.student, b.teacher, b.task
+    counter = _forward_counter(teacher) if teacher is not None else None  # teacher forward calls on training data
     ckpt_dir = checkpoint.root(cfg.output_dir)
     signals = checkpoint.StopSignals().__enter__()  # from now on SIGTERM/SIGINT end in a checkpoint, not a dead run
+    latency: Dict[str, float] = {}  # the last evaluation's milliseconds per held-out example
     try:
-        if not found:
-            tracker.text(OmegaConf.to_yaml(redact(resolved)), "config.yaml")  # credentials never reach the store
-            tracker.text("\n".join(redact_arg(o) for o in _overrides()) + "\n", "overrides.txt")
         n_params = lambda m: sum(p.numel() for p in m.parameters())
-        tracker.metrics({**getattr(getattr(teacher, "main", teacher), "finetune_info", {}), **setup_metrics,
-                         "model/student_params": n_params(student), "model/loss_params": n_params(loss_fn),
+        tracker.metrics({**b.setup, "model/student_params": n_params(student), "model/loss_params": n_params(b.loss_fn),
                          "model/teacher_params": n_params(teacher) if teacher is not None else 0,
                          "model/student_flops_per_token": flops_per_token(student),
                          **({"model/teacher_flops_per_token": flops_per_token(teacher)} if teacher is not None else {}),
-                         "train/max_steps": max_steps}, step=0)
-
-        latency: Dict[str, float] = {}  # the last evaluation's milliseconds per held-out example
+                         "train/max_steps": b.max_steps}, step=0)
 
         def evaluate(model, who: str, step: int) -> Dict[str, float]:
             if not rt.is_main:  # rank 0 evaluates; the others wait for it in the next all-reduce
@@ -340,18 +380,13 @@ def _run(cfg: DictConfig, rt) -> Dict[str, object]:
             log.info("step %d: student %s", step, _fmt(m))
             return m
 
-        if hw["compile"]:
-            compile_model(_hf_model(student))  # in place: saving and evaluation see the same module
-        if rt.distributed:
-            torch.manual_seed(tr.seed + rt.rank)  # each rank its own dropout masks
-        if found:
-            checkpoint.restore_rng(found[0], rt.rank)  # last: the RNG continues exactly where it stopped
-
         def save_checkpoint(step: int, state: Dict):
             t0 = time.perf_counter()
+            position = {"micro_batches": step * tr.grad_accum, "batches_per_epoch": len(b.sampler),
+                        "max_steps": b.max_steps}
             try:
-                path = checkpoint.save(ckpt_dir, step, student=student, loss_fn=loss_fn, optim=optim, loop_state=state,
-                                       position=position(step), run_id=run_id, config=params, rt=rt,
+                path = checkpoint.save(ckpt_dir, step, student=student, loss_fn=b.loss_fn, optim=b.optim,
+                                       loop_state=state, position=position, run_id=run_id, config=params, rt=rt,
                                        keep=tr.keep_checkpoints)
             except checkpoint.CheckpointError as e:  # training goes on; the previous checkpoint is intact
                 log.error("%s", e)
@@ -360,17 +395,21 @@ def _run(cfg: DictConfig, rt) -> Dict[str, object]:
             tracker.metrics({"train/checkpoint_seconds": time.perf_counter() - t0}, step=step)
             return path
 
-        log_every = tr.log_every or log_interval(max_steps)
-        loop.train(rt.wrap(student), teacher, loss_fn, loop.forever(loader), optim, rt, max_steps=max_steps,
-                   grad_accum=tr.grad_accum, log_every=log_every, eval_every=tr.eval_every,
-                   log=tracker.metrics, evaluate=periodic_eval, max_nonfinite_skips=tr.max_nonfinite_skips,
-                   checkpoint=save_checkpoint, checkpoint_every=tr.checkpoint_every, signals=signals,
-                   resume=loop_state)
+        if cfg.hardware.compile:
+            compile_model(_hf_model(student))  # in place: saving and evaluation see the same module
+        if rt.distributed:
+            torch.manual_seed(tr.seed + rt.rank)  # each rank its own dropout masks
+        if found:
+            checkpoint.restore_rng(found[0], rt.rank)  # last: the RNG continues exactly where it stopped
+        loop.train(rt.wrap(student), teacher, b.loss_fn, loop.forever(b.loader), b.optim, rt, max_steps=b.max_steps,
+                   grad_accum=tr.grad_accum, log_every=tr.log_every or log_interval(b.max_steps),
+                   eval_every=tr.eval_every, log=tracker.metrics, evaluate=periodic_eval,
+                   max_nonfinite_skips=tr.max_nonfinite_skips, checkpoint=save_checkpoint,
+                   checkpoint_every=tr.checkpoint_every, signals=signals, resume=loop_state)
         signals.__exit__()  # the rest (evaluation, saving) finishes rather than stopping
         if counter is not None:  # precompute: 0 when every output came from the cache
-            tracker.metrics({"teacher/train_forward_calls": counter.calls}, step=max_steps)
-        after = periodic_eval(max_steps)
-
+            tracker.metrics({"teacher/train_forward_calls": counter.calls}, step=b.max_steps)
+        after = periodic_eval(b.max_steps)
         if cfg.tracking.log_student and rt.is_main:
             out = Path(cfg.output_dir) / "student"
             out.mkdir(parents=True, exist_ok=True)
@@ -388,17 +427,44 @@ def _run(cfg: DictConfig, rt) -> Dict[str, object]:
         raise
     finally:
         signals.__exit__()  # (already done when training ended)
+    return before, after, teacher_eval, latency
 
-    if not rt.is_main:
-        return {"run_id": None, "objective": float("nan")}
-    rows = [(k, f"{before[k]:.4f}", f"{after[k]:.4f}", f"{teacher_eval[k]:.4f}" if k in teacher_eval else "-")
-            for k in after]
-    print(f"\nkdrun: MLflow {tracker.run_url()} (experiment '{cfg.tracking.experiment}')")
-    print(f"{task.describe()}, steps: {max_steps}")
-    print(summary_table(rows, ("metric", "student before", "student after", "teacher")))
-    final = {f"eval/student/{k}": v for k, v in after.items()} | {f"eval/teacher/{k}": v for k, v in teacher_eval.items()}
-    final |= {f"eval/{who}/ms_per_example": v for who, v in latency.items()}
-    return final | {"run_id": run_id, "objective": after[task.primary]}
+
+def _forward_counter(teacher):
+    from kdrun.teacher_cache import ForwardCounter
+
+    members = dict(teacher.members).values() if hasattr(teacher, "members") else [teacher]
+    return ForwardCounter([_hf_model(m) for m in members])
+
+
+def log_interval(max_steps: int) -> int:
+    """train.log_every when it is not set: 25 or more points for runs under 250 steps, every 10 steps beyond."""
+    return min(10, max(1, max_steps // 25))
+
+
+RESULT_FILE = "kdrun-result.json"  # in output_dir when a run has finished: resume=auto does not repeat it
+
+
+def run(cfg: DictConfig) -> Dict[str, object]:
+    """A whole run from a composed config (`kdrun` calls this; so can a test or a notebook, in-process): its
+    held-out metrics, the MLflow run id and the objective a sweeper optimises."""
+    from kdrun import config
+
+    config.validate(cfg)
+    done = Path(cfg.output_dir) / RESULT_FILE
+    if cfg.resume == "auto" and done.is_file():  # e.g. a sweep run again after a pre-emption: this job had finished
+        result = json.loads(done.read_text())
+        print(f"kdrun: {cfg.output_dir} holds a finished run (MLflow run {result['run_id']}); resume=auto has "
+              "nothing to do")
+        return result
+    rt = runtime(cfg)
+    try:
+        result = _run(cfg, rt)
+    finally:
+        rt.close()
+    if rt.is_main:
+        done.write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
 
 def resume_point(cfg: DictConfig, params: Dict[str, str]):
@@ -425,12 +491,10 @@ def score(cfg: DictConfig) -> Dict[str, object]:
     """mode=score: the teacher's scores of every training triple, written to cfg.scores_out in the Margin-MSE
     authors' format (score_pos score_neg query_id pos_id neg_id), through the teacher-output cache. Score once
     on a big machine; train students anywhere with teacher.mode=scores_file teacher.scores_file=FILE."""
-    from kdrun.tasks import task_class
-
     rt = runtime(cfg)
-    _, data = load_data(cfg)
+    family, data = load_data(cfg)
     teacher, _ = build_teachers(cfg, data, rt)
-    task = task_class("ranking")(data, teacher, None, rt, cfg.train.eval_batch_size)
+    task = family.task(data, teacher, None, rt, cfg.train.eval_batch_size)
     info = teacher_cache.CacheInfo()
     scores = teacher_outputs(task, teacher, cfg, rt, info)["scores"]
     lines = scores_file.write(cfg.scores_out, data, scores)

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from kdrun.config import PRIMARY_METRIC
 
 PARENT_TAG = "kdrun.sweep_parent"  # set on a sweep's parent run
 JOB_TAG = "kdrun.job_num"  # a sweep job's number (Hydra's hydra.job.num): tables list jobs in this order
@@ -101,9 +100,11 @@ def varied_params(runs: Sequence) -> List[str]:
 
 def primary(runs: Sequence) -> Tuple[str, str]:
     """(metric key, "max"|"min") of the runs' task (the first run's kdrun.task tag)."""
-    task = next((r.data.tags.get("kdrun.task") for r in runs if r.data.tags.get("kdrun.task")), "ranking")
-    name, direction = PRIMARY_METRIC[task]
-    return f"eval/student/{name}", direction
+    from kdrun import tasks
+
+    task = next((r.data.tags.get("kdrun.task") for r in runs if r.data.tags.get("kdrun.task")), tasks.names()[0])
+    fam = tasks.family(task)
+    return f"eval/student/{fam.primary}", fam.direction
 
 
 def starting_values(client, runs: Sequence) -> Dict[str, Dict[str, float]]:

@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import CONF, run_kdrun
-from kdrun import config
+from kdrun import config, tasks
 from kdrun.errors import ConfigError
 from kdrun.losses import specs
 
@@ -41,7 +41,7 @@ def task_of(group: str, option: str) -> str:
     if group == "loss":
         return specs.TERMS[next(iter(node.terms))].tasks[0]
     if group == "teacher":
-        return config.TASK_OF_KIND[node.kind]
+        return tasks.family_of_kind(node.kind)[0]
     if group == "data":
         return node.task
     if group == "student" and node.get("init") == "scratch":
@@ -89,12 +89,12 @@ def test_every_loss_yaml_names_registered_terms_with_every_setting_they_take():
 
 def test_experiment_presets_pick_their_task_families():
     cls = _compose(["experiment=classification_demo"])
-    assert cls.data.task == config.Task.classification and cls.teacher.kind == config.TeacherKind.classifier
+    assert cls.data.task == "classification" and cls.teacher.kind == "classifier"
     assert cls.teacher.finetune.steps > 0 and list(cls.loss.terms) == ["kd_kl", "ce"]
     lm = _compose(["experiment=causal_lm_demo"])
-    assert lm.data.task == config.Task.causal_lm and lm.teacher.gguf_file.endswith(".gguf")
+    assert lm.data.task == "causal_lm" and lm.teacher.gguf_file.endswith(".gguf")
     rep = _compose(["experiment=reproduce_margin_mse"])
-    assert rep.data.task == config.Task.ranking and rep.tracking.experiment == "reproduce_margin_mse"
+    assert rep.data.task == "ranking" and rep.tracking.experiment == "reproduce_margin_mse"
 
 
 def test_the_reproduction_preset_sweeps_students_losses_and_seeds():
@@ -117,7 +117,7 @@ def test_the_reproduction_preset_sweeps_students_losses_and_seeds():
 def test_design_card_command_composes():
     cfg = _compose(["teacher=bert", "student=tinybert", "loss=margin_mse"])
     config.validate(cfg)
-    assert cfg.teacher.kind == config.TeacherKind.cross_encoder
+    assert cfg.teacher.kind == "cross_encoder"
     assert cfg.student.name == "huawei-noah/TinyBERT_General_4L_312D"
     assert list(cfg.loss.terms) == ["margin_mse"]
 
@@ -145,10 +145,11 @@ def test_default_is_offline_minilm_teaching_its_two_layer_slice(minilm_dir):
     (["experiment=classification_demo", "teacher.mode=precompute", "loss=tinybert"], "teacher.mode=online"),
     (["loss=in_batch_kl", "teacher.mode=precompute"], "in_batch_kl reads the teacher's internals"),
     (["experiment=causal_lm_demo", "teacher.mode=precompute"], "teacher.top_k"),
-    (["teacher.top_k=8"], "causal-LM teachers only"),
+    (["teacher.top_k=8"], "a ranking teacher gives its full outputs"),
     (["experiment=classification_demo", "loss=jsd", "loss.terms.jsd.beta=1.0"], "loss.terms.jsd.beta=1.0"),
     (["experiment=causal_lm_demo", "loss=taid", "loss.terms.taid.t_start=1.0"], "t_start < t_end"),
-    (["experiment=classification_demo", "student.arch=late_interaction"], "student.arch=late_interaction is a ranking"),
+    (["experiment=classification_demo", "student.arch=late_interaction"],
+     r"student.arch=late_interaction: a classification student is one of \['bi_encoder'\]"),
     (["student.dim=0"], "student.dim"),
     (["data=triples", "data.collection=c.tsv"], "data.queries has no value"),
     (["teacher=scores_file"], "set teacher.scores_file=FILE"),
@@ -157,15 +158,15 @@ def test_default_is_offline_minilm_teaching_its_two_layer_slice(minilm_dir):
      "teacher.max_missing_fraction"),
     (["experiment=classification_demo", "teacher.mode=scores_file", "teacher.scores_file=s.tsv"],
      "scores_file reads ranking scores"),
-    (["mode=score", "experiment=classification_demo"], "mode=score writes a ranking teacher's scores"),
-    (["mode=score", "teacher.mode=scores_file", "teacher.scores_file=s.tsv"], "needs ranking data and a teacher model"),
+    (["mode=score", "experiment=classification_demo"], "mode=score writes a teacher's scores"),
+    (["mode=score", "teacher.mode=scores_file", "teacher.scores_file=s.tsv"], "and a teacher model"),
     (["+teacher@teachers.second=minilm_offline", "+loss.terms.margin_mse.teacher=third"],
      r"no such teacher; choose one of \['teacher', 'second'\]"),
     (["+teacher@teachers.second=minilm_classifier"], "teachers.second.kind=classifier is a classification teacher"),
     (["+teacher@teachers.second=minilm_offline", "teachers.second.weight=0"], "teachers.second.weight"),
-    (["experiment=causal_lm_demo", "+teacher@teachers.second=smollm2"], "a causal-LM run takes one"),
+    (["experiment=causal_lm_demo", "+teacher@teachers.second=smollm2"], "a causal_lm run takes one"),
     (["+teacher@teachers.second=minilm_offline", "teacher.mode=online", "loss=in_batch_kl"], "several teachers"),
-    (["teacher.finetune.steps=10"], "only classifier teachers are fine-tuned"),
+    (["teacher.finetune.steps=10"], "kdrun fine-tunes classifier teachers, not ranking teachers"),
 ])
 def test_cross_field_validation_names_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):

@@ -124,19 +124,18 @@ def test_the_demo_data_is_mostly_real_tokens_and_the_student_uses_sdpa(tmp_path,
     from conftest import CONF
     from kdrun import pipeline
     from kdrun.config import register
-    from kdrun.tasks import task_class
 
     monkeypatch.setenv("KDRUN_CACHE", str(tmp_path))
     register()
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         cfg = compose("config", overrides=hardware)
     rt = pipeline.runtime(cfg)
-    task_name, data = pipeline.load_data(cfg)
+    family, data = pipeline.load_data(cfg)
     teacher, source = pipeline.build_teachers(cfg, data, rt)
-    student = pipeline.build(pipeline._node(cfg.student), teacher=teacher, teacher_source=source)
+    student = pipeline.build_student(cfg, teacher, source, rt)
     assert pipeline._hf_model(student).config._attn_implementation == "sdpa"
-    task = task_class(task_name)(data, teacher, student, rt, 128)
-    metrics = pipeline.student_inputs(task, student, cfg)
+    task = family.task(data, teacher, student, rt, 128)
+    metrics = task.prepare_student(student, pipeline._node(cfg.hardware))
     assert metrics["data/distinct_texts"] > 1000 and metrics["data/tokenize_cache_hit"] == 0.0
     collate, examples = task.collate(online=False), task.attach({"scores": torch.zeros(len(data.train), 2)})
     real = total = 0

@@ -1,19 +1,22 @@
+from functools import partial
+
 import pytest
 import torch
 
 from kdrun.errors import ConfigError, ModelLoadError
-from kdrun.models import build_student, build_teacher
+from kdrun.models import load_teacher
+from kdrun.tasks import build_student as family_student
 from kdrun.models.hub import resolve_source
 
+build_student = partial(family_student, task="ranking")  # as the ranking family builds it
 STUDENT = dict(name=None, path=None, init="teacher_layers", pooling="mean", similarity="dot", max_length=64,
                scratch={}, tokenizer=None, arch="bi_encoder", dim=128)
-TEACHER = dict(name=None, gguf_file=None, pooling="mean", similarity="cos", label_index=-1, max_length=64, top_k=0,
-               finetune={"steps": 0})
+TEACHER = dict(name=None, gguf_file=None, pooling="mean", similarity="cos", label_index=-1, max_length=64, top_k=0)
 
 
 @pytest.fixture(scope="module")
 def teacher(minilm_dir):
-    return build_teacher(path=minilm_dir, kind="bi_encoder", **TEACHER)
+    return load_teacher(path=minilm_dir, kind="bi_encoder", **TEACHER)
 
 
 def test_teacher_is_frozen_and_in_eval_mode(teacher):

@@ -1,6 +1,7 @@
 """Teacher modes and ranking students: the teacher-output cache, score files, several teachers, late-interaction
 and cross-encoder students, and saved students loading back with plain transformers / sentence-transformers."""
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ from kdrun.data import scores_file
 from kdrun.data.ranking import RankingData, text_id
 from kdrun.errors import ConfigError, DataError
 from kdrun.losses import WeightedLoss, Context
-from kdrun.models import build_student, build_teacher
+from kdrun.models import load_teacher
+from kdrun.tasks import build_student as family_student
 from kdrun.models.encoders import LateInteraction, load_scorer, maxsim
 from kdrun.models.ensemble import Ensemble, combine
 from kdrun.runtime import make_runtime
@@ -18,8 +20,8 @@ from kdrun.tasks.ranking import RankingTask
 
 from conftest import f32_close
 
-TEACHER = dict(name=None, gguf_file=None, pooling="mean", similarity="cos", label_index=-1, max_length=64, top_k=0,
-               finetune={"steps": 0})
+TEACHER = dict(name=None, gguf_file=None, pooling="mean", similarity="cos", label_index=-1, max_length=64, top_k=0)
+build_student = partial(family_student, task="ranking")  # as the ranking family builds it
 STUDENT = dict(name=None, path=None, init="teacher_layers", layers=[0, 5], pooling="mean", similarity="dot",
                max_length=64, scratch={}, tokenizer=None, dim=16)
 QUERIES = ["what is your name", "how old are you", "do you like music", "what is the weather like today",
@@ -34,7 +36,7 @@ PASSAGES = [["my name is bot", "it rains a lot here", "i am a computer program"]
 
 @pytest.fixture(scope="module")
 def teacher(minilm_dir):
-    return build_teacher(path=minilm_dir, kind="bi_encoder", **TEACHER)
+    return load_teacher(path=minilm_dir, kind="bi_encoder", **TEACHER)
 
 
 def _data(train=None):
@@ -54,9 +56,10 @@ def test_online_teacher_is_frozen_in_low_precision_and_outside_the_optimizer(min
     from kdrun.pipeline import build_teachers
     from kdrun.train import make_optim
 
-    cfg = OmegaConf.create({"teacher": {"_target_": "kdrun.models.build_teacher", "path": minilm_dir, "kind": "bi_encoder",
+    cfg = OmegaConf.create({"teacher": {"_target_": "kdrun.tasks.build_teacher", "path": minilm_dir, "kind": "bi_encoder",
                                         "mode": "online", "cache": True, "cache_dir": None, "scores_file": None,
-                                        "max_missing_fraction": 0.0, "weight": 1.0, **TEACHER}, "teachers": {}})
+                                        "max_missing_fraction": 0.0, "weight": 1.0, "finetune": {"steps": 0}, **TEACHER},
+                            "teachers": {}, "data": {"task": "ranking"}})
     rt = make_runtime("cpu", "bf16")
     teacher, _ = build_teachers(cfg, None, rt)
     assert not teacher.training and teacher.exact
@@ -217,7 +220,7 @@ def test_missing_score_file_says_how_to_write_one(tmp_path):
 # ---- several teachers ----
 
 def test_several_teachers_average_with_weights_and_a_term_can_name_one(teacher, minilm_dir):
-    second = build_teacher(path=minilm_dir, kind="bi_encoder", **{**TEACHER, "pooling": "cls", "similarity": "dot"})
+    second = load_teacher(path=minilm_dir, kind="bi_encoder", **{**TEACHER, "pooling": "cls", "similarity": "dot"})
     ens = Ensemble({"teacher": teacher, "cls": second}, {"teacher": 1.0, "cls": 3.0})
     out = ens(ens.featurize(QUERIES[:2], PASSAGES[:2]))
     a = teacher(teacher.featurize(QUERIES[:2], PASSAGES[:2]))["scores"]
@@ -359,14 +362,14 @@ import sys, time, torch
 sys.path.insert(0, {tests!r})
 import test_teachers as t
 from kdrun import teacher_cache
-from kdrun.models import build_teacher
+from kdrun.models import load_teacher
 
 class Slow(t.RankingTask):
     def teacher_outputs(self, teacher):
         time.sleep(3)  # a long teacher pass: the other process arrives while this one computes
         return super().teacher_outputs(teacher)
 
-teacher = build_teacher(path={minilm!r}, kind="bi_encoder", **t.TEACHER)
+teacher = load_teacher(path={minilm!r}, kind="bi_encoder", **t.TEACHER)
 task = Slow(t._data(), teacher, None, t.make_runtime("cpu", "fp32"), eval_batch_size=4)
 info = teacher_cache.CacheInfo()
 teacher_cache.teacher_outputs(task, teacher, task.rt, {cache!r}, True, info)

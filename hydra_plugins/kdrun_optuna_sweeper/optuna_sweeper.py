@@ -50,13 +50,14 @@ def distribution(override: Override):
 
 def direction_of(config: DictConfig) -> str:
     """sweep.direction, else the objective's natural direction (losses, perplexity, NLL, KL, latency: minimise)."""
-    from kdrun.config import PRIMARY_METRIC, enum_value
+    from kdrun.config import enum_value
+    from kdrun.tasks import family
 
     sweep = config.sweep
     if sweep.direction:
         return enum_value(sweep.direction)
-    if not sweep.objective:  # the task's primary metric: PRIMARY_METRIC says "max" or "min"
-        return {"max": "maximize", "min": "minimize"}[PRIMARY_METRIC[enum_value(config.data.task)][1]]
+    if not sweep.objective:  # the task family's primary metric, whose direction is "max" or "min"
+        return {"max": "maximize", "min": "minimize"}[family(str(config.data.task)).direction]
     name = sweep.objective.rsplit("/", 1)[-1]
     return "minimize" if any(w in name for w in ("loss", "perplexity", "nll", "kl", "ms_per", "mse")) else "maximize"
 

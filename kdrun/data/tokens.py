@@ -64,6 +64,21 @@ def pretokenize(tokenizer, texts: Sequence[str], max_length: int, cache_dir: Opt
     return TokenTable(tokenizer, max_length, dict(zip(distinct, ds["input_ids"]))), hit
 
 
+def tokenize_once(student, texts: Sequence[str]) -> Dict[str, float]:
+    """A student's training texts tokenised once (cached through `datasets` under kdrun's cache, keyed by the
+    tokenizer), kept as its token table; the metrics say how long it took and whether the cache had them."""
+    import time
+
+    from kdrun.models.hub import cache_root
+    from kdrun.teacher_cache import tokenizer_fingerprint
+
+    t0 = time.perf_counter()
+    student.token_table, hit = pretokenize(student.tokenizer, texts, student.max_length, cache_root() / "tokens",
+                                           tokenizer_fingerprint(student.tokenizer))
+    return {"data/tokenize_seconds": time.perf_counter() - t0, "data/tokenize_cache_hit": float(hit),
+            "data/distinct_texts": float(len(student.token_table))}
+
+
 def length_groups(lengths: Sequence[int], max_groups: int, multiple: int) -> List[List[int]]:
     """Row indices split into at most `max_groups` groups of similar length, chosen so that the sum over groups
     of (rows x longest length rounded up to `multiple`) is smallest (exact: dynamic programming over the

@@ -1,7 +1,9 @@
-"""Builders named by `_target_` in conf/teacher and conf/student: config values in, modules out.
+"""Loading models: teachers by kind (frozen), the students' model pieces (a checkpoint, a slice of the teacher's
+layers, the teacher's architecture resized), with one clear error when a model cannot be loaded offline.
 
-Every model returns a dict of outputs (ranking: "scores"; classification and causal LM: "logits", and
-what the loss terms request). Teachers come back frozen: eval mode, requires_grad off everywhere.
+Every model returns a dict of outputs (ranking: "scores"; classification and causal LM: "logits", and what the loss
+terms request). Which teacher and student a run needs is its task family's choice (kdrun/tasks/); this package only
+loads. Teachers come back frozen: eval mode, requires_grad off everywhere.
 """
 from __future__ import annotations
 
@@ -24,10 +26,9 @@ def _freeze(teacher: nn.Module, source: str) -> nn.Module:
     return teacher
 
 
-def build_teacher(*, name: Optional[str], path: Optional[str], gguf_file: Optional[str], kind: str, pooling: str,
-                  similarity: str, label_index: int, max_length: int, top_k: int, finetune: dict,
-                  data=None, runtime=None) -> nn.Module:
-    """A frozen teacher of the given kind. Classifier teachers may be fine-tuned first on `data`."""
+def load_teacher(*, name: Optional[str], path: Optional[str], gguf_file: Optional[str], kind: str, pooling: str,
+                 similarity: str, label_index: int, max_length: int, top_k: int) -> nn.Module:
+    """A frozen teacher of the given kind, from a local directory or a hub name."""
     source = resolve_source("teacher", name, path, gguf_file)
     if kind == "cross_encoder":
         model, tok = load_pretrained("teacher", source, "AutoModelForSequenceClassification")
@@ -39,7 +40,10 @@ def build_teacher(*, name: Optional[str], path: Optional[str], gguf_file: Option
         model, tok = load_pretrained("teacher", source, "AutoModel")
         return _freeze(BiEncoder(model, tok, pooling, similarity, max_length), source)
     if kind == "classifier":
-        return _freeze(_classifier_teacher(source, max_length, finetune, data, runtime), source)
+        from kdrun.models.classifier import SequenceClassifier
+
+        model, tok = load_pretrained("teacher", source, "AutoModelForSequenceClassification")
+        return _freeze(SequenceClassifier(model, tok, max_length), source)
     if kind == "causal_lm":
         from kdrun.models.causal_lm import CausalLM
 
@@ -48,26 +52,9 @@ def build_teacher(*, name: Optional[str], path: Optional[str], gguf_file: Option
     raise ConfigError(f"teacher.kind={kind}: unknown")
 
 
-def _classifier_teacher(source: str, max_length: int, finetune: dict, data, runtime):
-    from kdrun.models.classifier import SequenceClassifier
-
-    n_classes = len(data.label_names)
-    if finetune["steps"] > 0:
-        from kdrun.models.finetune import finetuned_teacher
-
-        source, info = finetuned_teacher(source, data, max_length=max_length, runtime=runtime, **finetune)
-    else:
-        info = {"teacher/finetune_cache_hit": 0.0, "teacher/finetune_seconds": 0.0}
-    model, tok = load_pretrained("teacher", source, "AutoModelForSequenceClassification")
-    if finetune["steps"] == 0 and not _head_in_checkpoint(source, model):
-        raise ConfigError(f"teacher '{source}' has no trained classification head (it would be random); set "
-                          "teacher.finetune.steps=N so kdrun fine-tunes it first, or pass a fine-tuned classifier")
-    if model.config.num_labels != n_classes:
-        raise ConfigError(f"teacher '{source}' has {model.config.num_labels} labels but the data has {n_classes} "
-                          f"classes {list(data.label_names)}; set teacher.finetune.steps=N to fine-tune a head for them")
-    teacher = SequenceClassifier(model, tok, max_length)
-    teacher.finetune_info = info
-    return teacher
+def has_trained_head(source: str, model: nn.Module) -> bool:
+    """Whether the source's weights contain the classification head (not a freshly initialised one)."""
+    return _head_in_checkpoint(source, model)
 
 
 def _head_in_checkpoint(source: str, model: nn.Module) -> bool:
@@ -88,35 +75,10 @@ def _head_in_checkpoint(source: str, model: nn.Module) -> bool:
     return False
 
 
-def build_student(*, name: Optional[str], path: Optional[str], init: str, layers: Optional[List[int]], scratch: dict,
-                  tokenizer: Optional[str], arch: str, pooling: str, similarity: str, dim: int, max_length: int,
-                  teacher: Optional[nn.Module], teacher_source: Optional[str] = None,
-                  dropout: Optional[float] = None) -> nn.Module:
-    """A trainable student for the teacher's task: a pretrained model, a slice of the teacher's layers
-    (DistilBERT/TinyBERT-style), or the teacher's architecture resized and randomly initialised. Ranking
-    students may differ from the teacher in architecture (`arch`); `teacher` is None for a scores file, and
-    `teacher_source` (the model the scores came from, when known) then serves teacher_layers and scratch."""
-    from kdrun.models.causal_lm import CausalLM
-    from kdrun.models.classifier import SequenceClassifier
-
-    if teacher is None or isinstance(teacher, (BiEncoder, CrossEncoder)) or getattr(teacher, "task", "") == "ranking":
-        source = teacher.source if teacher is not None else teacher_source
-        student = _ranking_student(name, path, init, layers, scratch, tokenizer, arch, pooling, similarity, dim,
-                                   max_length, source)
-    elif isinstance(teacher, SequenceClassifier) or getattr(teacher, "task", "") == "classification":
-        model, tok = _hf_student(name, path, init, layers, scratch, tokenizer, teacher,
-                                 "AutoModelForSequenceClassification", num_labels=teacher.num_labels)
-        student = SequenceClassifier(model, tok, max_length)
-    elif isinstance(teacher, CausalLM):
-        model, tok = _hf_student(name, path, init, layers, scratch, tokenizer, teacher, "AutoModelForCausalLM")
-        if tok.get_vocab() != teacher.tokenizer.get_vocab():
-            raise ConfigError(f"student '{name or path}' and teacher '{teacher.source}' use different tokenizers; "
-                              "causal-LM distillation compares token distributions, so they must share one "
-                              "(use student.init=teacher_layers or scratch, or a student of the same family)")
-        student = CausalLM(model, tok)
-    else:
-        raise ConfigError(f"no student for a {type(teacher).__name__} teacher")
-    if dropout is not None:  # e.g. 0: deterministic steps (attention dropout reads the same modules' p)
+def finish_student(student: nn.Module, dropout: Optional[float] = None) -> nn.Module:
+    """Trainable and in training mode; `dropout` (student.dropout) sets every dropout probability (e.g. 0: steps
+    without randomness; attention dropout reads the same modules' p)."""
+    if dropout is not None:
         for module in student.modules():
             if isinstance(module, nn.Dropout):
                 module.p = dropout
@@ -145,8 +107,8 @@ _ARCH_CLASS = {"bi_encoder": "AutoModel", "late_interaction": "AutoModel",
                "cross_encoder": "AutoModelForSequenceClassification"}
 
 
-def _ranking_student(name, path, init, layers, scratch, tokenizer, arch, pooling, similarity, dim, max_length,
-                     teacher_source):
+def ranking_student(*, name, path, init, layers, scratch, tokenizer, arch, pooling, similarity, dim, max_length,
+                    teacher_source):
     """A bi-encoder, late-interaction or cross-encoder student from any ranking teacher's source or its own."""
     import transformers
 
@@ -174,10 +136,11 @@ def _ranking_student(name, path, init, layers, scratch, tokenizer, arch, pooling
     return BiEncoder(model, tok, pooling, similarity, max_length)
 
 
-def _hf_student(name, path, init, layers, scratch, tokenizer, teacher, model_class: str, **kwargs):
-    """(model, tokenizer) of a classification or causal-LM student."""
+def hf_student(*, name, path, init, layers, scratch, tokenizer, teacher, model_class: str, **kwargs):
+    """(model, tokenizer) of a student that follows the teacher's transformers class (classifier, causal LM)."""
     import transformers
 
+    teacher = getattr(teacher, "main", teacher)  # several teachers: the main one lends its model
     if init == "teacher_layers":  # an own copy of the teacher, then keep the listed layers
         model = copy.deepcopy(teacher.model)
         keep_layers(model, list(layers or []))
@@ -237,4 +200,5 @@ def keep_layers(model: nn.Module, layers: List[int]) -> None:
         model.config.layer_types = [model.config.layer_types[i] for i in layers]
 
 
-__all__ = ["build_teacher", "build_student", "keep_layers", "resized_config"]
+__all__ = ["load_teacher", "has_trained_head", "ranking_student", "hf_student", "finish_student", "keep_layers",
+           "resized_config"]

@@ -1,6 +1,6 @@
 """Several teachers as one: each scores the batch with its own tokenizer; the outputs are averaged with
 weights ("scores" for ranking, "logits" for classification), and each teacher's own outputs stay
-available as "<key>@<name>" for loss terms that name a teacher (loss.terms.N.teacher)."""
+available as "<key>@<name>" for loss terms that name a teacher (loss.terms.NAME.teacher)."""
 from __future__ import annotations
 
 from typing import Dict, List
@@ -28,7 +28,6 @@ class Ensemble(nn.Module):
         main = members["teacher"]
         self.source, self.tokenizer, self.max_length = main.source, main.tokenizer, main.max_length
         self.num_labels = getattr(main, "num_labels", None)
-        self.task = "ranking" if hasattr(main, "score_lists") else "classification"
 
     @property
     def main(self) -> nn.Module:

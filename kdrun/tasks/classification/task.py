@@ -7,8 +7,8 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from kdrun.config import PRIMARY_METRIC
 from kdrun.errors import ConfigError
+from kdrun.tasks.classification import FAMILY
 
 
 class Collate:
@@ -54,7 +54,7 @@ def classification_metrics(pred: torch.Tensor, labels: torch.Tensor, n_classes: 
 
 
 class ClassificationTask:
-    name, primary = "classification", PRIMARY_METRIC["classification"][0]
+    name, primary = FAMILY.name, FAMILY.primary
 
     def __init__(self, data, teacher, student, runtime, eval_batch_size: int):
         self.data, self.teacher, self.student = data, teacher, student
@@ -66,6 +66,22 @@ class ClassificationTask:
         if student.num_labels != len(names):
             raise ConfigError(f"the student has {student.num_labels} output classes but the data has {len(names)} "
                               f"({names}); use a student with a matching head (student.init=teacher_layers)")
+
+    def prepare_student(self, student, hardware: Dict) -> Dict[str, float]:
+        """Padding to a multiple of 8/16; the training texts tokenised once."""
+        from kdrun.data.tokens import tokenize_once
+
+        student.pad_multiple = hardware["pad_to_multiple_of"]
+        return tokenize_once(student, self.train_texts())
+
+    def loss_context(self) -> Dict:
+        """The teacher classifier's rows (class directions), for feature_norm_direction."""
+        if self.teacher is None:
+            return {}
+        from kdrun.models.classifier import classifier_head
+
+        teacher = getattr(self.teacher, "main", self.teacher)
+        return {"class_centres": classifier_head(teacher.model).weight}
 
     def examples(self) -> list:
         return list(zip(self.data.train_texts, self.data.train_labels))

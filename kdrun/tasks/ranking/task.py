@@ -7,8 +7,8 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from kdrun.config import PRIMARY_METRIC
 from kdrun.data.ranking import Example
+from kdrun.tasks.ranking import FAMILY
 
 
 class Collate:
@@ -87,11 +87,26 @@ def evaluate(model, queries: List[str], candidates: List[List[str]], labels: Lis
 
 class RankingTask:
     """(query, [positive, negatives]) examples; models score them; MRR@10, nDCG@10, Recall@10 held out."""
-    name, primary = "ranking", PRIMARY_METRIC["ranking"][0]
+    name, primary = FAMILY.name, FAMILY.primary
 
     def __init__(self, data, teacher, student, runtime, eval_batch_size: int):
         self.data, self.teacher, self.student = data, teacher, student
         self.rt, self.eval_batch_size = runtime, eval_batch_size
+
+    def prepare_student(self, student, hardware: Dict) -> Dict[str, float]:
+        """Padding to a multiple of 8/16; the student's queries and passages tokenised once and, per batch, split
+        into up to `length_groups` groups padded apart. A cross-encoder reads pairs: nothing to tokenise ahead."""
+        from kdrun.data.tokens import tokenize_once
+        from kdrun.models.encoders import CrossEncoder
+
+        student.pad_multiple = hardware["pad_to_multiple_of"]
+        if isinstance(student, CrossEncoder):
+            return {}
+        student.max_groups = hardware["length_groups"]
+        return tokenize_once(student, self.train_texts())
+
+    def loss_context(self) -> Dict:
+        return {}
 
     def examples(self) -> list:
         return self.data.train

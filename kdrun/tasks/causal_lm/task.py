@@ -8,9 +8,9 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from kdrun.config import PRIMARY_METRIC
 from kdrun.errors import DataError
 from kdrun.losses.functional import forward_kl
+from kdrun.tasks.causal_lm import FAMILY
 
 
 def pack(texts: Sequence[str], tokenizer, block_size: int, max_blocks=None) -> torch.Tensor:
@@ -51,7 +51,7 @@ class Collate:
 
 
 class CausalLMTask:
-    name, primary = "causal_lm", PRIMARY_METRIC["causal_lm"][0]
+    name, primary = FAMILY.name, FAMILY.primary
 
     def __init__(self, data, teacher, student, runtime, eval_batch_size: int):
         self.teacher, self.student, self.rt = teacher, student, runtime
@@ -65,6 +65,13 @@ class CausalLMTask:
         data.stats.update(train_blocks=len(self.train_blocks), eval_blocks=len(self.eval_blocks),
                           train_tokens=self.train_blocks.numel())
         self.data = data
+
+    def prepare_student(self, student, hardware: Dict) -> Dict[str, float]:
+        """Packed blocks of one length: nothing to pad or tokenise ahead."""
+        return {}
+
+    def loss_context(self) -> Dict:
+        return {}
 
     def examples(self) -> list:
         return [(block,) for block in self.train_blocks]

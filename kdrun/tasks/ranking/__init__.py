@@ -1,0 +1,46 @@
+"""Ranking, the headline family: (query, [positive, negatives]) -> scores; MRR@10, nDCG@10, Recall@10 held out.
+Teachers: a bi-encoder or cross-encoder, or a score file; students of another architecture (bi-encoder, late
+interaction, cross-encoder): Hofstaetter et al.'s cross-architecture distillation. The torch side is task.py."""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Optional
+
+from kdrun.errors import ConfigError
+from kdrun.tasks.base import Family
+
+
+class Ranking(Family):
+    name = "ranking"
+    metrics = ("mrr_at_10", "ndcg_at_10", "recall_at_10")
+    primary, direction = "mrr_at_10", "max"
+    teacher_kinds = ("bi_encoder", "cross_encoder")
+    student_archs = ("bi_encoder", "late_interaction", "cross_encoder")
+    scores_file = True
+    task_class = "kdrun.tasks.ranking.task.RankingTask"
+
+    def check(self, cfg: Any) -> None:
+        d = cfg.data
+        if d.negatives_per_query < 1 or d.get("examples_per_pair", 1) < 1:
+            raise ConfigError("data.negatives_per_query and data.examples_per_pair must be >= 1")
+        if d.eval_candidates < 2:
+            raise ConfigError(f"data.eval_candidates={d.eval_candidates} must be >= 2")
+        if cfg.student.dim < 1:
+            raise ConfigError(f"student.dim={cfg.student.dim} must be >= 1")
+
+    def build_student(self, *, teacher, teacher_source: Optional[str] = None, dropout: Optional[float] = None, **node):
+        """A bi-encoder, late-interaction or cross-encoder student (student.arch), from its own checkpoint or the
+        source of the teacher's model (the scores file's model when there is no teacher)."""
+        from kdrun.models import finish_student, ranking_student
+
+        source = teacher.source if teacher is not None else teacher_source
+        return finish_student(ranking_student(**node, teacher_source=source), dropout)
+
+
+FAMILY = Ranking()
+
+
+def __getattr__(name: str):  # the torch side, on first use: `from kdrun.tasks.ranking import RankingTask`
+    if name.startswith("__") or name == "task":
+        raise AttributeError(name)
+    return getattr(importlib.import_module("kdrun.tasks.ranking.task"), name)

@@ -176,60 +176,72 @@ def _load_triples(path: str) -> List[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
-def worker_kdrun(a: dict) -> dict:
-    """kdrun's own training path: texts tokenised once, length buckets and length groups from the hardware profile,
-    kdrun's BiEncoder, margin_mse term, optimizer and `train` loop (what `kdrun` runs per step)."""
-    import torch
-    from omegaconf import OmegaConf
-    from torch.utils.data import DataLoader
-    from transformers import AutoModel, AutoTokenizer
+def msmarco_files(triples: List[dict], work: Path) -> Dict[str, str]:
+    """The synthetic triples in MS MARCO's layout (data=triples): collection, queries, the triples as a Margin-MSE
+    score file (it serves as teacher.scores_file too), and a small held-out set (qrels and candidates) that the
+    benchmark never evaluates but the data option requires."""
+    pids: Dict[str, str] = {}
+    lines, queries = [], []
+    for i, t in enumerate(triples):
+        pos = pids.setdefault(t["positive"], f"p{len(pids)}")
+        neg = pids.setdefault(t["negative"], f"p{len(pids)}")
+        queries.append(f"q{i}\t{t['query']}")
+        lines.append(f"{t['score_pos']:.6g}\t{t['score_neg']:.6g}\tq{i}\t{pos}\t{neg}")
+    files = {k: str(work / f"{k}.tsv") for k in ("collection", "queries", "triples", "qrels", "candidates")}
+    Path(files["collection"]).write_text("".join(f"{pid}\t{text}\n" for text, pid in pids.items()))
+    Path(files["queries"]).write_text("\n".join(queries) + "\n")
+    Path(files["triples"]).write_text("\n".join(lines) + "\n")
+    held = range(min(4, len(triples)))
+    Path(files["qrels"]).write_text("".join(f"q{i}\t{pids[triples[i]['positive']]}\n" for i in held))
+    Path(files["candidates"]).write_text("".join(f"q{i}\t{pids[triples[i]['negative']]}\n" for i in held))
+    return files
 
+
+def worker_kdrun(a: dict) -> dict:
+    """kdrun's own training path, built by kdrun's own pipeline steps (kdrun.pipeline.build_all) from a composed
+    config: data=triples over the synthetic files, the student from its directory, teacher=scores_file (or the
+    online cross-encoder), the hardware profile's batching (texts tokenised once, length buckets and groups), then
+    the `train` loop that `kdrun` runs per step."""
+    from hydra import compose, initialize_config_dir
+
+    from kdrun import config, pipeline
     from kdrun import train as loop
     from kdrun.cli import _conf_dir
-    from kdrun.data.batching import BucketBatchSampler
-    from kdrun.data.tokens import pretokenize
-    from kdrun.losses import Context, WeightedLoss
-    from kdrun.models import build_teacher
-    from kdrun.models.encoders import BiEncoder
-    from kdrun.runtime import make_runtime
-    from kdrun.tasks.ranking import Collate, token_lengths
 
-    hw = OmegaConf.merge(OmegaConf.load(Path(_conf_dir()) / "hardware" / f"{a['profile']}.yaml"),
-                         OmegaConf.from_dotlist(a["hardware"]))
-    rt = make_runtime(a["device"], a["precision"])
-    tok = AutoTokenizer.from_pretrained(a["student_dir"])
-    student = BiEncoder(AutoModel.from_pretrained(a["student_dir"]), tok, "mean", "dot", a["max_length"]).to(rt.device)
-    student.pad_multiple, student.max_groups = hw.pad_to_multiple_of, hw.length_groups
-    triples = _load_triples(a["data"])
-    texts = [t for ex in triples for t in (ex["query"], ex["positive"], ex["negative"])]
-    student.token_table, _ = pretokenize(tok, texts, a["max_length"], None, "bench")
-    teacher = None
+    f = a["files"]
+    overrides = [f"hardware={a['profile']}", *(f"hardware.{kv}" for kv in a["hardware"]),
+                 f"hardware.device={a['device']}", f"hardware.precision={a['precision']}",
+                 f"hardware.num_workers={a['workers']}", f"hardware.compile={str(a['compile']).lower()}",
+                 "data=triples", f"data.collection={f['collection']}", f"data.queries={f['queries']}",
+                 f"data.triples={f['triples']}", f"data.qrels={f['qrels']}", f"data.eval_candidates_file={f['candidates']}",
+                 "student=tinybert", "student.name=null", f"student.path={a['student_dir']}", "student.arch=bi_encoder",
+                 "student.pooling=mean", "student.similarity=dot", f"student.max_length={a['max_length']}",
+                 "loss=margin_mse", f"train.batch_size={a['batch_size']}", f"train.max_steps={a['warmup'] + a['steps']}",
+                 "optimizer.lr=2e-5", "optimizer.schedule=constant", "optimizer.warmup_ratio=0",
+                 f"output_dir={tempfile.mkdtemp(prefix='kdrun-bench-run-')}"]
     if a["teacher_dir"]:
-        teacher = build_teacher(name=None, path=a["teacher_dir"], gguf_file=None, kind="cross_encoder", pooling="mean",
-                                similarity="dot", label_index=0, max_length=a["max_length"], top_k=0, finetune={})
-        teacher = teacher.to(rt.device, dtype=rt.teacher_dtype)
-        examples = [(ex["query"], [ex["positive"], ex["negative"]]) for ex in triples]
+        overrides += ["teacher=bert", "teacher.name=null", f"teacher.path={a['teacher_dir']}", "teacher.mode=online",
+                      "teacher.label_index=0", f"teacher.max_length={a['max_length']}"]
     else:
-        examples = [(ex["query"], [ex["positive"], ex["negative"]],
-                     {"scores": torch.tensor([ex["score_pos"], ex["score_neg"]])}) for ex in triples]
-    sampler = BucketBatchSampler(token_lengths(student.token_table, examples), a["batch_size"], seed=0)
-    loader = DataLoader(examples, batch_sampler=sampler, num_workers=a["workers"], persistent_workers=a["workers"] > 0,
-                        collate_fn=Collate(teacher, student), pin_memory=rt.device.type == "cuda")
-    loss_fn = WeightedLoss([("margin_mse", 1.0, {})], Context(task="ranking")).to(rt.device)
-    total = a["warmup"] + a["steps"]
-    optim = loop.make_optim([student, loss_fn], rt, total, lr=2e-5, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8,
-                            schedule="constant", warmup_ratio=0.0, max_grad_norm=1.0)
+        overrides += ["teacher=scores_file", f"teacher.scores_file={f['triples']}"]
+    config.register()
+    with initialize_config_dir(config_dir=_conf_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    config.validate(cfg)
+    rt = pipeline.runtime(cfg)
+    terms, _, _ = pipeline.settings(cfg)
+    b = pipeline.build_all(cfg, terms, rt)
     if a["compile"]:
         from kdrun.runtime import compile_model
 
-        compile_model(student.encoder)
-    batches, logs = loop.forever(loader), {}
+        compile_model(pipeline._hf_model(b.student))
+    batches, logs = loop.forever(b.loader), {}
     kwargs = dict(grad_accum=1, eval_every=0, evaluate=lambda step: {}, desc="kdrun")
-    loop.train(student, teacher, loss_fn, batches, optim, rt, max_steps=a["warmup"], log_every=a["warmup"],
+    loop.train(b.student, b.teacher, b.loss_fn, batches, b.optim, rt, max_steps=a["warmup"], log_every=a["warmup"],
                log=lambda v, s: None, **kwargs)
     _sync(rt.device)
     t0 = time.perf_counter()
-    loop.train(student, teacher, loss_fn, batches, optim, rt, max_steps=a["steps"], log_every=a["steps"],
+    loop.train(b.student, b.teacher, b.loss_fn, batches, b.optim, rt, max_steps=a["steps"], log_every=a["steps"],
                log=lambda v, s: logs.update(v), **kwargs)
     _sync(rt.device)
     seconds = time.perf_counter() - t0
@@ -443,6 +455,7 @@ def main(argv=None) -> int:
     triples = synthetic_triples(a.examples, vocabulary(tok))
     data = work / "triples.jsonl"
     data.write_text("\n".join(json.dumps(t) for t in triples) + "\n")
+    files = msmarco_files(triples, work)  # the same triples for kdrun's data=triples
     dirs = make_models(work, tokenizer_dir, cases, a.max_length)
     gpu = torch.cuda.get_device_name() if cuda else "none"
     peak = bf16_peak_flops() if cuda else None
@@ -459,7 +472,7 @@ def main(argv=None) -> int:
         runs: Dict[str, List[dict]] = {c: [] for c in names}
         for r in range(a.repeats):
             for name in (names if r % 2 == 0 else names[::-1]):
-                args = {"device": device, "precision": precision, "profile": profile, "data": str(data),
+                args = {"device": device, "precision": precision, "profile": profile, "data": str(data), "files": files,
                         "student_dir": dirs[f"student-{student}"],
                         "teacher_dir": dirs.get(f"teacher-{teacher}") if teacher else None,
                         "batch_size": batch, "steps": steps, "warmup": warmup, "max_length": a.max_length,

@@ -1,0 +1,5 @@
+import sys
+
+from kdrun.bench import main
+
+sys.exit(main())

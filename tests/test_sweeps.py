@@ -403,7 +403,7 @@ def test_the_quick_reproduction_sweep_leaves_the_results_table(tmp_path):
     assert len(runs) == 9 and all(x.info.status == "FINISHED" for x in runs)
     local = Path(client.download_artifacts(parent.info.run_id, "summary/results.md", str(tmp_path / "dl")))
     lines = local.read_text().splitlines()
-    assert lines[0].startswith("| model | student | loss | seeds | mrr_at_10 | ndcg_at_10 |")
+    assert lines[0].startswith("| model | student | loss | seeds | mrr_at_10 (before → after) | ndcg_at_10 (before")
     assert "latency per query vs teacher" in lines[0] and "FLOPs per token vs teacher" in lines[0]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
     assert rows[0][:4] == ["teacher", "", "", "1"]

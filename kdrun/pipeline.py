@@ -259,6 +259,7 @@ class Built:
     optim: Any
     max_steps: int
     setup: Dict[str, float]  # metrics of the build (teacher cache, tokenising, scores missing, fine-tune)
+    counter: Any  # the teachers' forward calls on training data (None without a teacher model)
 
 
 def build_all(cfg: DictConfig, terms, rt) -> Built:
@@ -273,11 +274,12 @@ def build_all(cfg: DictConfig, terms, rt) -> Built:
     setup.update(task.prepare_student(student, _node(cfg.hardware)))
     max_steps = plan_steps(cfg, task, data, rt)
     loss_fn = build_loss(cfg, terms, task, student, teacher, max_steps, rt)
+    counter = _forward_counter(teacher) if teacher is not None else None  # counts from here: the teacher pass too
     examples, cache_metrics = training_examples(cfg, task, teacher, file_scores, rt)
     setup.update(cache_metrics, **getattr(getattr(teacher, "main", teacher), "finetune_info", {}))
     sampler, loader = batches(cfg, task, examples, rt)
     optim = loop.make_optim([student, loss_fn], rt, max_steps, **_node(cfg.optimizer))
-    return Built(family, data, teacher, student, task, loss_fn, sampler, loader, optim, max_steps, setup)
+    return Built(family, data, teacher, student, task, loss_fn, sampler, loader, optim, max_steps, setup, counter)
 
 
 def begin(cfg: DictConfig, rt, tracker, found, b: Built, params: Dict[str, str], resolved: dict) -> Tuple[str, Any]:
@@ -339,8 +341,7 @@ def record(cfg: DictConfig, rt, tracker, b: Built, found, run_id: str, loop_stat
     from kdrun import train as loop
     from kdrun.runtime import compile_model
 
-    tr, student, teacher, task = cfg.train, b.student, b.teacher, b.task
-    counter = _forward_counter(teacher) if teacher is not None else None  # teacher forward calls on training data
+    tr, student, teacher, task, counter = cfg.train, b.student, b.teacher, b.task, b.counter
     ckpt_dir = checkpoint.root(cfg.output_dir)
     signals = checkpoint.StopSignals().__enter__()  # from now on SIGTERM/SIGINT end in a checkpoint, not a dead run
     latency: Dict[str, float] = {}  # the last evaluation's milliseconds per held-out example

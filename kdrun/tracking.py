@@ -130,36 +130,38 @@ def open_store(uri: Optional[str], experiment: Optional[str] = None, fallback: s
         _http_quick_fail()
     try:
         _check_reachable(resolved)
-        return Store(resolved, mlflow.MlflowClient(resolved), _experiment(resolved, experiment))
+        return _connect(resolved, experiment)
     except KdrunError as e:
         if fallback != "local":
             raise
         log.warning("%s. tracking.fallback=local: logging to the local store %s in %s instead (browse with "
                     "`make ui`)", e, LOCAL_STORE, Path.cwd())
-        return Store(LOCAL_STORE, mlflow.MlflowClient(LOCAL_STORE), _experiment(LOCAL_STORE, experiment))
+        return _connect(LOCAL_STORE, experiment)
 
 
-def _experiment(uri: str, name: Optional[str]) -> Optional[str]:
-    """The id of experiment `name` in the store (created if need be), or None when no name is asked for."""
-    if name is None:
-        return None
+def _connect(uri: str, name: Optional[str]) -> Store:
+    """A client of the store and the id of experiment `name` (created if need be). The first client of a new SQLite
+    store creates and migrates its tables, so it is made under the store's file lock: two processes doing that at
+    once fail (parallel sweep jobs, a test's two runs)."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(uri)
     try:
-        with _store_lock(uri):  # the first touch creates and migrates a new SQLite store
+        with _store_lock(uri):
+            client = MlflowClient(uri)
+            if name is None:
+                return Store(uri, client)
             found = retry_locked(client.get_experiment_by_name, name)
             if found is None:
                 try:
-                    return retry_locked(client.create_experiment, name, tags={KIND_TAG: MODEL_TRAINING})
+                    return Store(uri, client, retry_locked(client.create_experiment, name,
+                                                           tags={KIND_TAG: MODEL_TRAINING}))
                 except Exception:  # another job created it first (a server: no file lock across machines)
                     found = retry_locked(client.get_experiment_by_name, name)
                     if found is None:
                         raise
-            exp_id = found.experiment_id
             # MLflow 3's UI opens a model-training experiment on its runs table (else on its GenAI pages)
             retry_locked(mark_model_training, client, found)
-            return exp_id
+            return Store(uri, client, found.experiment_id)
     except Exception as e:  # the store is unreachable or unusable: say so before any training
         raise KdrunError(f"MLflow tracking store '{redact_text(uri)}' is not usable: "
                          f"{redact_text(str(e).splitlines()[0])}. "

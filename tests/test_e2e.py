@@ -224,3 +224,26 @@ def test_a_users_own_loss_term_trains_through_kdrun_by_target(tmp_path):
     assert len(values) == 2 and all(v == v and v >= 0 for v in values)
     bad = run_kdrun(SMALL + mine + ["+loss.terms.mine.scal=2"], cwd=tmp_path, env=env)
     assert bad.returncode == 2 and "my_terms.scaled_margin_mse takes no 'scal'" in bad.stderr, bad.stderr
+
+
+def test_the_pipeline_runs_in_process_from_a_composed_config(tmp_path, monkeypatch):
+    """kdrun.pipeline.run(cfg): the whole run from a composed config, in this process (as lightning-hydra-template's
+    train(cfg)), returning the held-out metrics, the MLflow run id and the objective."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+    from kdrun import config, pipeline
+
+    for key, value in offline_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    config.register()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[*SMALL, "data.max_eval_queries=4", f"output_dir={tmp_path / 'out'}",
+                                           "tracking.experiment=in_process"])
+    result = pipeline.run(cfg)
+    assert set(result) >= {"run_id", "objective", "eval/student/mrr_at_10", "eval/teacher/mrr_at_10"}
+    assert result["objective"] == result["eval/student/mrr_at_10"]
+    run = _client(tmp_path).get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["train.max_steps"] == "2"
+    assert (tmp_path / "out" / pipeline.RESULT_FILE).is_file()

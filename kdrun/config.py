@@ -177,7 +177,7 @@ class TriplesData(DataConfig):
     eval_queries: Optional[str] = None  # None: the held-out queries are in `queries` too
     eval_candidates_file: Optional[str] = None  # a TREC run (or qid <TAB> pid) to re-rank; None: BM25 over the collection
     negatives_per_query: int = 1
-    eval_candidates: int = 50
+    eval_depth: int = 1000  # candidates re-ranked per held-out query, from the run's top (the standard protocol)
     max_train_examples: Optional[int] = None
     max_eval_queries: Optional[int] = None
 
@@ -485,7 +485,7 @@ def validate(cfg: Any) -> None:
     specs.parse(cfg.loss.terms, task, ["teacher", *cfg.teachers], online=mode == "online")
     objective = cfg.sweep.objective
     if objective:
-        known = [f"eval/{who}/{m}" for who in ("student", "teacher") for m in (*fam.metrics, "ms_per_example")]
+        known = [f"eval/{who}/{m}" for who in ("student", "teacher") for m in (*fam.run_metrics(cfg.data), "ms_per_example")]
         if objective not in known:
             raise ConfigError(f"sweep.objective={objective} is not a held-out metric of a {task} run; choose one of "
                               f"{known}")

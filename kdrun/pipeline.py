@@ -157,8 +157,7 @@ def join_scores_file(cfg: DictConfig, data):
     if enum_value(cfg.teacher.mode) != "scores_file":
         return None, {}
     table = scores_file.read(cfg.teacher.scores_file)
-    data.train, scores, missing = scores_file.join(data, table, cfg.teacher.scores_file,
-                                                   cfg.teacher.max_missing_fraction)
+    scores, missing = scores_file.join(data, table, cfg.teacher.scores_file, cfg.teacher.max_missing_fraction)
     if missing:
         log.warning("teacher.scores_file: %d training examples have no score and were left out", missing)
     return scores, {"teacher/scores_missing": missing}
@@ -353,12 +352,12 @@ def record(cfg: DictConfig, rt, tracker, b: Built, found, run_id: str, loop_stat
                          **({"model/teacher_flops_per_token": flops_per_token(teacher)} if teacher is not None else {}),
                          "train/max_steps": b.max_steps}, step=0)
 
-        def evaluate(model, who: str, step: int) -> Dict[str, float]:
+        def evaluate(model, who: str, step: int, final: bool = True) -> Dict[str, float]:
             if not rt.is_main:  # rank 0 evaluates; the others wait for it in the next all-reduce
                 return {}
             t0 = time.perf_counter()
             with counter.paused() if counter else contextlib.nullcontext():  # only training data is counted
-                metrics = task.evaluate(model, who)
+                metrics = task.evaluate(model, who, final=final)
             latency[who] = 1000 * (time.perf_counter() - t0) / task.eval_size()
             tracker.metrics({f"eval/{who}/ms_per_example": latency[who]}, step=step)
             tracker.metrics({f"eval/{who}/{k}": v for k, v in metrics.items()}, step=step)
@@ -373,10 +372,10 @@ def record(cfg: DictConfig, rt, tracker, b: Built, found, run_id: str, loop_stat
             before = evaluate(student, "student", 0)
         log.info("before training: student %s | teacher %s", _fmt(before), _fmt(teacher_eval))
 
-        def periodic_eval(step: int) -> Dict[str, float]:
+        def periodic_eval(step: int, final: bool = False) -> Dict[str, float]:
             if not rt.is_main:
                 return {}
-            m = evaluate(student, "student", step)
+            m = evaluate(student, "student", step, final)
             tracker.metrics({f"eval/teacher/{k}": v for k, v in teacher_eval.items()}, step=step)
             log.info("step %d: student %s", step, _fmt(m))
             return m
@@ -410,7 +409,11 @@ def record(cfg: DictConfig, rt, tracker, b: Built, found, run_id: str, loop_stat
         signals.__exit__()  # the rest (evaluation, saving) finishes rather than stopping
         if counter is not None:  # precompute: 0 when every output came from the cache
             tracker.metrics({"teacher/train_forward_calls": counter.calls}, step=b.max_steps)
-        after = periodic_eval(b.max_steps)
+        after = periodic_eval(b.max_steps, final=True)
+        if rt.is_main and hasattr(task, "eval_files"):  # e.g. the TREC runs the final metrics were computed from
+            files = task.eval_files(Path(cfg.output_dir) / "eval")
+            if files:
+                tracker.artifacts(str(files[0].parent), "eval")
         if cfg.tracking.log_student and rt.is_main:
             out = Path(cfg.output_dir) / "student"
             out.mkdir(parents=True, exist_ok=True)

@@ -186,18 +186,19 @@ def test_score_file_round_trip_is_exact_and_joins_by_ids(teacher, tmp_path):
     assert lines == 6 * 2  # one line per (query, positive, negative)
     first = f.read_text().splitlines()[0].split("\t")
     assert first[2:] == [text_id(QUERIES[0]), text_id(PASSAGES[0][0]), text_id(PASSAGES[0][1])]
-    kept, joined, missing = scores_file.join(data, scores_file.read(str(f)), str(f), 0.0)
-    assert missing == 0 and kept == data.train and torch.equal(joined, scores)
+    before = list(data.train)
+    joined, missing = scores_file.join(data, scores_file.read(str(f)), str(f), 0.0)
+    assert missing == 0 and data.train == before and torch.equal(joined, scores)
 
 
 def test_score_file_missing_ids_are_counted_and_fail_above_the_limit(teacher, tmp_path):
     data = _data()
     f = tmp_path / "scores.tsv"
     scores_file.write(str(f), _data(data.train[:4]), torch.rand(4, 3))
-    kept, _, missing = scores_file.join(data, scores_file.read(str(f)), str(f), 0.5)
-    assert missing == 2 and len(kept) == 4
     with pytest.raises(DataError, match=r"2 of 6 training examples \(33.3%\).*max_missing_fraction=0.2"):
         scores_file.join(data, scores_file.read(str(f)), str(f), 0.2)
+    _, missing = scores_file.join(data, scores_file.read(str(f)), str(f), 0.5)
+    assert missing == 2 and len(data.train) == 4
 
 
 @pytest.mark.parametrize("line,match", [

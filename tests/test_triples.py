@@ -1,4 +1,6 @@
 """Ranking data in MS MARCO's layout (data=triples): ids join training triples, qrels, runs and score files."""
+from pathlib import Path
+
 import pytest
 
 from conftest import offline_env, run_kdrun
@@ -6,7 +8,7 @@ from kdrun.data import scores_file
 from kdrun.data.triples import load
 from kdrun.errors import DataError
 
-ARGS = dict(eval_queries=None, eval_candidates_file=None, negatives_per_query=1, eval_candidates=10,
+ARGS = dict(eval_queries=None, eval_candidates_file=None, negatives_per_query=1, eval_depth=10,
             max_train_examples=None, max_eval_queries=None, seed=13, eval_fraction=0.2, split_salt="x")
 
 
@@ -26,31 +28,90 @@ def files(tmp_path):
     return dict(collection=collection, queries=queries, triples=triples, qrels=qrels)
 
 
-def test_triples_group_negatives_and_keep_the_files_ids(files):
+def test_triples_group_negatives_and_keep_the_files_ids(files, tmp_path, monkeypatch):
+    monkeypatch.setenv("KDRUN_CACHE", str(tmp_path / "cache"))
     data = load(**files, **{**ARGS, "negatives_per_query": 2})
     assert data.train == [("question 0 on topic 0", ["passage number 0 about topic 0", "passage number 1 about topic 1",
                                                      "passage number 2 about topic 2"]),
                           ("question 1 on topic 1", ["passage number 4 about topic 1", "passage number 5 about topic 2",
                                                      "passage number 6 about topic 0"])]
-    assert data.qid("question 0 on topic 0") == "q0" and data.pid("passage number 5 about topic 2") == "p5"
-    assert data.eval_queries == ["question 4 on topic 1", "question 5 on topic 2"]
-    assert [sum(y) for y in data.eval_labels] == [1, 1]  # rel 0 is not relevant
-    assert all(len(c) == 10 for c in data.eval_candidates)  # the positive plus the BM25 top
+    assert data.train_ids == [("q0", ["p0", "p1", "p2"]), ("q1", ["p4", "p5", "p6"])]
+    assert data.eval_qids == ["q4", "q5"] and data.eval_queries == ["question 4 on topic 1", "question 5 on topic 2"]
+    assert data.qrels == {"q4": {"p7": 1}, "q5": {"p8": 1, "p9": 0}}  # every judgment kept, rel 0 too
+    # no run file: BM25's top of the collection, nothing injected: every candidate shares a query term
+    for q, pids in zip(data.eval_queries, data.eval_pids):
+        words = set(q.split()) - {"on"}
+        assert pids and all(words & set(files_text(files)[p].split()) for p in pids)
+    assert (tmp_path / "cache" / "bm25").is_dir()  # the index, built once
+    again = load(**files, **{**ARGS, "negatives_per_query": 2})
+    assert again.eval_pids == data.eval_pids
 
 
-def test_a_run_file_gives_the_eval_candidates(files, tmp_path):
-    run = _write(tmp_path, "run.trec", [("q4", "Q0", "p3", 1, 9.0, "bm25"), ("q4", "Q0", "p7", 2, 8.0, "bm25"),
-                                        ("q5", "Q0", "p1", 1, 9.0, "bm25")])
+def files_text(files):
+    return dict(line.split("\t", 1) for line in open(files["collection"]).read().splitlines())
+
+
+def test_bm25_candidates_rank_like_the_hand_written_bm25(tmp_path, monkeypatch):
+    from kdrun.data.bm25 import BM25, search
+
+    monkeypatch.setenv("KDRUN_CACHE", str(tmp_path))
+    import random
+
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(300)]
+    docs = [" ".join(rng.choices(words, k=rng.randint(5, 40))) for _ in range(500)]
+    queries = [" ".join(rng.choices(words, k=4)) for _ in range(20)]
+    ours = BM25(docs)
+    found = search(docs, queries, 50, "test-key")
+    for q, top in zip(queries, found):
+        scores = ours.scores(q)
+        mine = sorted(scores.items(), key=lambda kv: -kv[1])[:50]
+        # bm25s' scores are ours over the constant k1 + 1 (in float32): the same top 50 in the same order, up to
+        # swaps of scores equal to float32 precision
+        assert [scores[i] for i in top] == pytest.approx([s for _, s in mine], rel=1e-5)
+
+
+def test_a_run_file_gives_the_eval_candidates_to_its_depth_in_rank_order(files, tmp_path):
+    run = _write(tmp_path, "run.trec", [("q4", "Q0", "p7", 2, 8.0, "bm25"), ("q4", "Q0", "p3", 1, 9.0, "bm25"),
+                                        ("q4", "Q0", "p5", 3, 7.0, "bm25"), ("q5", "Q0", "p1", 1, 9.0, "bm25")])
+    data = load(**files, **{**ARGS, "eval_candidates_file": run, "eval_depth": 2})
+    assert data.eval_pids == [["p3", "p7"], ["p1"]]  # the run's top 2, no positive injected (q5's p8 is not there)
+    assert data.eval_labels == [[0, 1], [0]]
+    assert data.stats["eval_queries_without_candidates"] == 0
+
+
+def test_msmarco_top1000_and_pair_files_serve_as_runs_and_queries_without_candidates_are_counted(files, tmp_path):
+    top = _write(tmp_path, "top1000.dev", [("q4", "p7", "question 4", "passage 7"), ("q4", "p2", "q", "p")])
+    data = load(**files, **{**ARGS, "eval_candidates_file": top})
+    assert data.eval_qids == ["q4"] and data.eval_pids == [["p7", "p2"]]
+    assert data.stats["eval_queries_without_candidates"] == 1  # q5 is in no run: left out, as trec_eval does
+
+
+def test_graded_qrels_keep_their_grades(files, tmp_path):
+    _write(tmp_path, "qrels.tsv", [("q4", 0, "p7", 3), ("q4", 0, "p3", 1), ("q4", 0, "p1", 0)])
+    run = _write(tmp_path, "run.tsv", [("q4", "p1"), ("q4", "p3"), ("q4", "p7")])
     data = load(**files, **{**ARGS, "eval_candidates_file": run})
-    assert sorted(data.eval_candidates[0]) == ["passage number 3 about topic 0", "passage number 7 about topic 1"]
-    assert sorted(data.eval_candidates[1]) == ["passage number 1 about topic 1", "passage number 8 about topic 2"]
+    assert data.eval_labels == [[0, 1, 3]] and data.qrels == {"q4": {"p7": 3, "p3": 1, "p1": 0}}
 
 
 def test_a_margin_mse_score_file_serves_as_the_triples(files, tmp_path):
     scores = _write(tmp_path, "scores.tsv", [(1.5, 0.2, "q0", "p0", "p1"), (1.1, 0.9, "q1", "p4", "p5")])
     data = load(**{**files, "triples": scores}, **ARGS)
-    kept, joined, missing = scores_file.join(data, scores_file.read(scores), scores, 0.0)
+    joined, missing = scores_file.join(data, scores_file.read(scores), scores, 0.0)
     assert missing == 0 and joined.tolist() == [[1.5, pytest.approx(0.2)], [pytest.approx(1.1), pytest.approx(0.9)]]
+
+
+def test_scores_join_by_ids_when_two_queries_share_a_text(files, tmp_path):
+    """MS MARCO has duplicate texts under different ids: each keeps its own scores."""
+    _write(tmp_path, "queries.tsv", [("q0", "same words"), ("q1", "same words")] +
+           [(f"q{i}", f"question {i} on topic {i % 3}") for i in range(2, 6)])
+    scores = _write(tmp_path, "scores.tsv", [(1.5, 0.2, "q0", "p0", "p1"), (7.0, 3.0, "q1", "p4", "p5")])
+    data = load(**{**files, "triples": scores}, **ARGS)
+    joined, missing = scores_file.join(data, scores_file.read(scores), scores, 0.0)
+    assert missing == 0 and joined.tolist() == [[1.5, pytest.approx(0.2)], [7.0, 3.0]]
+    out = tmp_path / "written.tsv"
+    scores_file.write(str(out), data, joined)
+    assert [line.split("\t")[2] for line in out.read_text().splitlines()] == ["q0", "q1"]
 
 
 @pytest.mark.parametrize("name,rows,match", [
@@ -131,3 +192,15 @@ def test_msmarco_layout_scored_then_trained_from_the_file_by_ids(tmp_path):
     run = client.search_runs([client.get_experiment_by_name("triples").experiment_id])[0]
     assert run.info.status == "FINISHED" and run.data.metrics["teacher/scores_missing"] == 0
     assert run.data.params["data/eval_queries"] == "4" and run.data.params["student.arch"] == "late_interaction"
+    # the standard protocol's metrics, and the TREC run they came from: ir_measures outside kdrun gives the same
+    import ir_measures
+
+    logged = {k.split("/")[-1]: v for k, v in run.data.metrics.items() if k.startswith("eval/student/")}
+    assert {"mrr_at_10", "ndcg_at_10", "recall_at_10", "recall_at_1000"} <= set(logged)
+    got = Path(client.download_artifacts(run.info.run_id, "eval", str(tmp_path / "art")))
+    assert sorted(p.name for p in got.iterdir()) == ["qrels.trec", "run.student.trec"]  # no teacher: a score file
+    measures = [ir_measures.parse_measure(m) for m in ("RR@10", "nDCG@10", "R@1000")]
+    outside = ir_measures.calc_aggregate(measures, ir_measures.read_trec_qrels(str(got / "qrels.trec")),
+                                         ir_measures.read_trec_run(str(got / "run.student.trec")))
+    assert [outside[m] for m in measures] == pytest.approx(
+        [logged["mrr_at_10"], logged["ndcg_at_10"], logged["recall_at_1000"]], rel=1e-9)

@@ -29,20 +29,43 @@ def text_id(text: str) -> str:
 
 @dataclass
 class RankingData:
+    """Training examples and the held-out evaluation, as texts (what models read) and ids (what joins teacher scores,
+    qrels and TREC run files). Data without ids of its own (chatterbot) gets `text_id`s."""
     train: List[Example]
     eval_queries: List[str]
     eval_candidates: List[List[str]]
-    eval_labels: List[List[int]]
+    eval_labels: List[List[int]]  # each candidate's graded relevance from the qrels (0: not relevant or not judged)
     source: str = ""
     stats: Dict[str, float] = field(default_factory=dict)
-    query_ids: Dict[str, str] = field(default_factory=dict)  # text -> id where the data has ids; else text_id
-    passage_ids: Dict[str, str] = field(default_factory=dict)
+    train_ids: Optional[List[Tuple[str, List[str]]]] = None  # per example (query id, [passage ids]); None: text_ids
+    eval_qids: Optional[List[str]] = None
+    eval_pids: Optional[List[List[str]]] = None
+    qrels: Optional[Dict[str, Dict[str, int]]] = None  # every judgment of the held-out queries; None: from eval_labels
+    eval_depth: Optional[int] = None  # a run re-ranked to this depth (the standard protocol): Recall@depth is reported
 
-    def qid(self, query: str) -> str:
-        return self.query_ids.get(query) or text_id(query)
+    def __post_init__(self):
+        if self.eval_qids is None:
+            self.eval_qids = [text_id(q) for q in self.eval_queries]
+        if self.eval_pids is None:
+            self.eval_pids = [[text_id(p) for p in ps] for ps in self.eval_candidates]
+        if self.qrels is None:
+            self.qrels = {}
+            for q, ps, ys in zip(self.eval_qids, self.eval_pids, self.eval_labels):
+                self.qrels.setdefault(q, {}).update({p: y for p, y in zip(ps, ys)})
 
-    def pid(self, passage: str) -> str:
-        return self.passage_ids.get(passage) or text_id(passage)
+    def example_ids(self, i: int) -> Tuple[str, List[str]]:
+        """(query id, [passage ids]) of training example i: the files' own ids, never looked up by text (two queries
+        may share a text under different ids)."""
+        if self.train_ids is not None:
+            return self.train_ids[i]
+        q, ps = self.train[i]
+        return text_id(q), [text_id(p) for p in ps]
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only these training examples (e.g. those a score file scores), ids alongside."""
+        self.train = [self.train[i] for i in rows]
+        if self.train_ids is not None:
+            self.train_ids = [self.train_ids[i] for i in rows]
 
 
 def is_eval_query(query: str, salt: str, fraction: float) -> bool:

@@ -56,24 +56,26 @@ def read(path: str) -> Table:
     return table
 
 
-def join(data, table: Table, path: str, max_missing_fraction: float) -> Tuple[list, torch.Tensor, int]:
-    """(kept training examples, their [N, n] teacher scores, examples dropped for a missing score).
-    Fails when the dropped share exceeds max_missing_fraction."""
+def join(data, table: Table, path: str, max_missing_fraction: float) -> Tuple[torch.Tensor, int]:
+    """(the [N, n] teacher scores of the training examples kept, examples dropped for a missing score). Joined by the
+    examples' own (query id, passage id)s; `data` keeps only the scored examples. Fails when the dropped share exceeds
+    max_missing_fraction."""
     kept, rows, missing = [], [], 0
-    for q, ps in data.train:
-        qid = data.qid(q)
-        row = [table.get((qid, data.pid(p))) for p in ps]
+    for i in range(len(data.train)):
+        qid, pids = data.example_ids(i)
+        row = [table.get((qid, p)) for p in pids]
         if any(v is None for v in row):
             missing += 1
             continue
-        kept.append((q, ps))
+        kept.append(i)
         rows.append(row)
     share = missing / max(1, len(data.train))
     if share > max_missing_fraction or not kept:
         raise DataError(f"teacher.scores_file={path}: {missing} of {len(data.train)} training examples ({share:.1%}) "
                         f"have a (query id, passage id) without a score, more than teacher.max_missing_fraction="
                         f"{max_missing_fraction}; was the file written for this data (same data= settings)?")
-    return kept, torch.tensor(rows, dtype=torch.float32), missing
+    data.keep(kept)
+    return torch.tensor(rows, dtype=torch.float32), missing
 
 
 def write(path: str, data, scores: torch.Tensor) -> int:
@@ -85,10 +87,10 @@ def write(path: str, data, scores: torch.Tensor) -> int:
     tmp = f.with_name(f.name + f".tmp{os.getpid()}")
     seen, lines = set(), 0
     with open(tmp, "w", encoding="utf-8") as out:
-        for (q, ps), row in zip(data.train, scores.tolist()):
-            qid, pos = data.qid(q), data.pid(ps[0])
-            for p, s in zip(ps[1:], row[1:]):
-                triple = (qid, pos, data.pid(p))
+        for i, row in enumerate(scores.tolist()):
+            qid, (pos, *negs) = data.example_ids(i)
+            for p, s in zip(negs, row[1:]):
+                triple = (qid, pos, p)
                 if triple in seen:
                     continue
                 seen.add(triple)

@@ -4,9 +4,12 @@
     queries        qid <TAB> query text (training and held-out queries; eval_queries may be a second file)
     triples        qid <TAB> pos_pid <TAB> neg_pid, one training triple per line; a Margin-MSE score file
                    (score_pos score_neg qid pos_pid neg_pid) works as well: its id columns are used
-    qrels          held-out relevance: TREC qrels (qid 0 pid rel) or qid <TAB> pid; rel > 0 is relevant
-    eval_candidates  optional: per held-out query the passages to re-rank, as a TREC run (qid Q0 pid rank score
-                   tag) or qid <TAB> pid lines; without it, the positives plus the BM25 top of the collection
+    qrels          held-out relevance: TREC qrels (qid 0 pid rel, graded: TREC-DL's 0-3) or qid <TAB> pid (rel 1)
+    eval_candidates_file  optional: per held-out query the passages to re-rank, as a TREC run (qid Q0 pid rank score
+                   tag), qid <TAB> pid lines or MS MARCO's top1000 file; without it, BM25's top of the collection
+
+Evaluation is the standard protocol: the candidates are re-ranked to `eval_depth` (1000), no positive is added, and
+the metrics (kdrun/tasks/ranking/metrics.py) count every relevant passage of the qrels, graded.
 
 Training examples are (query, [positive, negative_1..k]): each (query, positive)'s negatives in file order,
 in groups of `negatives_per_query` (an incomplete last group is dropped). Every bad line fails naming
@@ -14,11 +17,9 @@ the file and the line.
 """
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from kdrun.data.bm25 import BM25
 from kdrun.data.ranking import RankingData
 from kdrun.errors import DataError
 
@@ -56,11 +57,34 @@ def _known(f: Path, n: int, ids, table: Dict[str, str], what: str, key: str) -> 
             raise DataError(f"{f}:{n}: {what} id {i!r} is not in data.{key}")
 
 
+def _run_file(path: str, passages: Dict[str, str], depth: int) -> Dict[str, List[str]]:
+    """Per query its candidates best first, the first `depth` distinct ones: a TREC run in rank order, or qid<TAB>pid
+    lines (MS MARCO's top1000 files, qid pid query passage, too) in file order."""
+    rows: Dict[str, List[Tuple[float, int, str]]] = {}
+    for n, cols, f in _lines("eval_candidates_file", path):
+        if len(cols) == 6:
+            try:
+                rank = float(cols[3])
+            except ValueError:
+                raise DataError(f"{f}:{n}: the rank column of a TREC run must be a number, found {cols[3]!r}") from None
+            qid, pid = cols[0], cols[2]
+        elif len(cols) in (2, 4):
+            qid, pid, rank = cols[0], cols[1], 0.0
+        else:
+            raise DataError(f"{f}:{n}: expected a TREC run `qid Q0 pid rank score tag`, `qid<TAB>pid` or MS MARCO's "
+                            f"`qid<TAB>pid<TAB>query<TAB>passage`, found {len(cols)} columns")
+        _known(f, n, [pid], passages, "passage", "collection")
+        rows.setdefault(qid.strip(), []).append((rank, n, pid.strip()))
+    return {q: list(dict.fromkeys(p for _, _, p in sorted(r)))[:depth] for q, r in rows.items()}
+
+
 def load(*, collection: str, queries: str, triples: str, qrels: str, eval_queries: Optional[str],
-         eval_candidates_file: Optional[str], negatives_per_query: int, eval_candidates: int,
+         eval_candidates_file: Optional[str], negatives_per_query: int, eval_depth: int,
          max_train_examples: Optional[int], max_eval_queries: Optional[int], seed: int, eval_fraction: float,
          split_salt: str) -> RankingData:
-    """(eval_fraction and split_salt are unused: the held-out queries are the qrels' queries.)"""
+    """The standard evaluation protocol: each held-out query (a query of the qrels with a relevant passage) re-ranks
+    its candidates from the run file, or BM25's over the collection, to depth `eval_depth`; no positive is added, the
+    qrels keep their grades. (seed, eval_fraction and split_salt are unused: the held-out queries are the qrels'.)"""
     passages = read_texts("collection", collection)
     query_text = read_texts("queries", queries)
     held_text = read_texts("eval_queries", eval_queries) if eval_queries else query_text
@@ -74,16 +98,18 @@ def load(*, collection: str, queries: str, triples: str, qrels: str, eval_querie
         _known(f, n, [qid], query_text, "query", "queries")
         _known(f, n, [pos, neg], passages, "passage", "collection")
         negatives.setdefault((qid, pos), []).append(neg)
-    train = []
+    train, train_ids = [], []
     for (qid, pos), negs in negatives.items():
         for i in range(0, len(negs) - negatives_per_query + 1, negatives_per_query):
-            train.append((query_text[qid], [passages[pos]] + [passages[p] for p in negs[i:i + negatives_per_query]]))
+            group = negs[i:i + negatives_per_query]
+            train.append((query_text[qid], [passages[pos]] + [passages[p] for p in group]))
+            train_ids.append((qid, [pos, *group]))
             if max_train_examples and len(train) >= max_train_examples:
                 break
         if max_train_examples and len(train) >= max_train_examples:
             break
 
-    relevant: Dict[str, List[str]] = {}
+    judged: Dict[str, Dict[str, int]] = {}
     for n, cols, f in _lines("qrels", qrels):
         if len(cols) == 4:
             qid, pid, rel = cols[0], cols[2], cols[3]
@@ -92,46 +118,37 @@ def load(*, collection: str, queries: str, triples: str, qrels: str, eval_querie
         else:
             raise DataError(f"{f}:{n}: expected TREC qrels `qid 0 pid rel` or `qid<TAB>pid`, found {len(cols)} columns")
         try:
-            if int(rel) <= 0:
-                continue
+            grade = int(rel)
         except ValueError:
             raise DataError(f"{f}:{n}: relevance {rel!r} is not an integer") from None
         _known(f, n, [qid], held_text, "query", "eval_queries" if eval_queries else "queries")
         _known(f, n, [pid], passages, "passage", "collection")
-        relevant.setdefault(qid, []).append(pid)
-    held = list(relevant)[:max_eval_queries] if max_eval_queries else list(relevant)
+        judged.setdefault(qid.strip(), {})[pid.strip()] = grade
+    held = [q for q, js in judged.items() if any(r > 0 for r in js.values())]
 
-    ranked: Dict[str, List[str]] = {}
     if eval_candidates_file:
-        for n, cols, f in _lines("eval_candidates_file", eval_candidates_file):
-            if len(cols) not in (2, 6):
-                raise DataError(f"{f}:{n}: expected a TREC run `qid Q0 pid rank score tag` or `qid<TAB>pid`")
-            qid, pid = cols[0], cols[2] if len(cols) == 6 else cols[1]
-            _known(f, n, [pid], passages, "passage", "collection")
-            ranked.setdefault(qid, []).append(pid)
-    rng = random.Random(seed + 1_000_003)
-    pids = list(passages)
-    bm25 = None if eval_candidates_file else BM25([passages[p] for p in pids])
-    cands, labels = [], []
-    for qid in held:
-        pos = relevant[qid][: max(1, eval_candidates // 2)]
-        if bm25 is not None:
-            top = sorted(bm25.scores(held_text[qid]).items(), key=lambda kv: (-kv[1], kv[0]))
-            others = [pids[i] for i, _ in top]
-        else:
-            others = ranked.get(qid, [])
-        negs = [p for p in dict.fromkeys(others) if p not in relevant[qid]][: eval_candidates - len(pos)]
-        items = [(passages[p], 1) for p in pos] + [(passages[p], 0) for p in negs]
-        rng.shuffle(items)
-        cands.append([t for t, _ in items])
-        labels.append([y for _, y in items])
+        ranked = _run_file(eval_candidates_file, passages, eval_depth)
+        without = [q for q in held if not ranked.get(q)]
+        held = [q for q in held if ranked.get(q)][:max_eval_queries or None]
+    else:
+        from kdrun.data.bm25 import file_digest, search
+
+        held = held[:max_eval_queries or None]
+        pids = list(passages)
+        hits = search([passages[p] for p in pids], [held_text[q] for q in held], eval_depth, file_digest(collection))
+        ranked = {q: [pids[i] for i in found] for q, found in zip(held, hits)}
+        without = [q for q in held if not ranked[q]]
+        held = [q for q in held if ranked[q]]
     source = f"triples {triples}"
     if not train or not held:
         raise DataError(f"{source}: {len(train)} training examples (data.negatives_per_query={negatives_per_query}) "
-                        f"and {len(held)} held-out queries with a relevant passage in data.qrels; both must be non-empty")
-    stats = {"passages": len(passages), "train_queries": len({q for q, _ in train}), "eval_queries": len(held),
-             "train_examples": len(train), "eval_candidates_per_query": sum(map(len, cands)) / len(cands)}
-    query_ids = {t: i for i, t in query_text.items()}
-    query_ids.update({t: i for i, t in held_text.items()})
-    return RankingData(train, [held_text[q] for q in held], cands, labels, source, stats,
-                       query_ids=query_ids, passage_ids={t: i for i, t in passages.items()})
+                        f"and {len(held)} held-out queries with a relevant passage in data.qrels and candidates to "
+                        f"re-rank; both must be non-empty")
+    cands = [[passages[p] for p in ranked[q]] for q in held]
+    labels = [[max(0, judged[q].get(p, 0)) for p in ranked[q]] for q in held]
+    stats = {"passages": len(passages), "train_queries": len({q for q, _ in train_ids}), "eval_queries": len(held),
+             "eval_queries_without_candidates": len(without), "train_examples": len(train),
+             "eval_candidates_per_query": sum(map(len, cands)) / len(cands), "eval_depth": eval_depth}
+    return RankingData(train, [held_text[q] for q in held], cands, labels, source, stats, train_ids=train_ids,
+                       eval_qids=held, eval_pids=[ranked[q] for q in held], qrels={q: judged[q] for q in held},
+                       eval_depth=eval_depth)

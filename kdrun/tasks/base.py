@@ -41,8 +41,14 @@ class Task(Protocol):
     def loss_context(self) -> Dict[str, Any]:
         """What the family gives loss terms beyond widths and depths (classification: the class centres)."""
 
-    def evaluate(self, model, who: str) -> Dict[str, float]:
-        """Held-out metrics of the student or the teacher ("teacher" first: agreement needs it)."""
+    def evaluate(self, model, who: str, final: bool = True) -> Dict[str, float]:
+        """Held-out metrics of the student or the teacher ("teacher" first: agreement needs it). `final`: an evaluation
+        the run reports (before and after training), not a periodic one; a family may compute those apart (ranking:
+        by ir_measures)."""
+
+    def eval_files(self, directory) -> list:
+        """Optional: files of the reported evaluations to log as the run's artifacts under eval/ (ranking: TREC runs
+        and qrels). The pipeline calls it only where a task has it."""
 
     def eval_size(self) -> int:
         """Held-out examples one evaluation goes through (for the per-example latency)."""
@@ -64,6 +70,10 @@ class Family:
     sparse_teacher: bool = False  # teacher.top_k: the teacher's top-k log-probs only
     finetunes_teacher: bool = False  # teacher.finetune.*: kdrun fine-tunes the teacher first
     task_class: str = ""  # the torch side: "kdrun.tasks.<family>.task.<Class>"
+
+    def run_metrics(self, data: Any) -> Tuple[str, ...]:
+        """The held-out metrics a run over this data option reports (default: `metrics`)."""
+        return self.metrics
 
     def check(self, cfg: Any) -> None:
         """The family's own config checks, beyond the capabilities above (raise ConfigError naming the key)."""

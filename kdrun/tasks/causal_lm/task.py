@@ -107,7 +107,7 @@ class CausalLMTask:
         return Collate(online)
 
     @torch.inference_mode()
-    def evaluate(self, model, who: str) -> Dict[str, float]:
+    def evaluate(self, model, who: str, final: bool = True) -> Dict[str, float]:
         """Perplexity = exp(mean next-token NLL) over every held-out token; for the student also top-1
         agreement with the teacher and the mean KL(teacher || student) per token (full vocabulary)."""
         was_training = model.training

@@ -116,7 +116,7 @@ class ClassificationTask:
     def collate(self, online: bool) -> Collate:
         return Collate(self.teacher if online else None, self.student, token_level=self.token_level)
 
-    def evaluate(self, model, who: str) -> Dict[str, float]:
+    def evaluate(self, model, who: str, final: bool = True) -> Dict[str, float]:
         was_training = model.training
         model.eval()
         with self.rt.autocast():

@@ -19,12 +19,21 @@ class Ranking(Family):
     scores_file = True
     task_class = "kdrun.tasks.ranking.task.RankingTask"
 
+    def run_metrics(self, data: Any) -> tuple:
+        """A run re-ranked to a depth (data=triples: data.eval_depth) adds Recall at that depth, and RR(rel=2)@10 for
+        graded qrels (reported where the qrels have a grade 2)."""
+        depth = data.get("eval_depth")
+        return self.metrics + ((f"recall_at_{depth}",) if depth and depth != 10 else ()) + \
+            (("mrr_at_10_rel2",) if depth else ())
+
     def check(self, cfg: Any) -> None:
         d = cfg.data
         if d.negatives_per_query < 1 or d.get("examples_per_pair", 1) < 1:
             raise ConfigError("data.negatives_per_query and data.examples_per_pair must be >= 1")
-        if d.eval_candidates < 2:
+        if d.get("eval_candidates", 2) < 2:
             raise ConfigError(f"data.eval_candidates={d.eval_candidates} must be >= 2")
+        if d.get("eval_depth", 1) < 1:
+            raise ConfigError(f"data.eval_depth={d.eval_depth} must be >= 1 (the candidates re-ranked per held-out query)")
         if cfg.student.dim < 1:
             raise ConfigError(f"student.dim={cfg.student.dim} must be >= 1")
 

@@ -1,14 +1,15 @@
-"""Ranking: batches of (query, [positive, negatives]) -> [B, n] scores; MRR@10, nDCG@10, Recall@10."""
+"""Ranking: batches of (query, [positive, negatives]) -> [B, n] scores; held-out MRR@10, nDCG@10, Recall (metrics.py)."""
 from __future__ import annotations
 
 import hashlib
-import math
+from pathlib import Path
 from typing import Dict, List, Sequence
 
 import torch
 
 from kdrun.data.ranking import Example
 from kdrun.tasks.ranking import FAMILY
+from kdrun.tasks.ranking.metrics import as_run, fast_metrics, library_metrics, write_qrels, write_run
 
 
 class Collate:
@@ -51,38 +52,18 @@ def precompute_teacher_scores(teacher, examples: Sequence[Example], batch_size: 
 
 
 def ranking_metrics(scores: Sequence[torch.Tensor], labels: Sequence[Sequence[int]], k: int = 10) -> Dict[str, float]:
-    """Mean over queries of MRR@k, nDCG@k (binary gains, log2 discount) and Recall@k.
-
-    Candidates are ranked by descending score; ties keep candidate order (stable sort), which is
-    why the eval candidate lists are shuffled when built.
-    """
-    if len(scores) != len(labels) or not scores:
-        raise ValueError(f"ranking_metrics: {len(scores)} score lists for {len(labels)} label lists")
-    mrr = ndcg = recall = 0.0
-    for s, y in zip(scores, labels):
-        order = torch.argsort(torch.as_tensor(s, dtype=torch.float32), descending=True, stable=True).tolist()
-        ranked = [y[i] for i in order]
-        n_rel = sum(y)
-        top = ranked[:k]
-        first = next((r for r, rel in enumerate(top, 1) if rel), None)
-        mrr += 1.0 / first if first else 0.0
-        dcg = sum(rel / math.log2(r + 1) for r, rel in enumerate(top, 1))
-        ideal = sum(1.0 / math.log2(r + 1) for r in range(1, min(n_rel, k) + 1))
-        ndcg += dcg / ideal if ideal else 0.0
-        recall += sum(top) / n_rel if n_rel else 0.0
-    n = len(scores)
-    return {f"mrr_at_{k}": mrr / n, f"ndcg_at_{k}": ndcg / n, f"recall_at_{k}": recall / n}
+    """MRR@k, nDCG@k and Recall@k of score lists against their candidates' labels (kdrun/tasks/ranking/metrics.py)."""
+    return fast_metrics(scores, labels, k=k)
 
 
-def evaluate(model, queries: List[str], candidates: List[List[str]], labels: List[List[int]],
-             batch_size: int, runtime) -> Dict[str, float]:
-    """Score every candidate list with `model` (student or teacher alike) and compute the metrics."""
+def score_lists(model, queries: List[str], candidates: List[List[str]], batch_size: int, runtime) -> List[torch.Tensor]:
+    """Every candidate list scored by `model` (student or teacher alike) in eval mode."""
     was_training = model.training
     model.eval()
     with runtime.autocast():
         scores = model.score_lists(queries, candidates, batch_size, runtime.device)
     model.train(was_training)
-    return ranking_metrics(scores, labels)
+    return [s.float() for s in scores]
 
 
 class RankingTask:
@@ -92,6 +73,7 @@ class RankingTask:
     def __init__(self, data, teacher, student, runtime, eval_batch_size: int):
         self.data, self.teacher, self.student = data, teacher, student
         self.rt, self.eval_batch_size = runtime, eval_batch_size
+        self.runs: Dict[str, Dict[str, Dict[str, float]]] = {}  # who -> the last reported evaluation's run
 
     def prepare_student(self, student, hardware: Dict) -> Dict[str, float]:
         """Padding to a multiple of 8/16; the student's queries and passages tokenised once and, per batch, split
@@ -140,9 +122,25 @@ class RankingTask:
     def collate(self, online: bool) -> Collate:
         return Collate(self.teacher if online else None, self.student)
 
-    def evaluate(self, model, who: str) -> Dict[str, float]:
+    def evaluate(self, model, who: str, final: bool = True) -> Dict[str, float]:
+        """The held-out metrics: by ir_measures for the reported evaluations (`final`: before and after training),
+        by kdrun's own equal computation for the periodic ones. The run of a reported evaluation is kept for
+        `eval_files`."""
         d = self.data
-        return evaluate(model, d.eval_queries, d.eval_candidates, d.eval_labels, self.eval_batch_size, self.rt)
+        scores = score_lists(model, d.eval_queries, d.eval_candidates, self.eval_batch_size, self.rt)
+        if not final:
+            judged = [list(d.qrels.get(q, {}).values()) for q in d.eval_qids]
+            return fast_metrics(scores, d.eval_labels, pids=d.eval_pids, judged=judged, depth=d.eval_depth)
+        run = as_run(d.eval_qids, d.eval_pids, scores)
+        self.runs[who] = run
+        return library_metrics(run, d.qrels, depth=d.eval_depth)
+
+    def eval_files(self, directory: Path) -> List[Path]:
+        """The last reported evaluations as TREC run files (run.student.trec, run.teacher.trec) and the held-out
+        qrels (qrels.trec): any trec_eval or ir_measures reproduces the logged metrics from them."""
+        d = self.data
+        files = [write_run(Path(directory) / f"run.{who}.trec", run, f"kdrun-{who}") for who, run in self.runs.items()]
+        return files + [write_qrels(Path(directory) / "qrels.trec", {q: d.qrels.get(q, {}) for q in d.eval_qids})]
 
     def eval_size(self) -> int:
         """Held-out examples one evaluation goes through (for the per-example latency metric)."""

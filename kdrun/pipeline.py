@@ -156,8 +156,7 @@ def join_scores_file(cfg: DictConfig, data):
     data: examples without a score are left out (and counted)."""
     if enum_value(cfg.teacher.mode) != "scores_file":
         return None, {}
-    table = scores_file.read(cfg.teacher.scores_file)
-    scores, missing = scores_file.join(data, table, cfg.teacher.scores_file, cfg.teacher.max_missing_fraction)
+    scores, missing = scores_file.join(data, cfg.teacher.scores_file, cfg.teacher.max_missing_fraction)
     if missing:
         log.warning("teacher.scores_file: %d training examples have no score and were left out", missing)
     return scores, {"teacher/scores_missing": missing}
@@ -211,7 +210,13 @@ def teacher_outputs(task, teacher, cfg: DictConfig, rt, info):
                for name, m in members.items()}
     if len(outputs) == 1:
         return outputs["teacher"]
+    import numpy as np
+    import torch
+
     from kdrun.models.ensemble import combine
+
+    outputs = {name: {k: torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v for k, v in out.items()}
+               for name, out in outputs.items()}  # (a memory-mapped cache entry: averaged in memory)
 
     return combine(outputs, teacher.weights)
 
@@ -409,6 +414,7 @@ def record(cfg: DictConfig, rt, tracker, b: Built, found, run_id: str, loop_stat
         signals.__exit__()  # the rest (evaluation, saving) finishes rather than stopping
         if counter is not None:  # precompute: 0 when every output came from the cache
             tracker.metrics({"teacher/train_forward_calls": counter.calls}, step=b.max_steps)
+        tracker.metrics({"system/peak_rss_mb": peak_rss_mb()}, step=b.max_steps)
         after = periodic_eval(b.max_steps, final=True)
         if rt.is_main and hasattr(task, "eval_files"):  # e.g. the TREC runs the final metrics were computed from
             files = task.eval_files(Path(cfg.output_dir) / "eval")
@@ -432,6 +438,15 @@ def record(cfg: DictConfig, rt, tracker, b: Built, found, run_id: str, loop_stat
     finally:
         signals.__exit__()  # (already done when training ended)
     return before, after, teacher_eval, latency
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def _forward_counter(teacher):
@@ -503,6 +518,6 @@ def score(cfg: DictConfig) -> Dict[str, object]:
     scores = teacher_outputs(task, teacher, cfg, rt, info)["scores"]
     lines = scores_file.write(cfg.scores_out, data, scores)
     how = "read from the teacher cache" if info.hits and not info.misses else f"computed in {info.teacher_seconds:.1f} s"
-    print(f"kdrun: wrote {lines} scored triples ({len(data.train)} training examples, {how}) to {cfg.scores_out}\n"
+    print(f"kdrun: wrote {lines} scored triples ({data.num_train} training examples, {how}) to {cfg.scores_out}\n"
           f"train on them with: teacher.mode=scores_file teacher.scores_file={cfg.scores_out}")
     return {"objective": float(lines), "lines": lines, "path": cfg.scores_out}

@@ -4,12 +4,15 @@ An entry is keyed by everything the outputs depend on: the teacher wrapper and i
 similarity, label index, max length, top-k), a fingerprint of its weights (every tensor of the state dict),
 its tokenizer, the training data as the teacher sees it, the device type and the precision. It holds the
 task's stacked outputs (ranking: scores [N, n]; classification: logits [N, C]; causal LM: top-k logits,
-their token ids and the log-normaliser per position) in safetensors, plus meta.json with the key, the
-description the key was made from, the outputs file's SHA-256 and the shapes. An entry whose meta, checksum
-or shapes do not match is reported and rebuilt, never used.
+their token ids and the log-normaliser per position) as one .npy file each, read memory-mapped (a batch costs
+memory for its rows, not for the entry), plus meta.json with the key, the description the key was made from, each
+file's SHA-256 and shape. An entry whose meta, checksums or shapes do not match is reported and rebuilt, never used.
 
-Entries are written to a private staging directory and renamed into place, so concurrent sweep jobs never
-read half an entry; when two jobs compute the same entry, the first rename wins.
+A task that can run its teacher over a range of examples (ranking: `teacher_outputs_range`) is run chunk by chunk:
+each chunk's outputs are written as a shard next to the entry (`<key>.partial/`), so a pass that is killed goes on
+from its finished shards when run again, with a progress bar and examples/s; the shards are then copied into the
+entry's files. Entries are written to a private staging directory and renamed into place, so concurrent sweep jobs
+never read half an entry; one process computes an entry while the others wait for it (a lock file).
 """
 from __future__ import annotations
 
@@ -17,18 +20,20 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
+import numpy as np
 import torch
 
 from kdrun.models.hub import cache_root, cached, publish, staging_dir
 
 log = logging.getLogger(__name__)
-FORMAT = 1  # bump when the layout or the meaning of stored outputs changes
+FORMAT = 2  # bump when the layout or the meaning of stored outputs changes (2: .npy files, memory-mapped; shards)
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
@@ -80,41 +85,53 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def read(entry: Path, key: str, description: Dict[str, str], n: int) -> Tuple[Optional[Dict[str, torch.Tensor]], str]:
-    """(outputs, "") for a sound entry; (None, why) when it is missing, corrupt or for other inputs."""
-    from safetensors.torch import load_file
-
+def read(entry: Path, key: str, description: Dict[str, str], n: int) -> Tuple[Optional[Dict[str, np.ndarray]], str]:
+    """(outputs, "") for a sound entry, each output memory-mapped (reading a batch's rows costs memory for those rows,
+    not for the entry); (None, why) when it is missing, corrupt or for other inputs."""
     if not entry.exists():
         return None, "missing"
     try:
         meta = json.loads((entry / "meta.json").read_text())
-        outputs_file = entry / "outputs.safetensors"
         if not cached(entry):
             return None, "incomplete (no completion marker)"
         if meta.get("key") != key or meta.get("description") != description:
             return None, "made from other inputs than its key says"
-        if file_sha256(outputs_file) != meta.get("sha256"):
-            return None, "outputs file does not match its checksum"
-        outputs = load_file(str(outputs_file))
-    except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable meta or tensors
+        outputs = {}
+        for name, info in meta["files"].items():
+            f = entry / f"{name}.npy"
+            if file_sha256(f) != info["sha256"]:
+                return None, f"{f.name} does not match its checksum"
+            outputs[name] = np.load(f, mmap_mode="r")
+    except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable meta or arrays
         return None, f"unreadable ({type(e).__name__}: {e})"
     shapes = {k: list(v.shape) for k, v in outputs.items()}
-    if shapes != meta.get("shapes") or any(v.shape[0] != n for v in outputs.values()):
+    if shapes != {k: info["shape"] for k, info in meta["files"].items()} or any(v.shape[0] != n for v in outputs.values()):
         return None, f"shapes {shapes} do not fit {n} training examples"
     return outputs, ""
 
 
-def write(entry: Path, key: str, description: Dict[str, str], outputs: Dict[str, torch.Tensor], seconds: float) -> None:
-    from safetensors.torch import save_file
+def _save(directory: Path, outputs: Dict[str, "torch.Tensor | np.ndarray"]) -> None:
+    for k, v in outputs.items():
+        np.save(directory / f"{k}.npy", v.detach().cpu().contiguous().numpy() if isinstance(v, torch.Tensor) else v)
 
+
+def _publish(tmp: Path, entry: Path, key: str, description: Dict[str, str], seconds: float) -> None:
+    files = {}
+    for f in sorted(tmp.glob("*.npy")):
+        a = np.load(f, mmap_mode="r")
+        files[f.stem] = {"sha256": file_sha256(f), "shape": list(a.shape), "dtype": str(a.dtype)}
+    meta = {"key": key, "description": description, "files": files, "teacher_seconds": seconds}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    publish(tmp, entry, key)
+
+
+def write(entry: Path, key: str, description: Dict[str, str], outputs: Dict[str, torch.Tensor], seconds: float) -> None:
+    """An entry from outputs held in memory: one .npy file per output (memory-mappable), meta.json with checksums."""
     tmp = staging_dir(entry)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in outputs.items()}, str(tmp / "outputs.safetensors"))
-    meta = {"key": key, "description": description, "sha256": file_sha256(tmp / "outputs.safetensors"),
-            "shapes": {k: list(v.shape) for k, v in outputs.items()}, "teacher_seconds": seconds}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-    publish(tmp, entry, key)
+    _save(tmp, outputs)
+    _publish(tmp, entry, key, description, seconds)
 
 
 class ForwardCounter:
@@ -142,13 +159,20 @@ class CacheInfo:
     misses: int = 0
     rebuilt: int = 0
     teacher_seconds: float = 0.0  # running the teachers over the training data
+    computed_examples: int = 0  # examples the teachers ran over (sharded passes)
+    resumed_examples: int = 0  # examples whose outputs an interrupted pass had written already
     cache_seconds: float = 0.0  # fingerprinting, reading and writing entries
     entries: Dict[str, str] = field(default_factory=dict)  # teacher name -> entry directory
 
     def metrics(self) -> Dict[str, float]:
-        return {"teacher/cache_hits": self.hits, "teacher/cache_misses": self.misses,
-                "teacher/cache_rebuilt": self.rebuilt, "teacher/seconds": self.teacher_seconds,
-                "teacher/cache_seconds": self.cache_seconds}
+        out = {"teacher/cache_hits": self.hits, "teacher/cache_misses": self.misses,
+               "teacher/cache_rebuilt": self.rebuilt, "teacher/seconds": self.teacher_seconds,
+               "teacher/cache_seconds": self.cache_seconds}
+        # throughput of a sharded pass (0 where the teacher ran over nothing: a cache hit); every job of a sweep logs
+        # the same keys
+        out |= {"teacher/computed_examples": self.computed_examples, "teacher/resumed_examples": self.resumed_examples,
+                "teacher/examples_per_s": self.computed_examples / self.teacher_seconds if self.computed_examples else 0.0}
+        return out
 
 
 def teacher_outputs(task, teacher, runtime, cache_dir: Optional[str], use_cache: bool, info: CacheInfo,
@@ -173,11 +197,19 @@ def teacher_outputs(task, teacher, runtime, cache_dir: Optional[str], use_cache:
             outputs, why = read(entry, key, description, n)
             if outputs is None:
                 info.cache_seconds += time.perf_counter() - t0
-                return _fill(task, teacher, entry, key, description, why, info, name, n)
+                return _for(task, _fill(task, teacher, entry, key, description, why, info, name, n))
     info.cache_seconds += time.perf_counter() - t0
     info.hits += 1
     log.info("teacher %s: outputs for %d training examples read from the cache (%s)", name, n, entry)
-    return outputs
+    return _for(task, outputs)
+
+
+def _for(task, outputs: Dict[str, np.ndarray]) -> Dict[str, "np.ndarray | torch.Tensor"]:
+    """Memory-mapped arrays for a task that batches rows of them (ranking: `mapped_outputs`), tensors in memory
+    otherwise."""
+    if getattr(task, "mapped_outputs", False):
+        return outputs
+    return {k: torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v for k, v in outputs.items()}
 
 
 @contextlib.contextmanager
@@ -199,18 +231,81 @@ def _locked(entry: Path):
 
 
 def _fill(task, teacher, entry: Path, key: str, description: Dict[str, str], why: str, info: CacheInfo, name: str,
-          n: int) -> Dict[str, torch.Tensor]:
+          n: int) -> Dict[str, np.ndarray]:
     if why != "missing":
         log.warning("teacher cache entry %s is %s; rebuilding it", entry, why)
         shutil.rmtree(entry, ignore_errors=True)
         info.rebuilt += 1
     info.misses += 1
     t0 = time.perf_counter()
-    outputs = task.teacher_outputs(teacher)
-    seconds = time.perf_counter() - t0
+    if hasattr(task, "teacher_outputs_range"):
+        tmp, seconds = _sharded(task, teacher, entry, n, info, name)
+    else:
+        outputs = task.teacher_outputs(teacher)
+        seconds = time.perf_counter() - t0
+        tmp = staging_dir(entry)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        _save(tmp, outputs)
     info.teacher_seconds += seconds
-    t0 = time.perf_counter()
-    write(entry, key, description, outputs, seconds)
-    info.cache_seconds += time.perf_counter() - t0
+    t1 = time.perf_counter()
+    _publish(tmp, entry, key, description, seconds)
+    shutil.rmtree(_partial(entry), ignore_errors=True)
+    info.cache_seconds += time.perf_counter() - t1
     log.info("teacher %s: outputs for %d training examples computed in %.1f s and cached (%s)", name, n, seconds, entry)
+    outputs, why = read(entry, key, description, n)
+    if outputs is None:
+        raise RuntimeError(f"teacher cache entry {entry} was written but does not read back: {why}")
     return outputs
+
+
+def _partial(entry: Path) -> Path:
+    """Where a teacher pass keeps its finished shards: named by the entry's key, so a pass killed midway and run
+    again (same teacher, same data) goes on from the shards that are there."""
+    return entry.with_name(entry.name + ".partial")
+
+
+def _sharded(task, teacher, entry: Path, n: int, info: CacheInfo, name: str) -> Tuple[Path, float]:
+    """The teacher over the training data `task.teacher_chunk` examples at a time, each chunk's outputs written as a
+    shard (renamed into place when whole), then the shards copied into one memory-mapped .npy per output. Returns
+    (the staging dir, seconds spent in the teacher)."""
+    from tqdm.auto import tqdm
+
+    partial = _partial(entry)
+    partial.mkdir(parents=True, exist_ok=True)
+    chunk = max(1, int(getattr(task, "teacher_chunk", 50_000)))
+    ranges = [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+    done = {r for r in ranges if (partial / f"{r[0]:012d}-{r[1]:012d}").is_dir()}
+    if done:
+        info.resumed_examples += sum(b - a for a, b in done)
+        log.info("teacher %s: %d of %d shards of an interrupted pass are reused (%s)", name, len(done), len(ranges), partial)
+    seconds = 0.0
+    bar = tqdm(total=n, initial=sum(b - a for a, b in done), desc=f"teacher {name}", unit="ex", dynamic_ncols=True,
+               mininterval=1.0)
+    for start, stop in ranges:
+        if (start, stop) in done:
+            continue
+        t0 = time.perf_counter()
+        outputs = task.teacher_outputs_range(teacher, start, stop)
+        seconds += time.perf_counter() - t0
+        info.computed_examples += stop - start
+        shard = partial / f"{start:012d}-{stop:012d}"
+        tmp = shard.with_name(shard.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        _save(tmp, outputs)
+        tmp.rename(shard)  # a shard is there whole or not at all
+        bar.update(stop - start)
+    bar.close()
+    out = staging_dir(entry)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    first = partial / f"{ranges[0][0]:012d}-{ranges[0][1]:012d}"
+    for f in sorted(first.glob("*.npy")):
+        head = np.load(f, mmap_mode="r")
+        whole = np.lib.format.open_memmap(out / f.name, mode="w+", dtype=head.dtype, shape=(n, *head.shape[1:]))
+        for start, stop in ranges:
+            whole[start:stop] = np.load(partial / f"{start:012d}-{stop:012d}" / f.name, mmap_mode="r")
+        whole.flush()
+        del whole
+    return out, seconds

@@ -9,6 +9,7 @@ from typing import Callable, Dict, Iterator, Optional
 import torch
 from tqdm.auto import tqdm
 
+import kdrun
 from kdrun.checkpoint import Interrupted, StopSignals
 from kdrun.data.tokens import token_counts
 from kdrun.errors import NonFiniteLossError
@@ -86,6 +87,7 @@ def train(student, teacher, loss_fn, batches: Iterator[Dict], optim: Optim, rt: 
     window_steps, skipped = resume["window_steps"], resume["skipped"]
     first_bad = torch.zeros((), dtype=torch.long, device=rt.device)  # first non-finite step (0: none), on the device
     samples = real_tokens = tokens = 0  # counted on the host from the CPU batches
+    first_step: Dict[str, float] = {}
     t0 = time.perf_counter()
     bar = tqdm(total=max_steps, initial=resume["step"], desc=desc, dynamic_ncols=True, mininterval=1.0,
                disable=not rt.is_main)
@@ -130,6 +132,8 @@ def train(student, teacher, loss_fn, batches: Iterator[Dict], optim: Optim, rt: 
             optim.scheduler.step()
         optim.optimizer.zero_grad(set_to_none=True)
         bar.update(1)
+        if step == resume["step"] + 1:  # how long the run took to start training (data, models, caches): logged next
+            first_step = {"system/first_step_seconds": time.time() - kdrun.STARTED}
 
         # ---- every log_every steps (and the last): one host sync (DDP: means over the ranks), then log ----
         if step % log_every == 0 or step == max_steps:
@@ -146,9 +150,10 @@ def train(student, teacher, loss_fn, batches: Iterator[Dict], optim: Optim, rt: 
                           real_token_fraction=real_all / max(padded_all, 1.0), **loss_fn.logs(),
                           **({"nonfinite_skips": skipped} if max_nonfinite_skips else {}))
             if rt.is_main:
-                log({f"train/{k}": v for k, v in values.items()}, step)
+                log({**{f"train/{k}": v for k, v in values.items()}, **first_step}, step)
             bar.set_postfix(loss=f"{values.get('loss', math.nan):.4g}", samples_s=f"{values['samples_per_s']:.1f}")
             window, window_steps, samples, real_tokens, tokens, t0 = {}, 0, 0, 0, 0, time.perf_counter()
+            first_step = {}
         if eval_every and step % eval_every == 0 and step < max_steps:
             evaluate(step)  # rank 0 (the others wait for it in the next step's all-reduce)
             t0 = time.perf_counter()  # eval time is not training throughput

@@ -92,3 +92,42 @@ def test_unreachable_hub_names_the_model_and_the_path_fix(tmp_path, monkeypatch)
     from pathlib import Path
 
     assert Path(sys.executable).with_name("hf").is_file()
+
+
+@pytest.mark.parametrize("arch", ["bi_encoder", "late_interaction"])
+def test_one_embedding_lookup_for_all_length_groups_gives_the_same_scores_and_gradients(teacher, arch, monkeypatch):
+    """Length groups share one word-embedding lookup (one dense embedding gradient instead of one per group)."""
+    from conftest import f32_close
+
+    from kdrun.data.tokens import pretokenize
+    from kdrun.models import encoders
+
+    student = build_student(**{**STUDENT, "arch": arch}, layers=[0, 1], teacher=teacher)
+    student.eval()  # no dropout: both ways see the same network
+    queries = ["what is a cat", "how tall is the tallest mountain on earth today", "why"]
+    passages = [["a cat is a small animal", "mountains are tall and some of them are very very tall indeed"],
+                ["everest is 8849 metres", "no"], ["because it is what it is, and always was", "yes"]]
+    student.token_table, _ = pretokenize(student.tokenizer, queries + [p for ps in passages for p in ps], 64, None, "t")
+    student.max_groups = 3
+    features = student.featurize(queries, passages)
+    groups = len(features["query"]["groups"]) + len(features["passage"]["groups"])
+    assert len(features["passage"]["groups"]) >= 2 and groups >= 4
+
+    def run():
+        student.zero_grad()
+        scores = student(features)["scores"]
+        scores.square().sum().backward()
+        return scores.detach(), [p.grad.clone() for p in student.parameters() if p.grad is not None]
+
+    calls = []
+    table = student.encoder.get_input_embeddings()
+    hook = table.register_forward_hook(lambda *a: calls.append(1))
+    shared, shared_grads = run()
+    assert len(calls) == 2  # one lookup per text column (queries, passages)
+    calls.clear()
+    monkeypatch.setattr(encoders, "one_lookup", lambda encoder, features: features)
+    per_group, grads = run()
+    assert len(calls) == groups
+    hook.remove()
+    assert f32_close(shared, per_group)
+    assert len(shared_grads) == len(grads) and all(f32_close(a, b) for a, b in zip(shared_grads, grads))

@@ -3,6 +3,7 @@ and cross-encoder students, and saved students loading back with plain transform
 import json
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,6 +38,11 @@ PASSAGES = [["my name is bot", "it rains a lot here", "i am a computer program"]
 @pytest.fixture(scope="module")
 def teacher(minilm_dir):
     return load_teacher(path=minilm_dir, kind="bi_encoder", **TEACHER)
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):  # score files are converted under kdrun's cache
+    monkeypatch.setenv("KDRUN_CACHE", str(tmp_path / "kdrun_cache"))
 
 
 def _data(train=None):
@@ -117,8 +123,79 @@ def test_cache_fills_then_hits_with_identical_outputs(teacher, tmp_path):
     a = teacher_cache.teacher_outputs(task, teacher, task.rt, str(tmp_path), True, first)
     b = teacher_cache.teacher_outputs(task, teacher, task.rt, str(tmp_path), True, second)
     assert (first.hits, first.misses, second.hits, second.misses) == (0, 1, 1, 0)
-    assert torch.equal(a["scores"], b["scores"]) and a["scores"].shape == (6, 3)
+    assert isinstance(b["scores"], np.memmap)  # read back memory-mapped: a batch costs its own rows
+    assert np.array_equal(a["scores"], b["scores"]) and a["scores"].shape == (6, 3)
     assert first.teacher_seconds > 0 and second.teacher_seconds == 0
+
+
+def test_a_killed_teacher_pass_goes_on_from_its_finished_shards(teacher, tmp_path, monkeypatch):
+    task = _task(teacher)
+    task.teacher_chunk = 2  # 3 shards of 2 examples
+    calls = []
+    real = task.teacher_outputs_range
+
+    def dies_on_the_third(t, start, stop):
+        calls.append(start)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the pass is killed while the third shard is being computed
+        return real(t, start, stop)
+
+    monkeypatch.setattr(task, "teacher_outputs_range", dies_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        teacher_cache.teacher_outputs(task, teacher, task.rt, str(tmp_path), True, teacher_cache.CacheInfo())
+    partial = next((tmp_path / "ranking").glob("*.partial"))
+    assert sorted(p.name for p in partial.iterdir() if p.is_dir()) == ["000000000000-000000000002",
+                                                                       "000000000002-000000000004"]
+    calls.clear()
+    info = teacher_cache.CacheInfo()
+    resumed = teacher_cache.teacher_outputs(task, teacher, task.rt, str(tmp_path), True, info)
+    assert calls == [4]  # only the missing shard ran
+    assert info.metrics()["teacher/resumed_examples"] == 4 and info.metrics()["teacher/examples_per_s"] > 0
+    assert not partial.exists()  # folded into the entry
+    whole = task.teacher_outputs(teacher)["scores"]
+    assert f32_close(torch.as_tensor(np.array(resumed["scores"])), whole)
+
+
+def test_reading_a_cache_entry_costs_memory_for_the_batch_not_the_entry(tmp_path):
+    """An entry of 512 MB read and batched through by a process whose data segment may grow by 192 MB only."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import json, resource, numpy as np
+        from pathlib import Path
+        from kdrun import teacher_cache
+        entry = Path({str(tmp_path / "entry")!r})
+        entry.mkdir()
+        n = 64 * 2**20  # [n, 2] float32: 512 MiB
+        whole = np.lib.format.open_memmap(entry / "scores.npy", mode="w+", dtype=np.float32, shape=(n, 2))
+        for i in range(0, n, 2**22):
+            whole[i:i + 2**22] = (np.arange(i, min(i + 2**22, n)) % 1000).astype(np.float32)[:, None]
+        whole.flush(); del whole
+        files = {{"scores": {{"sha256": teacher_cache.file_sha256(entry / "scores.npy"), "shape": [n, 2],
+                              "dtype": "float32"}}}}
+        (entry / "meta.json").write_text(json.dumps({{"key": "k", "description": {{}}, "files": files}}))
+        (entry / "kdrun_complete").write_text("k")
+        data = int(open("/proc/self/status").read().split("VmData:")[1].split()[0]) * 1024
+        resource.setrlimit(resource.RLIMIT_DATA, (data + 192 * 2**20, resource.RLIM_INFINITY))
+        try:
+            np.ones(n * 2, dtype=np.float32)  # the limit bites: the entry cannot be held in memory
+            raise SystemExit("the limit did not bite")
+        except MemoryError:
+            pass
+        outputs, why = teacher_cache.read(entry, "k", {{}}, n)
+        assert outputs is not None, why
+        total = 0.0
+        rng = np.random.default_rng(0)
+        for _ in range(200):  # batches of rows, as the collate takes them
+            rows = rng.integers(0, n, 64)
+            total += float(np.asarray(outputs["scores"][rows]).sum())
+        assert float(outputs["scores"][n - 1, 0]) == (n - 1) % 1000
+        print("ok", total > 0)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.startswith("ok True"), r.stdout + r.stderr[-3000:]
 
 
 def test_cache_key_follows_data_weights_settings_and_precision(teacher, tmp_path):
@@ -143,13 +220,11 @@ def test_cache_key_follows_data_weights_settings_and_precision(teacher, tmp_path
 
 @pytest.mark.parametrize("damage", ["flip_bytes", "truncate", "other_inputs", "no_marker", "wrong_shape"])
 def test_a_damaged_cache_entry_is_rebuilt_not_used(teacher, tmp_path, damage):
-    from safetensors.torch import save_file
-
     task = _task(teacher)
     info = teacher_cache.CacheInfo()
-    good = teacher_cache.teacher_outputs(task, teacher, task.rt, str(tmp_path), True, info)
+    good = np.array(teacher_cache.teacher_outputs(task, teacher, task.rt, str(tmp_path), True, info)["scores"])
     entry = next(p for p in (tmp_path / "ranking").iterdir() if p.is_dir())  # (not the entry's .lock file)
-    outputs, meta = entry / "outputs.safetensors", entry / "meta.json"
+    outputs, meta = entry / "scores.npy", entry / "meta.json"
     if damage == "flip_bytes":
         raw = bytearray(outputs.read_bytes())
         raw[-4:] = b"\x00\x00\xc0\x7f"  # the last score becomes NaN
@@ -163,14 +238,14 @@ def test_a_damaged_cache_entry_is_rebuilt_not_used(teacher, tmp_path, damage):
     elif damage == "no_marker":
         (entry / "kdrun_complete").unlink()
     else:
-        save_file({"scores": torch.zeros(5, 3)}, str(outputs))
+        np.save(outputs, np.zeros((5, 3), dtype=np.float32))
         m = json.loads(meta.read_text())
-        m["sha256"] = teacher_cache.file_sha256(outputs)
+        m["files"]["scores"]["sha256"] = teacher_cache.file_sha256(outputs)
         meta.write_text(json.dumps(m))
     again = teacher_cache.CacheInfo()
     rebuilt = teacher_cache.teacher_outputs(task, teacher, task.rt, str(tmp_path), True, again)
     assert (again.hits, again.misses, again.rebuilt) == (0, 1, 1)
-    assert torch.equal(rebuilt["scores"], good["scores"])
+    assert np.array_equal(rebuilt["scores"], good)
     third = teacher_cache.CacheInfo()
     teacher_cache.teacher_outputs(task, teacher, task.rt, str(tmp_path), True, third)
     assert third.hits == 1  # the rebuilt entry is sound
@@ -187,7 +262,7 @@ def test_score_file_round_trip_is_exact_and_joins_by_ids(teacher, tmp_path):
     first = f.read_text().splitlines()[0].split("\t")
     assert first[2:] == [text_id(QUERIES[0]), text_id(PASSAGES[0][0]), text_id(PASSAGES[0][1])]
     before = list(data.train)
-    joined, missing = scores_file.join(data, scores_file.read(str(f)), str(f), 0.0)
+    joined, missing = scores_file.join(data, str(f), 0.0)
     assert missing == 0 and data.train == before and torch.equal(joined, scores)
 
 
@@ -196,8 +271,8 @@ def test_score_file_missing_ids_are_counted_and_fail_above_the_limit(teacher, tm
     f = tmp_path / "scores.tsv"
     scores_file.write(str(f), _data(data.train[:4]), torch.rand(4, 3))
     with pytest.raises(DataError, match=r"2 of 6 training examples \(33.3%\).*max_missing_fraction=0.2"):
-        scores_file.join(data, scores_file.read(str(f)), str(f), 0.2)
-    _, missing = scores_file.join(data, scores_file.read(str(f)), str(f), 0.5)
+        scores_file.join(data, str(f), 0.2)
+    _, missing = scores_file.join(data, str(f), 0.5)
     assert missing == 2 and len(data.train) == 4
 
 
@@ -210,12 +285,12 @@ def test_malformed_score_file_lines_name_file_and_line(tmp_path, line, match):
     f = tmp_path / "scores.tsv"
     f.write_text("1.5\t0.5\tq0\tp0\tp1\n" + line)
     with pytest.raises(DataError, match=match):
-        scores_file.read(str(f))
+        scores_file.join(_data(), str(f), 0.0)
 
 
 def test_missing_score_file_says_how_to_write_one(tmp_path):
     with pytest.raises(DataError, match="no such file.*kdrun mode=score"):
-        scores_file.read(str(tmp_path / "nope.tsv"))
+        scores_file.join(_data(), str(tmp_path / "nope.tsv"), 0.0)
 
 
 # ---- several teachers ----

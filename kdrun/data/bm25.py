@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter, defaultdict
-from typing import Dict, List, Sequence
+from typing import Dict, Iterable, List, Sequence
 
 _WORD = re.compile(r"[a-z0-9]+")
 STOPWORDS = frozenset(
@@ -43,22 +43,12 @@ class BM25:
         return out
 
 
-def file_digest(path: str) -> str:
-    """SHA-256 of a file's bytes (what caches built from a data file are keyed by)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def search(passages: Sequence[str], queries: Sequence[str], depth: int, key: str) -> List[List[int]]:
+def search(passages: Iterable[str], n_passages: int, queries: Sequence[str], depth: int, key: str) -> List[List[int]]:
     """Per query the indices of its top `depth` passages with a non-zero score, best first: the same Okapi BM25 as
     `BM25` (k1 0.9, b 0.4, the same terms; bm25s' "lucene" scores are ours over k1 + 1), computed by bm25s, a
     maintained sparse-matrix implementation fast enough for MS MARCO's 8.8M passages. The index is built once per
-    `key` (the collection's digest) and cached under kdrun's cache, memory-mapped when read back."""
+    `key` (the collection's digest) and cached under kdrun's cache, memory-mapped when read back; `passages` (an
+    iterable, read only to build it) are the collection's texts in row order."""
     import bm25s
 
     from kdrun.models.hub import cache_root, cached, publish, staging_dir
@@ -68,12 +58,12 @@ def search(passages: Sequence[str], queries: Sequence[str], depth: int, key: str
         index = bm25s.BM25.load(str(out), mmap=True, show_progress=False)
     else:
         index = bm25s.BM25(k1=0.9, b=0.4, method="lucene")
-        index.index([terms(p) for p in passages], show_progress=False)
+        index.index([terms(p) for p in passages], show_progress=False)  # (bm25s reads the corpus twice)
         stage = staging_dir(out)
         stage.mkdir(parents=True, exist_ok=True)
         index.save(str(stage), show_progress=False)
-        publish(stage, out, f"bm25s index of {len(passages)} passages, collection sha256 {key}\n")
-    k = min(depth, len(passages))
+        publish(stage, out, f"bm25s index of {n_passages} passages, collection sha256 {key}\n")
+    k = min(depth, n_passages)
     found: List[List[int]] = []
     for start in range(0, len(queries), 1000):  # bounded memory: [1000, k] results at a time
         docs, scores = index.retrieve([terms(q) or [""] for q in queries[start:start + 1000]], k=k,

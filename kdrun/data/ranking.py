@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 from kdrun.data.bm25 import BM25
 from kdrun.errors import DataError
@@ -27,45 +28,141 @@ def text_id(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-@dataclass
-class RankingData:
-    """Training examples and the held-out evaluation, as texts (what models read) and ids (what joins teacher scores,
-    qrels and TREC run files). Data without ids of its own (chatterbot) gets `text_id`s."""
-    train: List[Example]
-    eval_queries: List[str]
-    eval_candidates: List[List[str]]
-    eval_labels: List[List[int]]  # each candidate's graded relevance from the qrels (0: not relevant or not judged)
-    source: str = ""
-    stats: Dict[str, float] = field(default_factory=dict)
-    train_ids: Optional[List[Tuple[str, List[str]]]] = None  # per example (query id, [passage ids]); None: text_ids
-    eval_qids: Optional[List[str]] = None
-    eval_pids: Optional[List[List[str]]] = None
-    qrels: Optional[Dict[str, Dict[str, int]]] = None  # every judgment of the held-out queries; None: from eval_labels
-    eval_depth: Optional[int] = None  # a run re-ranked to this depth (the standard protocol): Recall@depth is reported
+class ListTexts:
+    """Texts held in a list (small data), addressed by row like a memory-mapped `columns.TextColumn`."""
 
-    def __post_init__(self):
-        if self.eval_qids is None:
-            self.eval_qids = [text_id(q) for q in self.eval_queries]
-        if self.eval_pids is None:
-            self.eval_pids = [[text_id(p) for p in ps] for ps in self.eval_candidates]
-        if self.qrels is None:
-            self.qrels = {}
-            for q, ps, ys in zip(self.eval_qids, self.eval_pids, self.eval_labels):
-                self.qrels.setdefault(q, {}).update({p: y for p, y in zip(ps, ys)})
+    def __init__(self, texts: Sequence[str], ids: Optional[Sequence[str]] = None):
+        self._texts, self._ids = list(texts), list(ids) if ids is not None else None
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+    def texts(self, rows) -> List[str]:
+        return [self._texts[int(r)] for r in np.asarray(rows).reshape(-1)]
+
+    def ids(self, rows) -> List[str]:
+        rows = np.asarray(rows).reshape(-1)
+        return [self._ids[int(r)] for r in rows] if self._ids is not None else [text_id(self._texts[int(r)]) for r in rows]
+
+    def rows(self, ids: Sequence[str]) -> np.ndarray:
+        """Each id's row, -1 where there is no such id."""
+        if not hasattr(self, "_row_of"):
+            self._row_of = {i: r for r, i in enumerate(self.ids(range(len(self._texts))))}
+        return np.array([self._row_of.get(i, -1) for i in ids], dtype=np.int64)
+
+    def arrow(self):
+        import pyarrow as pa
+
+        return pa.table({"text": self._texts})
+
+    @property
+    def digest(self) -> str:
+        h = hashlib.sha256(f"{len(self._texts)}".encode())
+        for t in self._texts:
+            h.update(t.encode() + b"\x1e")
+        return h.hexdigest()
+
+
+class Examples:
+    """What a ranking task reads from its data, whichever way it is held (in lists here, memory-mapped columns in
+    kdrun/data/triples.py): the training examples as rows of two text columns, the held-out evaluation as ids.
+
+        queries, passages    text columns: texts(rows), ids(rows), arrow(), digest, len()
+        train_q [N]          each training example's query row
+        train_p [N, 1 + k]   its passage rows: the positive, then k negatives
+        eval_qids, eval_queries, eval_rows (passage rows per held-out query), eval_labels (graded, per candidate),
+        qrels (every judgment of the held-out queries), eval_depth (a run re-ranked to this depth, or None)
+    """
+    queries: "ListTexts"
+    passages: "ListTexts"
+    train_q: np.ndarray
+    train_p: np.ndarray
+    eval_qids: List[str]
+    eval_queries: List[str]
+    eval_rows: List[np.ndarray]
+    eval_labels: List[List[int]]
+    qrels: Dict[str, Dict[str, int]]
+    eval_depth: Optional[int] = None
+    source: str = ""
+    stats: Dict[str, float]
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_q)
+
+    def batch_texts(self, index) -> Tuple[List[str], List[List[str]]]:
+        """(query texts, passage text lists) of these training examples."""
+        index = np.asarray(index, dtype=np.int64)
+        rows = np.asarray(self.train_p[index])
+        flat = self.passages.texts(rows.reshape(-1))
+        n = rows.shape[1]
+        return self.queries.texts(self.train_q[index]), [flat[i:i + n] for i in range(0, len(flat), n)]
 
     def example_ids(self, i: int) -> Tuple[str, List[str]]:
-        """(query id, [passage ids]) of training example i: the files' own ids, never looked up by text (two queries
+        """(query id, [passage ids]) of training example i: the data's own ids, never looked up by text (two queries
         may share a text under different ids)."""
-        if self.train_ids is not None:
-            return self.train_ids[i]
-        q, ps = self.train[i]
-        return text_id(q), [text_id(p) for p in ps]
+        return self.queries.ids([self.train_q[i]])[0], self.passages.ids(np.asarray(self.train_p[i]))
 
-    def keep(self, rows: Sequence[int]) -> None:
-        """Keep only these training examples (e.g. those a score file scores), ids alongside."""
-        self.train = [self.train[i] for i in rows]
-        if self.train_ids is not None:
-            self.train_ids = [self.train_ids[i] for i in rows]
+    def keep(self, index) -> None:
+        """Keep only these training examples (e.g. those a score file scores)."""
+        index = np.asarray(index, dtype=np.int64)
+        self.train_q, self.train_p = np.asarray(self.train_q[index]), np.asarray(self.train_p[index])
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the training examples as a teacher sees them (the teacher-output cache's key)."""
+        h = hashlib.sha256()
+        for start in range(0, self.num_train, 50_000):
+            qs, ps = self.batch_texts(range(start, min(start + 50_000, self.num_train)))
+            for q, texts in zip(qs, ps):
+                h.update(("\x1f".join([q, *texts]) + "\x1e").encode())
+        return h.hexdigest()
+
+    def eval_pids(self, i: int) -> List[str]:
+        return self.passages.ids(self.eval_rows[i])
+
+    def eval_texts(self, i: int) -> List[str]:
+        return self.passages.texts(self.eval_rows[i])
+
+
+class RankingData(Examples):
+    """Ranking data held as texts in lists (chatterbot, tests): training examples (query, [positive, negatives]),
+    held-out queries with their candidates and graded labels. Data without ids of its own gets `text_id`s."""
+
+    def __init__(self, train: List[Example], eval_queries: List[str], eval_candidates: List[List[str]],
+                 eval_labels: List[List[int]], source: str = "", stats: Optional[Dict[str, float]] = None,
+                 eval_qids: Optional[List[str]] = None, qrels: Optional[Dict[str, Dict[str, int]]] = None,
+                 eval_depth: Optional[int] = None):
+        self.source, self.stats, self.eval_depth = source, dict(stats or {}), eval_depth
+        self.eval_queries, self.eval_labels = list(eval_queries), [list(y) for y in eval_labels]
+        query_row: Dict[str, int] = {}
+        passage_row: Dict[str, int] = {}
+        for q, ps in train:
+            query_row.setdefault(q, len(query_row))
+            for p in ps:
+                passage_row.setdefault(p, len(passage_row))
+        for ps in eval_candidates:
+            for p in ps:
+                passage_row.setdefault(p, len(passage_row))
+        self.queries, self.passages = ListTexts(list(query_row)), ListTexts(list(passage_row))
+        n = len(train[0][1]) if train else 0
+        self.train_q = np.array([query_row[q] for q, _ in train], dtype=np.int64)
+        self.train_p = np.array([[passage_row[p] for p in ps] for _, ps in train], dtype=np.int64).reshape(-1, n)
+        self.eval_rows = [np.array([passage_row[p] for p in ps], dtype=np.int64) for ps in eval_candidates]
+        self.eval_qids = list(eval_qids) if eval_qids is not None else [text_id(q) for q in eval_queries]
+        if qrels is None:
+            qrels = {}
+            for q, rows, ys in zip(self.eval_qids, self.eval_rows, self.eval_labels):
+                qrels.setdefault(q, {}).update(zip(self.passages.ids(rows), ys))
+        self.qrels = qrels
+
+    @property
+    def train(self) -> List[Example]:
+        qs, ps = self.batch_texts(range(self.num_train))
+        return list(zip(qs, ps))
+
+    @property
+    def eval_candidates(self) -> List[List[str]]:
+        return [self.eval_texts(i) for i in range(len(self.eval_rows))]
 
 
 def is_eval_query(query: str, salt: str, fraction: float) -> bool:

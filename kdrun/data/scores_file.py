@@ -10,91 +10,62 @@ the SHA-1 of the text (`kdrun.data.ranking.text_id`).
 """
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Tuple
 
+import numpy as np
 import torch
 
 from kdrun.errors import DataError
 
-Table = Dict[Tuple[str, str], float]  # (query id, passage id) -> teacher score
+def join(data, path: str, max_missing_fraction: float) -> Tuple[torch.Tensor, int]:
+    """(the [N, n] teacher scores of the training examples kept, examples dropped for a missing score). The file is
+    converted once into sorted (query row, passage row) keys (kdrun/data/columns.py) and joined to the examples by
+    their own ids, vectorised; `data` keeps only the scored examples. Fails when the dropped share exceeds
+    max_missing_fraction. The first score a file gives a (query, passage) pair wins."""
+    from kdrun.data import columns
 
-
-def read(path: str) -> Table:
-    """Every (query id, passage id) score in the file; a malformed line fails naming file and line."""
-    f = Path(path).expanduser()
-    if not f.is_file():
-        raise DataError(f"teacher.scores_file={path}: no such file (write one with `kdrun mode=score ...`)")
-    table: Table = {}
-    try:
-        with open(f, encoding="utf-8") as lines:
-            for n, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                cols = line.rstrip("\n").split("\t")
-                if len(cols) != 5:
-                    raise DataError(f"{f}:{n}: expected 5 tab-separated columns (score_pos score_neg query_id "
-                                    f"pos_id neg_id), found {len(cols)}")
-                try:
-                    pos, neg = float(cols[0]), float(cols[1])
-                except ValueError:
-                    raise DataError(f"{f}:{n}: the first two columns must be numbers (score_pos score_neg), "
-                                    f"found {cols[0]!r} and {cols[1]!r}") from None
-                if not (math.isfinite(pos) and math.isfinite(neg)):
-                    raise DataError(f"{f}:{n}: scores must be finite, found {cols[0]} and {cols[1]}")
-                qid, pid, nid = (c.strip() for c in cols[2:])
-                table.setdefault((qid, pid), pos)
-                table.setdefault((qid, nid), neg)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{f}: not UTF-8 text ({e})") from e
-    except OSError as e:
-        raise DataError(f"teacher.scores_file={path}: cannot read it ({e})") from e
-    if not table:
-        raise DataError(f"teacher.scores_file={path}: the file has no scores")
-    return table
-
-
-def join(data, table: Table, path: str, max_missing_fraction: float) -> Tuple[torch.Tensor, int]:
-    """(the [N, n] teacher scores of the training examples kept, examples dropped for a missing score). Joined by the
-    examples' own (query id, passage id)s; `data` keeps only the scored examples. Fails when the dropped share exceeds
-    max_missing_fraction."""
-    kept, rows, missing = [], [], 0
-    for i in range(len(data.train)):
-        qid, pids = data.example_ids(i)
-        row = [table.get((qid, p)) for p in pids]
-        if any(v is None for v in row):
-            missing += 1
-            continue
-        kept.append(i)
-        rows.append(row)
-    share = missing / max(1, len(data.train))
-    if share > max_missing_fraction or not kept:
-        raise DataError(f"teacher.scores_file={path}: {missing} of {len(data.train)} training examples ({share:.1%}) "
+    table = columns.score_table(path, data.queries, data.passages)
+    scores, found = table.lookup(np.asarray(data.train_q), np.asarray(data.train_p))
+    ok = found.all(axis=1)
+    total, missing = len(ok), int((~ok).sum())
+    share = missing / max(1, total)
+    if share > max_missing_fraction or not ok.any():
+        raise DataError(f"teacher.scores_file={path}: {missing} of {total} training examples ({share:.1%}) "
                         f"have a (query id, passage id) without a score, more than teacher.max_missing_fraction="
                         f"{max_missing_fraction}; was the file written for this data (same data= settings)?")
-    data.keep(kept)
-    return torch.tensor(rows, dtype=torch.float32), missing
+    if missing:
+        data.keep(np.flatnonzero(ok))
+    return torch.from_numpy(np.ascontiguousarray(scores[ok])), missing
 
 
 def write(path: str, data, scores: torch.Tensor) -> int:
-    """One line per distinct (query, positive, negative) triple of the training examples; returns the lines
-    written. Scores keep 9 significant digits (float32 round-trips exactly). Written to a temporary file and
-    renamed, so a reader never sees half a file."""
+    """One line per distinct (query, positive, negative) triple of the training examples, in example order; returns
+    the lines written. Scores keep 9 significant digits (float32 round-trips exactly). Written in chunks (ids fetched
+    per chunk) to a temporary file and renamed, so a reader never sees half a file."""
     f = Path(path).expanduser()
     f.parent.mkdir(parents=True, exist_ok=True)
     tmp = f.with_name(f.name + f".tmp{os.getpid()}")
-    seen, lines = set(), 0
+    q, p = np.asarray(data.train_q, dtype=np.int64), np.asarray(data.train_p, dtype=np.int64)
+    k = p.shape[1] - 1
+    triples = np.stack([np.repeat(q, k), np.repeat(p[:, 0], k), p[:, 1:].reshape(-1)], axis=1)
+    _, first = np.unique(triples, axis=0, return_index=True)
+    keep = np.zeros(len(triples), dtype=bool)
+    keep[first] = True  # the first time a triple appears
+    values = np.asarray(scores.detach().cpu().float() if isinstance(scores, torch.Tensor) else scores, dtype=np.float32)
+    pos_score, neg_score = np.repeat(values[:, 0], k), values[:, 1:].reshape(-1)
+    lines = 0
     with open(tmp, "w", encoding="utf-8") as out:
-        for i, row in enumerate(scores.tolist()):
-            qid, (pos, *negs) = data.example_ids(i)
-            for p, s in zip(negs, row[1:]):
-                triple = (qid, pos, p)
-                if triple in seen:
-                    continue
-                seen.add(triple)
-                out.write(f"{row[0]:.9g}\t{s:.9g}\t{qid}\t{pos}\t{triple[2]}\n")
-                lines += 1
+        for start in range(0, len(triples), 100_000):
+            at = start + np.flatnonzero(keep[start:start + 100_000])
+            if not len(at):
+                continue
+            qids = data.queries.ids(triples[at, 0])
+            pids = data.passages.ids(triples[at, 1])
+            nids = data.passages.ids(triples[at, 2])
+            out.writelines(f"{sp:.9g}\t{sn:.9g}\t{a}\t{b}\t{c}\n"
+                           for sp, sn, a, b, c in zip(pos_score[at].tolist(), neg_score[at].tolist(), qids, pids, nids))
+            lines += len(at)
     tmp.replace(f)
     return lines

@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,66 @@ def pretokenize(tokenizer, texts: Sequence[str], max_length: int, cache_dir: Opt
                 batched=True, batch_size=1000, remove_columns=["text"], cache_file_name=cache_file,
                 load_from_cache_file=True, new_fingerprint=key, num_proc=num_proc if len(distinct) > 10_000 else None)
     return TokenTable(tokenizer, max_length, dict(zip(distinct, ds["input_ids"]))), hit
+
+
+class RowTokens:
+    """A text column's token ids by row (an Arrow table, memory-mapped from the `datasets` cache file) and each row's
+    length: what a batch of row indices is padded from."""
+
+    def __init__(self, table):
+        import pyarrow.compute as pc
+
+        from kdrun.data.columns import Chunked
+
+        self.table, self.column = table, Chunked(table.column("input_ids"))
+        self.lengths = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def ids(self, rows) -> List[List[int]]:
+        return self.column.take(rows)
+
+
+def tokenize_column(tokenizer, column, max_length: int, cache_dir: Optional[Path], fingerprint: str,
+                    num_proc: int = 1) -> Tuple[RowTokens, bool]:
+    """(a text column's token ids by row, whether they came from the cache): a batched `datasets` map over the column's
+    Arrow table, written to an Arrow file under the kdrun cache (keyed by the tokenizer, max_length and the column's
+    content) and memory-mapped from there: memory does not grow with the collection."""
+    import datasets
+    from datasets.table import InMemoryTable
+
+    key = hashlib.sha256(f"rows|{fingerprint}|{max_length}|{column.digest}".encode()).hexdigest()[:24]
+    cache_file = None
+    if cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        cache_file = str(Path(cache_dir) / f"rows-{key}.arrow")
+    hit = cache_file is not None and Path(cache_file).is_file()
+    datasets.disable_progress_bars()
+    ds = datasets.Dataset(InMemoryTable(column.arrow()))
+    ds = ds.map(lambda batch: {"input_ids": tokenizer(batch["text"], truncation=True, max_length=max_length)["input_ids"]},
+                batched=True, batch_size=1000, remove_columns=["text"], cache_file_name=cache_file,
+                load_from_cache_file=True, new_fingerprint=key, num_proc=num_proc if len(column) > 10_000 else None)
+    return RowTokens(ds.data.table), hit
+
+
+def tokenize_columns(student, columns: Dict[str, object]) -> Tuple[Dict[str, RowTokens], Dict[str, float]]:
+    """A ranking student's text columns (queries, passages) tokenised once each (cached through `datasets` under kdrun's
+    cache, keyed by the tokenizer); the metrics say how long it took and whether the cache had them."""
+    import time
+
+    from kdrun.models.hub import cache_root
+    from kdrun.teacher_cache import tokenizer_fingerprint
+
+    t0 = time.perf_counter()
+    fingerprint = tokenizer_fingerprint(student.tokenizer)
+    tables, hits = {}, []
+    for name, column in columns.items():
+        tables[name], hit = tokenize_column(student.tokenizer, column, student.max_length, cache_root() / "tokens",
+                                            fingerprint)
+        hits.append(hit)
+    return tables, {"data/tokenize_seconds": time.perf_counter() - t0, "data/tokenize_cache_hit": float(all(hits)),
+                    "data/distinct_texts": float(sum(len(t) for t in tables.values()))}
 
 
 def tokenize_once(student, texts: Sequence[str]) -> Dict[str, float]:

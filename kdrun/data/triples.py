@@ -14,54 +14,61 @@ the metrics (kdrun/tasks/ranking/metrics.py) count every relevant passage of the
 Training examples are (query, [positive, negative_1..k]): each (query, positive)'s negatives in file order,
 in groups of `negatives_per_query` (an incomplete last group is dropped). Every bad line fails naming
 the file and the line.
+
+The collection, the queries and the triples are held as memory-mapped columns (kdrun/data/columns.py), converted
+once per file content: memory does not grow with the corpus, and a second run opens them in seconds.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional
 
-from kdrun.data.ranking import RankingData
+import numpy as np
+
+from kdrun.data import columns
+from kdrun.data.columns import TextColumn, lines
+from kdrun.data.ranking import Examples
 from kdrun.errors import DataError
 
 
-def _lines(key: str, path: str) -> Iterator[Tuple[int, List[str], Path]]:
-    f = Path(path).expanduser()
-    if not f.is_file():
-        raise DataError(f"data.{key}={path}: no such file")
-    try:
-        with open(f, encoding="utf-8") as lines:
-            for n, line in enumerate(lines, 1):
-                if line.strip():
-                    yield n, line.rstrip("\n").split("\t") if "\t" in line else line.split(), f
-    except UnicodeDecodeError as e:
-        raise DataError(f"data.{key}={path}: not UTF-8 text ({e})") from e
-    except OSError as e:  # permissions, a file that vanished, an I/O error
-        raise DataError(f"data.{key}={path}: cannot read it ({e.strerror or e})") from e
+class TriplesData(Examples):
+    """data=triples: texts and training examples as memory-mapped columns; the held-out evaluation (thousands of
+    queries) as row arrays."""
+
+    def __init__(self, queries: TextColumn, passages: TextColumn, held: TextColumn, train_q, train_p, **evaluation):
+        self.queries, self.passages, self.held = queries, passages, held
+        self.train_q, self.train_p = train_q, train_p
+        for k, v in evaluation.items():
+            setattr(self, k, v)
+
+    def fingerprint(self) -> str:
+        """The files' contents and the example rows: the teacher-output cache's key, without reading every text."""
+        h = hashlib.sha256(f"triples|{self.queries.digest}|{self.passages.digest}".encode())
+        for start in range(0, self.num_train, 1 << 20):
+            h.update(np.ascontiguousarray(self.train_q[start:start + (1 << 20)], dtype=np.int64).tobytes())
+            h.update(np.ascontiguousarray(self.train_p[start:start + (1 << 20)], dtype=np.int64).tobytes())
+        return h.hexdigest()
 
 
-def read_texts(key: str, path: str) -> Dict[str, str]:
-    """id -> text from `id <TAB> text` lines."""
-    out = {}
-    for n, cols, f in _lines(key, path):
-        if len(cols) < 2 or not cols[0].strip():
-            raise DataError(f"{f}:{n}: expected `id<TAB>text`")
-        out[cols[0].strip()] = "\t".join(cols[1:]).strip()
-    if not out:
-        raise DataError(f"data.{key}={path}: the file is empty")
-    return out
+def _run_file(path: str, held: List[str], passages: TextColumn, depth: int) -> Dict[str, np.ndarray]:
+    """Per held-out query its candidates' rows best first, the first `depth` distinct ones: a TREC run in rank order,
+    or qid<TAB>pid lines (MS MARCO's top1000 files, qid pid query passage, too) in file order. Parsed in chunks into
+    arrays (MS MARCO's dev run is 6.7M lines)."""
+    index = {q: i for i, q in enumerate(held)}
+    parts: List[np.ndarray] = []
+    qs, ranks, nums, pids = [], [], [], []
 
+    def flush():
+        if qs:
+            rows = passages.rows(pids)
+            columns._unknown(rows, np.asarray(nums), pids, Path(path), "passage", "collection")
+            parts.append(np.stack([np.asarray(qs, np.float64), np.asarray(ranks, np.float64), np.asarray(nums, np.float64),
+                                   rows.astype(np.float64)], axis=1))
+            for x in (qs, ranks, nums, pids):
+                x.clear()
 
-def _known(f: Path, n: int, ids, table: Dict[str, str], what: str, key: str) -> None:
-    for i in ids:
-        if i not in table:
-            raise DataError(f"{f}:{n}: {what} id {i!r} is not in data.{key}")
-
-
-def _run_file(path: str, passages: Dict[str, str], depth: int) -> Dict[str, List[str]]:
-    """Per query its candidates best first, the first `depth` distinct ones: a TREC run in rank order, or qid<TAB>pid
-    lines (MS MARCO's top1000 files, qid pid query passage, too) in file order."""
-    rows: Dict[str, List[Tuple[float, int, str]]] = {}
-    for n, cols, f in _lines("eval_candidates_file", path):
+    for n, cols, f in lines("eval_candidates_file", path):
         if len(cols) == 6:
             try:
                 rank = float(cols[3])
@@ -73,44 +80,44 @@ def _run_file(path: str, passages: Dict[str, str], depth: int) -> Dict[str, List
         else:
             raise DataError(f"{f}:{n}: expected a TREC run `qid Q0 pid rank score tag`, `qid<TAB>pid` or MS MARCO's "
                             f"`qid<TAB>pid<TAB>query<TAB>passage`, found {len(cols)} columns")
-        _known(f, n, [pid], passages, "passage", "collection")
-        rows.setdefault(qid.strip(), []).append((rank, n, pid.strip()))
-    return {q: list(dict.fromkeys(p for _, _, p in sorted(r)))[:depth] for q, r in rows.items()}
+        pids.append(pid.strip())
+        if (q := index.get(qid.strip())) is None:
+            pids.pop()
+            continue
+        qs.append(q)
+        ranks.append(rank)
+        nums.append(n)
+        if len(qs) >= columns.CHUNK:
+            flush()
+    flush()
+    if not parts:
+        return {}
+    table = np.concatenate(parts)
+    table = table[np.lexsort((table[:, 2], table[:, 1], table[:, 0]))]  # by query, rank, line
+    out = {}
+    starts = np.flatnonzero(np.r_[True, table[1:, 0] != table[:-1, 0]])
+    for lo, hi in zip(starts, np.r_[starts[1:], len(table)]):
+        rows = table[lo:hi, 3].astype(np.int64)
+        _, first = np.unique(rows, return_index=True)
+        out[held[int(table[lo, 0])]] = rows[np.sort(first)][:depth]
+    return out
 
 
 def load(*, collection: str, queries: str, triples: str, qrels: str, eval_queries: Optional[str],
          eval_candidates_file: Optional[str], negatives_per_query: int, eval_depth: int,
          max_train_examples: Optional[int], max_eval_queries: Optional[int], seed: int, eval_fraction: float,
-         split_salt: str) -> RankingData:
+         split_salt: str) -> TriplesData:
     """The standard evaluation protocol: each held-out query (a query of the qrels with a relevant passage) re-ranks
     its candidates from the run file, or BM25's over the collection, to depth `eval_depth`; no positive is added, the
     qrels keep their grades. (seed, eval_fraction and split_salt are unused: the held-out queries are the qrels'.)"""
-    passages = read_texts("collection", collection)
-    query_text = read_texts("queries", queries)
-    held_text = read_texts("eval_queries", eval_queries) if eval_queries else query_text
-
-    negatives: Dict[Tuple[str, str], List[str]] = {}
-    for n, cols, f in _lines("triples", triples):
-        if len(cols) not in (3, 5):
-            raise DataError(f"{f}:{n}: expected `qid<TAB>pos_pid<TAB>neg_pid` (or a 5-column score file), "
-                            f"found {len(cols)} columns")
-        qid, pos, neg = (c.strip() for c in cols[-3:])
-        _known(f, n, [qid], query_text, "query", "queries")
-        _known(f, n, [pos, neg], passages, "passage", "collection")
-        negatives.setdefault((qid, pos), []).append(neg)
-    train, train_ids = [], []
-    for (qid, pos), negs in negatives.items():
-        for i in range(0, len(negs) - negatives_per_query + 1, negatives_per_query):
-            group = negs[i:i + negatives_per_query]
-            train.append((query_text[qid], [passages[pos]] + [passages[p] for p in group]))
-            train_ids.append((qid, [pos, *group]))
-            if max_train_examples and len(train) >= max_train_examples:
-                break
-        if max_train_examples and len(train) >= max_train_examples:
-            break
+    passages = columns.text_column("collection", collection)
+    query_col = columns.text_column("queries", queries)
+    held_col = columns.text_column("eval_queries", eval_queries) if eval_queries else query_col
+    train_q, train_p = columns.training_examples(triples, query_col, passages, negatives_per_query, max_train_examples)
 
     judged: Dict[str, Dict[str, int]] = {}
-    for n, cols, f in _lines("qrels", qrels):
+    entries = []
+    for n, cols, f in lines("qrels", qrels):
         if len(cols) == 4:
             qid, pid, rel = cols[0], cols[2], cols[3]
         elif len(cols) == 2:
@@ -121,34 +128,41 @@ def load(*, collection: str, queries: str, triples: str, qrels: str, eval_querie
             grade = int(rel)
         except ValueError:
             raise DataError(f"{f}:{n}: relevance {rel!r} is not an integer") from None
-        _known(f, n, [qid], held_text, "query", "eval_queries" if eval_queries else "queries")
-        _known(f, n, [pid], passages, "passage", "collection")
+        entries.append((n, qid.strip(), pid.strip()))
         judged.setdefault(qid.strip(), {})[pid.strip()] = grade
+    if entries:
+        nums = np.asarray([e[0] for e in entries])
+        for i, column, what, key in ((1, held_col, "query", "eval_queries" if eval_queries else "queries"),
+                                     (2, passages, "passage", "collection")):
+            ids = [e[i] for e in entries]
+            columns._unknown(column.rows(ids), nums, ids, Path(qrels).expanduser(), what, key)
     held = [q for q, js in judged.items() if any(r > 0 for r in js.values())]
 
     if eval_candidates_file:
-        ranked = _run_file(eval_candidates_file, passages, eval_depth)
-        without = [q for q in held if not ranked.get(q)]
-        held = [q for q in held if ranked.get(q)][:max_eval_queries or None]
+        ranked = _run_file(eval_candidates_file, held, passages, eval_depth)
+        without = [q for q in held if not len(ranked.get(q, ()))]
+        held = [q for q in held if len(ranked.get(q, ()))][:max_eval_queries or None]
     else:
-        from kdrun.data.bm25 import file_digest, search
+        from kdrun.data.bm25 import search
 
         held = held[:max_eval_queries or None]
-        pids = list(passages)
-        hits = search([passages[p] for p in pids], [held_text[q] for q in held], eval_depth, file_digest(collection))
-        ranked = {q: [pids[i] for i in found] for q, found in zip(held, hits)}
-        without = [q for q in held if not ranked[q]]
-        held = [q for q in held if ranked[q]]
+        texts = held_col.texts(held_col.rows(held))
+        chunks = (passages.texts(np.arange(i, min(i + columns.CHUNK, len(passages))))
+                  for i in range(0, len(passages), columns.CHUNK))
+        hits = search((t for chunk in chunks for t in chunk), len(passages), texts, eval_depth, passages.digest)
+        ranked = {q: np.asarray(found, dtype=np.int64) for q, found in zip(held, hits)}
+        without = [q for q in held if not len(ranked[q])]
+        held = [q for q in held if len(ranked[q])]
     source = f"triples {triples}"
-    if not train or not held:
-        raise DataError(f"{source}: {len(train)} training examples (data.negatives_per_query={negatives_per_query}) "
+    if not len(train_q) or not held:
+        raise DataError(f"{source}: {len(train_q)} training examples (data.negatives_per_query={negatives_per_query}) "
                         f"and {len(held)} held-out queries with a relevant passage in data.qrels and candidates to "
                         f"re-rank; both must be non-empty")
-    cands = [[passages[p] for p in ranked[q]] for q in held]
-    labels = [[max(0, judged[q].get(p, 0)) for p in ranked[q]] for q in held]
-    stats = {"passages": len(passages), "train_queries": len({q for q, _ in train_ids}), "eval_queries": len(held),
-             "eval_queries_without_candidates": len(without), "train_examples": len(train),
-             "eval_candidates_per_query": sum(map(len, cands)) / len(cands), "eval_depth": eval_depth}
-    return RankingData(train, [held_text[q] for q in held], cands, labels, source, stats, train_ids=train_ids,
-                       eval_qids=held, eval_pids=[ranked[q] for q in held], qrels={q: judged[q] for q in held},
-                       eval_depth=eval_depth)
+    eval_rows = [ranked[q] for q in held]
+    labels = [[max(0, judged[q].get(p, 0)) for p in passages.ids(rows)] for q, rows in zip(held, eval_rows)]
+    stats = {"passages": len(passages), "train_queries": len(np.unique(train_q)), "eval_queries": len(held),
+             "eval_queries_without_candidates": len(without), "train_examples": len(train_q),
+             "eval_candidates_per_query": sum(map(len, eval_rows)) / len(eval_rows), "eval_depth": eval_depth}
+    return TriplesData(query_col, passages, held_col, train_q, train_p, eval_qids=held,
+                       eval_queries=held_col.texts(held_col.rows(held)), eval_rows=eval_rows, eval_labels=labels,
+                       qrels={q: judged[q] for q in held}, eval_depth=eval_depth, source=source, stats=stats)

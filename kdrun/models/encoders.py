@@ -69,6 +69,21 @@ def run_groups(fn, features: Dict):
     return result if as_dict else result[""]
 
 
+def one_lookup(encoder: nn.Module, features: Dict) -> Dict:
+    """Length-grouped features (`tokens.pad`) with every group's word embeddings looked up in one call, handed on as
+    `inputs_embeds`: in training, one lookup's backward builds one dense [vocab, hidden] gradient instead of one per
+    group (at 4 groups that was half the step's CPU time). The same numbers as a lookup per group; ungrouped features,
+    and evaluation (no gradient), pass unchanged."""
+    groups = features.get("groups") if isinstance(features, dict) else None
+    if not groups or len(groups) < 2 or not torch.is_grad_enabled() or "input_ids" not in groups[0]:
+        return features
+    ids = [g["input_ids"] for g in groups]
+    vectors = encoder.get_input_embeddings()(torch.cat([i.reshape(-1) for i in ids])).split([i.numel() for i in ids])
+    out = [{**{k: v for k, v in g.items() if k != "input_ids"}, "inputs_embeds": vec.view(*i.shape, -1)}
+           for g, i, vec in zip(groups, ids, vectors)]
+    return {**features, "groups": out}
+
+
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
     """Mean over real tokens, or the first ([CLS]) token."""
     if pooling == "cls":
@@ -95,6 +110,14 @@ class Scorer(nn.Module):
     def request(self, outputs: set) -> None:
         """Extra outputs for the loss terms: "in_batch_scores"."""
         self.outputs = set(outputs) & {"in_batch_scores"}
+
+    def featurize_ids(self, query_ids: List[List[int]], passage_ids: List[List[int]]) -> Dict:
+        """Features from token ids tokenised once (kdrun.data.tokens), each column split into up to `max_groups`
+        length groups padded apart."""
+        from kdrun.data import tokens
+
+        pad = lambda ids: tokens.pad(self.tokenizer, ids, self.pad_multiple, self.max_groups)
+        return {"query": pad(query_ids), "passage": pad(passage_ids)}
 
 
 class BiEncoder(Scorer):
@@ -124,7 +147,7 @@ class BiEncoder(Scorer):
         return F.normalize(emb.float(), dim=-1) if self.similarity == "cos" else emb
 
     def embed(self, features: Features) -> torch.Tensor:
-        return run_groups(self._embed, features)
+        return run_groups(self._embed, one_lookup(self.encoder, features))
 
     def forward(self, features: Dict[str, Features]) -> Dict[str, torch.Tensor]:
         q = self.embed(features["query"]).float()  # [B, H]
@@ -250,9 +273,9 @@ class LateInteraction(Scorer):
         back padded to the longest group (zero vectors, masked)."""
         if "groups" not in features:
             return self._vectors(features), features["attention_mask"]
-        length = max(g["input_ids"].shape[1] for g in features["groups"])
+        length = max(g["attention_mask"].shape[1] for g in features["groups"])
         vecs = mask = None
-        for g in features["groups"]:
+        for g in one_lookup(self.encoder, features)["groups"]:
             v = self._vectors({k: x for k, x in g.items() if k != "index"})
             if vecs is None:
                 vecs = v.new_zeros((features["count"], length, v.shape[-1]))

@@ -1,54 +1,67 @@
 """Ranking: batches of (query, [positive, negatives]) -> [B, n] scores; held-out MRR@10, nDCG@10, Recall (metrics.py)."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+import numpy as np
 import torch
 
-from kdrun.data.ranking import Example
 from kdrun.tasks.ranking import FAMILY
 from kdrun.tasks.ranking.metrics import as_run, fast_metrics, library_metrics, write_qrels, write_run
 
 
 class Collate:
-    """Raw examples -> each model's own features (teacher and student may tokenize differently).
+    """Example indices -> each model's own features (teacher and student may tokenize differently).
 
-    With `teacher=None` the examples carry precomputed teacher outputs ({"scores": [n]}) as a third item,
-    which are batched into "teacher_out" instead of teacher features.
+    The student's texts come as token ids from its row token tables (tokenised once) where it has them, else as texts.
+    With precomputed `outputs` ({"scores": [N, n]}, and each teacher's "scores@<name>"), their rows are batched into
+    "teacher_out"; online, the teacher's features are built from the texts.
     """
 
-    def __init__(self, teacher, student):
-        self.teacher, self.student = teacher, student
+    def __init__(self, task, online: bool):
+        self.task, self.data, self.student = task, task.data, task.student
+        self.teacher = task.teacher if online else None
 
-    def __call__(self, examples: Sequence) -> Dict:
-        queries = [ex[0] for ex in examples]
-        passages = [ex[1] for ex in examples]
-        batch = {"student": self.student.featurize(queries, passages), "size": len(examples)}
-        if self.teacher is None:  # every output the examples carry: "scores" (and each teacher's "scores@<name>")
-            batch["teacher_out"] = {k: torch.stack([ex[2][k] for ex in examples]) for k in examples[0][2]}
+    def __call__(self, index: Sequence[int]) -> Dict:
+        index = np.asarray(index, dtype=np.int64)
+        texts, tokens = None, self.task.tokens
+        if tokens is not None:
+            q_rows, p_rows = self.data.train_q[index], np.asarray(self.data.train_p[index]).reshape(-1)
+            features = self.student.featurize_ids(tokens["query"].ids(q_rows), tokens["passage"].ids(p_rows))
         else:
-            batch["teacher"] = self.teacher.featurize(queries, passages)
+            texts = self.data.batch_texts(index)
+            features = self.student.featurize(*texts)
+        batch = {"student": features, "size": len(index)}
+        if self.teacher is None:  # every precomputed output: "scores" (and each teacher's "scores@<name>")
+            batch["teacher_out"] = {k: torch.as_tensor(np.asarray(v[index])) if isinstance(v, np.ndarray) else v[index]
+                                    for k, v in self.task.outputs.items()}
+        else:
+            batch["teacher"] = self.teacher.featurize(*(texts or self.data.batch_texts(index)))
         return batch
 
 
-def example_length(example: Example) -> int:
-    """Sort key for length bucketing (characters: a cheap proxy for tokens)."""
-    query, passages = example[0], example[1]
-    return len(query) + max(len(p) for p in passages)
+def char_lengths(data) -> np.ndarray:
+    """Bucketing keys without token tables (a cross-encoder student): the query's characters + the longest passage's,
+    computed by Arrow over the text columns."""
+    import pyarrow.compute as pc
+
+    q = pc.utf8_length(data.queries.arrow().column("text")).to_numpy(zero_copy_only=False)
+    p = pc.utf8_length(data.passages.arrow().column("text")).to_numpy(zero_copy_only=False)
+    return q[np.asarray(data.train_q)] + p[np.asarray(data.train_p)].max(axis=1)
 
 
-def token_lengths(table, examples: Sequence) -> List[int]:
-    """Bucketing keys from a student's token table: the query's tokens + the longest passage's."""
-    return [len(table([ex[0]])[0]) + max(len(ids) for ids in table(ex[1])) for ex in examples]
-
-
-def precompute_teacher_scores(teacher, examples: Sequence[Example], batch_size: int, runtime) -> torch.Tensor:
-    """[N, n] teacher scores for every example, computed once (a bi-encoder embeds each distinct text once)."""
-    with runtime.autocast():
-        rows = teacher.score_lists([q for q, _ in examples], [ps for _, ps in examples], batch_size, runtime.device)
-    return torch.stack(rows).float()
+def precompute_teacher_scores(teacher, data, batch_size: int, runtime, start: int, stop: int,
+                              chunk: int = 50_000) -> torch.Tensor:
+    """[stop - start, n] teacher scores of training examples [start, stop), `chunk` examples at a time (memory bounded
+    by the chunk; a bi-encoder embeds each distinct text of a chunk once)."""
+    out = torch.empty((stop - start, data.train_p.shape[1]), dtype=torch.float32)
+    for lo in range(start, stop, chunk):
+        queries, passages = data.batch_texts(range(lo, min(lo + chunk, stop)))
+        with runtime.autocast():
+            rows = teacher.score_lists(queries, passages, batch_size, runtime.device)
+        out[lo - start:lo - start + len(rows)] = torch.stack(rows).float().cpu()
+    return out
 
 
 def ranking_metrics(scores: Sequence[torch.Tensor], labels: Sequence[Sequence[int]], k: int = 10) -> Dict[str, float]:
@@ -67,71 +80,89 @@ def score_lists(model, queries: List[str], candidates: List[List[str]], batch_si
 
 
 class RankingTask:
-    """(query, [positive, negatives]) examples; models score them; MRR@10, nDCG@10, Recall@10 held out."""
+    """(query, [positive, negatives]) examples; models score them; MRR@10, nDCG@10, Recall held out. The data is
+    any `kdrun.data.ranking.Examples` (texts in lists, or memory-mapped columns): examples are indices into it."""
     name, primary = FAMILY.name, FAMILY.primary
+    eval_chunk = 100_000  # candidates scored per evaluation step (bounded memory for a 1000-deep run of 7k queries)
 
     def __init__(self, data, teacher, student, runtime, eval_batch_size: int):
         self.data, self.teacher, self.student = data, teacher, student
         self.rt, self.eval_batch_size = runtime, eval_batch_size
         self.runs: Dict[str, Dict[str, Dict[str, float]]] = {}  # who -> the last reported evaluation's run
+        self.tokens = None  # the student's row token tables {"query", "passage"} (prepare_student)
+        self.outputs = None  # precomputed teacher outputs (attach)
 
     def prepare_student(self, student, hardware: Dict) -> Dict[str, float]:
-        """Padding to a multiple of 8/16; the student's queries and passages tokenised once and, per batch, split
-        into up to `length_groups` groups padded apart. A cross-encoder reads pairs: nothing to tokenise ahead."""
-        from kdrun.data.tokens import tokenize_once
+        """Padding to a multiple of 8/16; the student's query and passage columns tokenised once (cached) and, per
+        batch, split into up to `length_groups` groups padded apart. A cross-encoder reads pairs: nothing to tokenise
+        ahead."""
+        from kdrun.data.tokens import tokenize_columns
         from kdrun.models.encoders import CrossEncoder
 
         student.pad_multiple = hardware["pad_to_multiple_of"]
         if isinstance(student, CrossEncoder):
             return {}
         student.max_groups = hardware["length_groups"]
-        return tokenize_once(student, self.train_texts())
+        self.tokens, metrics = tokenize_columns(student, {"query": self.data.queries, "passage": self.data.passages})
+        return metrics
 
     def loss_context(self) -> Dict:
         return {}
 
-    def examples(self) -> list:
-        return self.data.train
-
-    def train_texts(self) -> List[str]:
-        """Every text the student encodes in training (queries and passages), for tokenising once."""
-        return [t for q, ps in self.data.train for t in (q, *ps)]
+    def examples(self):
+        return range(self.data.num_train)
 
     def lengths(self) -> List[int]:
-        """Bucketing keys: query tokens + longest passage's tokens when the student's texts are tokenised already,
-        else characters."""
-        table = getattr(self.student, "token_table", None)
-        if table is None:
-            return [example_length(ex) for ex in self.data.train]
-        return token_lengths(table, self.data.train)
+        """Bucketing keys: query tokens + the longest passage's tokens where the student's texts are tokenised, else
+        characters."""
+        if self.tokens is None:
+            return char_lengths(self.data).tolist()
+        q = self.tokens["query"].lengths[np.asarray(self.data.train_q)]
+        p = self.tokens["passage"].lengths[np.asarray(self.data.train_p)].max(axis=1)
+        return (q + p).tolist()
 
     def fingerprint(self) -> str:
-        """SHA-256 of the training examples as a teacher sees them: query and passage texts, in order."""
-        h = hashlib.sha256()
-        for q, ps in self.data.train:
-            h.update(("\x1f".join([q, *ps]) + "\x1e").encode())
-        return h.hexdigest()
+        """The training examples as a teacher sees them (the teacher-output cache's key)."""
+        return self.data.fingerprint()
+
+    mapped_outputs = True  # cached teacher outputs stay memory-mapped: the collate takes a batch's rows
+    teacher_chunk = 50_000  # examples per shard of a teacher pass (kdrun/teacher_cache.py)
 
     def teacher_outputs(self, teacher) -> Dict[str, torch.Tensor]:
-        return {"scores": precompute_teacher_scores(teacher, self.data.train, self.eval_batch_size, self.rt).cpu()}
+        return self.teacher_outputs_range(teacher, 0, self.data.num_train)
 
-    def attach(self, outputs: Dict[str, torch.Tensor]) -> list:
-        """The training examples with the teacher's outputs (a row of each tensor) as their third item."""
-        return [(q, ps, {k: v[i] for k, v in outputs.items()}) for i, (q, ps) in enumerate(self.data.train)]
+    def teacher_outputs_range(self, teacher, start: int, stop: int) -> Dict[str, torch.Tensor]:
+        """The teacher's scores of training examples [start, stop)."""
+        return {"scores": precompute_teacher_scores(teacher, self.data, self.eval_batch_size, self.rt, start, stop)}
+
+    def attach(self, outputs: Dict[str, torch.Tensor]):
+        """The examples, with the teacher's outputs (a row of each tensor per example) batched by the collate."""
+        self.outputs = outputs
+        return self.examples()
 
     def collate(self, online: bool) -> Collate:
-        return Collate(self.teacher if online else None, self.student)
+        return Collate(self, online)
 
     def evaluate(self, model, who: str, final: bool = True) -> Dict[str, float]:
         """The held-out metrics: by ir_measures for the reported evaluations (`final`: before and after training),
         by kdrun's own equal computation for the periodic ones. The run of a reported evaluation is kept for
-        `eval_files`."""
+        `eval_files`. Candidates are scored `eval_chunk` at a time."""
         d = self.data
-        scores = score_lists(model, d.eval_queries, d.eval_candidates, self.eval_batch_size, self.rt)
+        scores: List[torch.Tensor] = []
+        start = 0
+        while start < len(d.eval_rows):
+            stop, size = start, 0
+            while stop < len(d.eval_rows) and (stop == start or size + len(d.eval_rows[stop]) <= self.eval_chunk):
+                size += len(d.eval_rows[stop])
+                stop += 1
+            cands = [d.eval_texts(i) for i in range(start, stop)]
+            scores += score_lists(model, d.eval_queries[start:stop], cands, self.eval_batch_size, self.rt)
+            start = stop
+        pids = [d.eval_pids(i) for i in range(len(d.eval_rows))]
         if not final:
             judged = [list(d.qrels.get(q, {}).values()) for q in d.eval_qids]
-            return fast_metrics(scores, d.eval_labels, pids=d.eval_pids, judged=judged, depth=d.eval_depth)
-        run = as_run(d.eval_qids, d.eval_pids, scores)
+            return fast_metrics(scores, d.eval_labels, pids=pids, judged=judged, depth=d.eval_depth)
+        run = as_run(d.eval_qids, pids, scores)
         self.runs[who] = run
         return library_metrics(run, d.qrels, depth=d.eval_depth)
 

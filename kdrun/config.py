@@ -104,6 +104,7 @@ class TeacherConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     cache: bool = True  # mode=precompute: reuse the teacher's outputs across runs (content-addressed, on disk)
     cache_dir: Optional[str] = None  # None: $KDRUN_CACHE/teacher_outputs (KDRUN_CACHE defaults to ~/.cache/kdrun)
+    shard_size: int = 50_000  # mode=precompute, ranking: examples per shard of the teacher pass (resume, DDP split)
     scores_file: Optional[str] = None  # mode=scores_file: tab-separated score_pos score_neg query_id pos_id neg_id
     max_missing_fraction: float = 0.0  # mode=scores_file: training examples without scores above this share fail
     weight: float = 1.0  # with several teachers (teachers.<name>): this teacher's share of the averaged outputs
@@ -489,6 +490,8 @@ def validate(cfg: Any) -> None:
         if objective not in known:
             raise ConfigError(f"sweep.objective={objective} is not a held-out metric of a {task} run; choose one of "
                               f"{known}")
+    if t.shard_size < 1:
+        raise ConfigError(f"teacher.shard_size={t.shard_size} must be >= 1 (training examples per shard of a teacher pass)")
     if t.top_k < 0:
         raise ConfigError(f"teacher.top_k={t.top_k} must be >= 0 (0: full logits)")
     if t.top_k and not fam.sparse_teacher:

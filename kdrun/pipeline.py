@@ -118,7 +118,7 @@ def load_data(cfg: DictConfig):
     return tasks.family(node.pop("task")), build(node)
 
 
-_NOT_BUILDER_ARGS = ("mode", "cache", "cache_dir", "scores_file", "max_missing_fraction", "weight")
+_NOT_BUILDER_ARGS = ("mode", "cache", "cache_dir", "shard_size", "scores_file", "max_missing_fraction", "weight")
 
 
 def build_teachers(cfg: DictConfig, data, rt):
@@ -134,7 +134,7 @@ def build_teachers(cfg: DictConfig, data, rt):
     for name, node in nodes.items():
         weights[name] = node["weight"]
         for key in _NOT_BUILDER_ARGS:
-            node.pop(key)
+            node.pop(key, None)
         models[name] = build(node, task=str(cfg.data.task), data=data, runtime=rt).to(rt.device,
                                                                                        dtype=rt.teacher_dtype)
     if len(models) == 1:
@@ -206,6 +206,8 @@ def teacher_outputs(task, teacher, cfg: DictConfig, rt, info):
     """Every teacher's outputs over the training data, through the teacher-output cache; several teachers'
     are averaged with their weights (each one's own kept for loss terms that name it)."""
     members = dict(teacher.members) if hasattr(teacher, "members") else {"teacher": teacher}
+    if hasattr(task, "teacher_outputs_range"):  # a pass in shards: resumable, split over DDP ranks
+        task.teacher_chunk = cfg.teacher.shard_size
     outputs = {name: teacher_cache.teacher_outputs(task, m, rt, cfg.teacher.cache_dir, cfg.teacher.cache, info, name)
                for name, m in members.items()}
     if len(outputs) == 1:

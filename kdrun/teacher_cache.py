@@ -192,6 +192,9 @@ def teacher_outputs(task, teacher, runtime, cache_dir: Optional[str], use_cache:
     entry = Path(cache_dir or cache_root() / "teacher_outputs").expanduser() / task.name / key
     outputs, why = read(entry, key, description, n)
     info.entries[name] = str(entry)
+    if outputs is None and runtime.distributed and hasattr(task, "teacher_outputs_range"):
+        info.cache_seconds += time.perf_counter() - t0
+        return _for(task, _fill_together(task, teacher, entry, key, description, why, info, name, n, runtime))
     if outputs is None:  # one process computes an entry; parallel sweep jobs that miss it too wait, then read
         with _locked(entry):
             outputs, why = read(entry, key, description, n)
@@ -239,7 +242,8 @@ def _fill(task, teacher, entry: Path, key: str, description: Dict[str, str], why
     info.misses += 1
     t0 = time.perf_counter()
     if hasattr(task, "teacher_outputs_range"):
-        tmp, seconds = _sharded(task, teacher, entry, n, info, name)
+        seconds = _shards(task, teacher, entry, n, info, name)
+        tmp = _assemble(entry, n, _ranges(task, n))
     else:
         outputs = task.teacher_outputs(teacher)
         seconds = time.perf_counter() - t0
@@ -265,23 +269,54 @@ def _partial(entry: Path) -> Path:
     return entry.with_name(entry.name + ".partial")
 
 
-def _sharded(task, teacher, entry: Path, n: int, info: CacheInfo, name: str) -> Tuple[Path, float]:
-    """The teacher over the training data `task.teacher_chunk` examples at a time, each chunk's outputs written as a
-    shard (renamed into place when whole), then the shards copied into one memory-mapped .npy per output. Returns
-    (the staging dir, seconds spent in the teacher)."""
+def _fill_together(task, teacher, entry: Path, key: str, description: Dict[str, str], why: str, info: CacheInfo,
+                   name: str, n: int, runtime) -> Dict[str, np.ndarray]:
+    """DDP (torchrun): every rank runs the teacher over its share of the shards (shard i on rank i % world), rank 0
+    copies them into the entry and publishes it, and every rank reads it back. The partial shards live next to the
+    entry, so the cache directory must be one file system for all ranks (one node, or a shared one)."""
+    if runtime.is_main and why != "missing":
+        log.warning("teacher cache entry %s is %s; rebuilding it", entry, why)
+        shutil.rmtree(entry, ignore_errors=True)
+        info.rebuilt += 1
+    info.misses += 1
+    runtime.barrier()
+    seconds = _shards(task, teacher, entry, n, info, name, runtime.rank, runtime.world_size)
+    info.teacher_seconds += seconds
+    runtime.barrier()  # every shard is written
+    if runtime.is_main:
+        _publish(_assemble(entry, n, _ranges(task, n)), entry, key, description, seconds)
+        shutil.rmtree(_partial(entry), ignore_errors=True)
+        log.info("teacher %s: outputs for %d training examples computed by %d ranks and cached (%s)", name, n,
+                 runtime.world_size, entry)
+    runtime.barrier()  # the entry is published
+    outputs, why = read(entry, key, description, n)
+    if outputs is None:
+        raise RuntimeError(f"teacher cache entry {entry} was written but does not read back: {why}")
+    return outputs
+
+
+def _ranges(task, n: int):
+    chunk = max(1, int(getattr(task, "teacher_chunk", 50_000)))
+    return [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+
+
+def _shards(task, teacher, entry: Path, n: int, info: CacheInfo, name: str, rank: int = 0, world: int = 1) -> float:
+    """The teacher over the training data `task.teacher_chunk` examples at a time (this rank's shards: every world-th
+    from its rank), each chunk's outputs written as a shard, renamed into place when whole; shards already there (a
+    pass that was killed) are kept. Returns the seconds spent in the teacher."""
     from tqdm.auto import tqdm
 
     partial = _partial(entry)
     partial.mkdir(parents=True, exist_ok=True)
-    chunk = max(1, int(getattr(task, "teacher_chunk", 50_000)))
-    ranges = [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+    ranges = _ranges(task, n)[rank::world]
     done = {r for r in ranges if (partial / f"{r[0]:012d}-{r[1]:012d}").is_dir()}
     if done:
         info.resumed_examples += sum(b - a for a, b in done)
-        log.info("teacher %s: %d of %d shards of an interrupted pass are reused (%s)", name, len(done), len(ranges), partial)
+        log.info("teacher %s: %d of %d shards of an interrupted pass are reused (%s)", name, len(done), len(ranges),
+                 partial)
     seconds = 0.0
-    bar = tqdm(total=n, initial=sum(b - a for a, b in done), desc=f"teacher {name}", unit="ex", dynamic_ncols=True,
-               mininterval=1.0)
+    bar = tqdm(total=sum(b - a for a, b in ranges), initial=sum(b - a for a, b in done), desc=f"teacher {name}",
+               unit="ex", dynamic_ncols=True, mininterval=1.0, disable=rank != 0)
     for start, stop in ranges:
         if (start, stop) in done:
             continue
@@ -297,6 +332,12 @@ def _sharded(task, teacher, entry: Path, n: int, info: CacheInfo, name: str) -> 
         tmp.rename(shard)  # a shard is there whole or not at all
         bar.update(stop - start)
     bar.close()
+    return seconds
+
+
+def _assemble(entry: Path, n: int, ranges) -> Path:
+    """The shards copied, slice by slice, into one memory-mapped .npy per output in a staging dir (returned)."""
+    partial = _partial(entry)
     out = staging_dir(entry)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -308,4 +349,4 @@ def _sharded(task, teacher, entry: Path, n: int, info: CacheInfo, name: str) -> 
             whole[start:stop] = np.load(partial / f"{start:012d}-{stop:012d}" / f.name, mmap_mode="r")
         whole.flush()
         del whole
-    return out, seconds
+    return out

@@ -48,6 +48,37 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path)
 
 
 @pytest.mark.slow
+def test_the_teacher_pass_is_split_over_the_ranks_and_gives_one_process_outputs(tmp_path):
+    """Under torchrun each rank runs the teacher over every 2nd shard; rank 0 publishes the entry, which holds what
+    one process computes."""
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+
+    from conftest import f32_close
+
+    env = offline_env(tmp_path)
+    common = COMMON + ["train.max_steps=1", "teacher.shard_size=8", "tracking.log_student=false"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "kdrun", *common, f"teacher.cache_dir={tmp_path / 'c2'}", "tracking.run_name=two",
+                          f"hydra.run.dir={tmp_path / 'two'}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    one = run_kdrun(common + [f"teacher.cache_dir={tmp_path / 'c1'}", "tracking.run_name=one",
+                              f"hydra.run.dir={tmp_path / 'one'}"], cwd=tmp_path, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("ddp").experiment_id])}
+    n = int(runs["one"].data.params["data/train_examples"])
+    assert runs["one"].data.metrics["teacher/computed_examples"] == n
+    mine = runs["two"].data.metrics["teacher/computed_examples"]  # rank 0's own shards: every 2nd of 8 examples
+    assert mine == sum(min(8, n - s) for s in range(0, n, 16)) and mine < n
+    entry = lambda c: next(p for p in (tmp_path / c / "ranking").iterdir() if p.is_dir() and p.suffix == "")
+    a, b = np.load(entry("c1") / "scores.npy"), np.load(entry("c2") / "scores.npy")
+    assert a.shape == b.shape == (n, 2) and f32_close(b, a)
+    assert not list((tmp_path / "c2" / "ranking").glob("*.partial"))
+
+
+@pytest.mark.slow
 def test_ddp_stopped_by_sigterm_resumes_to_the_uninterrupted_weights(tmp_path):
     """torchrun forwards SIGTERM to both ranks; they agree on the step, rank 0 writes the checkpoint and each rank its
     RNG state; resumed under torchrun, the run ends with the weights and losses of a run that never stopped (with

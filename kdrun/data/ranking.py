@@ -55,6 +55,11 @@ class ListTexts:
 
         return pa.table({"text": self._texts})
 
+    def dataset(self):
+        import datasets
+
+        return datasets.Dataset.from_dict({"text": self._texts})
+
     @property
     def digest(self) -> str:
         h = hashlib.sha256(f"{len(self._texts)}".encode())

@@ -90,20 +90,21 @@ def tokenize_column(tokenizer, column, max_length: int, cache_dir: Optional[Path
     Arrow table, written to an Arrow file under the kdrun cache (keyed by the tokenizer, max_length and the column's
     content) and memory-mapped from there: memory does not grow with the collection."""
     import datasets
-    from datasets.table import InMemoryTable
+    import pyarrow as pa
 
     key = hashlib.sha256(f"rows|{fingerprint}|{max_length}|{column.digest}".encode()).hexdigest()[:24]
     cache_file = None
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         cache_file = str(Path(cache_dir) / f"rows-{key}.arrow")
-    hit = cache_file is not None and Path(cache_file).is_file()
+    if cache_file is not None and Path(cache_file).is_file():  # the map's own Arrow stream, memory-mapped as it is
+        return RowTokens(pa.ipc.open_stream(pa.memory_map(cache_file)).read_all()), True
     datasets.disable_progress_bars()
-    ds = datasets.Dataset(InMemoryTable(column.arrow()))
+    ds = column.dataset()
     ds = ds.map(lambda batch: {"input_ids": tokenizer(batch["text"], truncation=True, max_length=max_length)["input_ids"]},
-                batched=True, batch_size=1000, remove_columns=["text"], cache_file_name=cache_file,
+                batched=True, batch_size=1000, remove_columns=ds.column_names, cache_file_name=cache_file,
                 load_from_cache_file=True, new_fingerprint=key, num_proc=num_proc if len(column) > 10_000 else None)
-    return RowTokens(ds.data.table), hit
+    return RowTokens(ds.data.table), False
 
 
 def tokenize_columns(student, columns: Dict[str, object]) -> Tuple[Dict[str, RowTokens], Dict[str, float]]:

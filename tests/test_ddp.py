@@ -43,8 +43,13 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path)
     w1 = load_file(str(tmp_path / "one" / "student" / "model.safetensors"))
     w2 = load_file(str(tmp_path / "two" / "student" / "model.safetensors"))
     assert w1.keys() == w2.keys()
-    worst = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    # Attention key biases are left out: softmax does not change when every key of a query moves by the same amount,
+    # so their true gradient is 0 and the computed one is float rounding, which Adam scales up to +-lr per step in
+    # either run (measured: up to 1.1e-5 after 3 steps at lr 3e-5, every other weight within 1e-5)
+    worst = max((w1[k] - w2[k]).abs().max().item() for k in w1 if not k.endswith("attention.self.key.bias"))
     assert worst < 1e-5, f"weights differ by up to {worst}"
+    keys = [k for k in w1 if k.endswith("attention.self.key.bias")]
+    assert keys and max((w1[k] - w2[k]).abs().max().item() for k in keys) <= 3 * 3e-5  # 3 steps x lr at most
 
 
 @pytest.mark.slow

@@ -75,3 +75,17 @@ def test_bench_flops_count_params_and_attention_on_real_tokens(minilm_dir):
     assert flops_per_example(tok, [ex], "minilm", "bert-base", 128) == pytest.approx(
         3 * (fwd(3) + fwd(5) + fwd(4)) + teacher)
     assert s["num_hidden_layers"] == 6 and b["hidden_size"] == 768
+
+
+@pytest.mark.slow
+def test_bench_scale_runs_kdrun_cold_and_warm_per_size(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "kdrun.bench", "--scale", "400,800", "--steps", "2",
+                        "--scale-dir", str(tmp_path / "scale")], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    for word in ("400 passages", "800 passages", "cold: peak RSS", "warm: peak RSS", "first step at",
+                 "peak_rss_mb (warm) ~ size^", "kdrun cache per passage"):
+        assert word in r.stdout, r.stdout
+    rows = json.loads((tmp_path / "scale" / "scale.json").read_text())
+    assert [r["passages"] for r in rows] == [400, 800]
+    assert all(r["warm"]["first_step_seconds"] > 0 and r["warm"]["peak_rss_mb"] > 0 for r in rows)
+    assert rows[1]["triples"] > rows[0]["triples"] > 0

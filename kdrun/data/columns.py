@@ -199,13 +199,24 @@ def _unknown(rows: np.ndarray, numbers: np.ndarray, values: Sequence[str], f: Pa
         raise DataError(f"{f}:{int(numbers[i])}: {what} id {values[i]!r} is not in data.{key}")
 
 
+def _score_pair(cols: List[str], f: Path, n: int) -> Tuple[float, float]:
+    """The (score_pos, score_neg) of a Margin-MSE score line; a bad one fails naming file and line."""
+    try:
+        pos, neg = float(cols[0]), float(cols[1])
+    except ValueError:
+        raise DataError(f"{f}:{n}: the first two columns must be numbers (score_pos score_neg), "
+                        f"found {cols[0]!r} and {cols[1]!r}") from None
+    if not (math.isfinite(pos) and math.isfinite(neg)):
+        raise DataError(f"{f}:{n}: scores must be finite, found {cols[0]} and {cols[1]}")
+    return pos, neg
+
+
 def triple_rows(path: str, queries: TextColumn, passages: TextColumn, key: str = "triples"
-                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
-    """Every line of a triples file (qid pos neg, or a 5-column score file) as rows: (query [L], positive [L],
-    negative [L], the scores [L, 2] where every line has them, else None). Unknown ids fail naming the line."""
-    q_parts, p_parts, n_parts, s_parts = [], [], [], []
-    all_scored = True
-    qids, pids, nids, nums, scores = [], [], [], [], []
+                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every line of a triples file (qid pos neg, or a 5-column score file, whose id columns are read) as rows:
+    (query [L], positive [L], negative [L]). Unknown ids fail naming the line."""
+    q_parts, p_parts, n_parts = [], [], []
+    qids, pids, nids, nums = [], [], [], []
 
     def flush():
         if not qids:
@@ -217,26 +228,13 @@ def triple_rows(path: str, queries: TextColumn, passages: TextColumn, key: str =
             rows = column.rows(ids)
             _unknown(rows, numbers, ids, f, what, k)
             out.append(rows.astype(np.int32))
-        s_parts.append(np.asarray(scores, dtype=np.float32).reshape(-1, 2) if all_scored else None)
-        for x in (qids, pids, nids, nums, scores):
+        for x in (qids, pids, nids, nums):
             x.clear()
 
-    f = Path(path)
     for n, cols, f in lines(key, path):
         if len(cols) not in (3, 5):
             raise DataError(f"{f}:{n}: expected `qid<TAB>pos_pid<TAB>neg_pid` (or a 5-column score file), "
                             f"found {len(cols)} columns")
-        if len(cols) == 5 and all_scored:
-            try:
-                pos, neg = float(cols[0]), float(cols[1])
-            except ValueError:
-                raise DataError(f"{f}:{n}: the first two columns must be numbers (score_pos score_neg), "
-                                f"found {cols[0]!r} and {cols[1]!r}") from None
-            if not (math.isfinite(pos) and math.isfinite(neg)):
-                raise DataError(f"{f}:{n}: scores must be finite, found {cols[0]} and {cols[1]}")
-            scores += (pos, neg)
-        else:
-            all_scored = False
         qid, pos_id, neg_id = (c.strip() for c in cols[-3:])
         qids.append(qid)
         pids.append(pos_id)
@@ -246,8 +244,7 @@ def triple_rows(path: str, queries: TextColumn, passages: TextColumn, key: str =
             flush()
     flush()
     cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int32)
-    scored = all_scored and s_parts and all(s is not None for s in s_parts)
-    return cat(q_parts), cat(p_parts), cat(n_parts), (np.concatenate(s_parts) if scored else None)
+    return cat(q_parts), cat(p_parts), cat(n_parts)
 
 
 def group_examples(q: np.ndarray, p: np.ndarray, n: np.ndarray, k: int, n_passages: int,
@@ -279,7 +276,7 @@ def training_examples(path: str, queries: TextColumn, passages: TextColumn, k: i
     out = _entry("triples", [file_digest(path), queries.digest, passages.digest, str(k), str(limit)])
 
     def build(stage: Path) -> str:
-        q, p, n, _ = triple_rows(path, queries, passages)
+        q, p, n = triple_rows(path, queries, passages)
         eq, ep = group_examples(q, p, n, k, len(passages), limit)
         np.save(stage / "query_rows.npy", eq)
         np.save(stage / "passage_rows.npy", ep)
@@ -348,14 +345,7 @@ def _score_rows(path: str, queries: TextColumn, passages: TextColumn):
         if len(cols) != 5:
             raise DataError(f"{f}:{n}: expected 5 tab-separated columns (score_pos score_neg query_id pos_id neg_id), "
                             f"found {len(cols)}")
-        try:
-            pos, neg = float(cols[0]), float(cols[1])
-        except ValueError:
-            raise DataError(f"{f}:{n}: the first two columns must be numbers (score_pos score_neg), "
-                            f"found {cols[0]!r} and {cols[1]!r}") from None
-        if not (math.isfinite(pos) and math.isfinite(neg)):
-            raise DataError(f"{f}:{n}: scores must be finite, found {cols[0]} and {cols[1]}")
-        scores += (pos, neg)
+        scores += _score_pair(cols, f, n)
         qids.append(cols[2].strip())
         pids.append(cols[3].strip())
         nids.append(cols[4].strip())

@@ -78,14 +78,16 @@ class Schedule(Enum):
 
 @dataclass
 class FinetuneConfig:
-    """Fine-tune a classifier teacher first (offline default: no fine-tuned classifier ships). The result is
-    cached by content (base weights, tokenizer, data, these settings), so a sweep fine-tunes once."""
-    steps: int = 0  # 0: use the teacher as it is (an already fine-tuned classifier)
+    """Fine-tune the teacher first, on the training split (no fine-tuned classifier or ranker for the offline data
+    ships). The result is cached by content (base weights, tokenizer, training data, these settings), so a sweep
+    fine-tunes once."""
+    steps: int = 0  # 0: use the teacher as it is (an already fine-tuned classifier or ranker)
     lr: float = 5e-5
     batch_size: int = 32
     warmup_ratio: float = 0.1
     seed: int = 0
     cache_dir: Optional[str] = None  # None: $KDRUN_CACHE/teachers (KDRUN_CACHE defaults to ~/.cache/kdrun)
+    in_batch: Optional[bool] = None  # ranking: other queries' passages as negatives too (None: bi-encoder yes, cross-encoder no)
 
 
 @dataclass
@@ -163,6 +165,21 @@ class ChatterbotData(DataConfig):
     mine_depth: int = 30  # negatives are sampled from the BM25 top-k that are not positives
     eval_candidates: int = 50  # candidates re-ranked per held-out query (positives + BM25 top)
     max_train_queries: Optional[int] = None  # caps for quick smoke runs; None: all
+    max_eval_queries: Optional[int] = None
+
+
+@dataclass
+class CodeSearchData(DataConfig):
+    """Docstring summary -> function, from installed Python sources (see kdrun/data/code_search.py)."""
+    _target_: str = "kdrun.data.code_search.load"
+    task: str = "ranking"
+    packages: List[str] = field(default_factory=lambda: ["stdlib", "sympy", "numpy", "networkx", "pandas"])
+    max_code_chars: int = 2000  # each function's source is cut here (models truncate to max_length tokens anyway)
+    negatives_per_query: int = 1
+    examples_per_pair: int = 1
+    mine_depth: int = 30
+    eval_candidates: int = 50  # per held-out query: its function + BM25's top other functions
+    max_train_queries: Optional[int] = None
     max_eval_queries: Optional[int] = None
 
 
@@ -254,6 +271,7 @@ class TrainConfig:
     grad_accum: int = II("hardware.grad_accum")
     eval_every: int = 0  # 0: evaluate before training and at the end only
     eval_batch_size: int = 128
+    eval_cache: bool = True  # reuse evaluations before training of unchanged models (the teacher across a sweep)
     log_every: Optional[int] = None  # None: every max_steps // 25 steps, between 1 and 10 (a curve even for short runs)
     seed: int = 42
     max_nonfinite_skips: int = 0  # > 0: skip up to N steps with a non-finite loss or gradient (else: stop the run)
@@ -314,7 +332,7 @@ class KdrunConfig:
     resume: Optional[str] = None  # auto: the newest checkpoint in output_dir, if any; PATH: a checkpoint or output dir
 
 
-DATA_SCHEMAS = {"chatterbot": ChatterbotData, "triples": TriplesData, "fortunes": FortunesData,
+DATA_SCHEMAS = {"chatterbot": ChatterbotData, "code_search": CodeSearchData, "triples": TriplesData, "fortunes": FortunesData,
                 "text_classification": TextClassificationData, "fortunes_lm": FortunesLMData}
 
 
@@ -500,8 +518,12 @@ def validate(cfg: Any) -> None:
     if t.finetune.steps < 0:
         raise ConfigError(f"teacher.finetune.steps={t.finetune.steps} must be >= 0")
     if t.finetune.steps and not fam.finetunes_teacher:
-        raise ConfigError(f"teacher.finetune.steps={t.finetune.steps}: kdrun fine-tunes classifier teachers, not "
-                          f"{task} teachers (teacher.kind={t.kind})")
+        raise ConfigError(f"teacher.finetune.steps={t.finetune.steps}: kdrun fine-tunes classifier and ranking "
+                          f"teachers, not {task} teachers (teacher.kind={t.kind})")
+    for name, tc in [("teacher", t), *((f"teachers.{n}", c) for n, c in cfg.teachers.items())]:
+        if tc.finetune.in_batch is not None and task != "ranking":
+            raise ConfigError(f"{name}.finetune.in_batch={tc.finetune.in_batch}: in-batch negatives are a ranking "
+                              f"setting; a {task} teacher fine-tunes on its labels (remove it)")
     if not 0.0 < d.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be between 0 and 1")
     fam.check(cfg)

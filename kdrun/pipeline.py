@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional, Tuple
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
-from kdrun import checkpoint, sweep, tasks, teacher_cache
+from kdrun import checkpoint, eval_cache, sweep, tasks, teacher_cache
 from kdrun.config import enum_value
 from kdrun.data import scores_file
 from kdrun.data.batching import BucketBatchSampler
@@ -251,6 +251,16 @@ def batches(cfg: DictConfig, task, examples, rt):
     return sampler, loader
 
 
+def finetune_metrics(teacher) -> Dict[str, float]:
+    """What fine-tuning the teachers cost (teacher/finetune_*; an extra teacher's as teachers/NAME/finetune_*)."""
+    members = dict(teacher.members) if hasattr(teacher, "members") else {"teacher": teacher}
+    out: Dict[str, float] = {}
+    for name, m in members.items():
+        for k, v in (getattr(m, "finetune_info", None) or {}).items():
+            out[k if name == "teacher" else k.replace("teacher/", f"teachers/{name}/", 1)] = v
+    return out
+
+
 @dataclass
 class Built:
     """What `build_all` made, one field per step, for the MLflow run to use."""
@@ -282,7 +292,7 @@ def build_all(cfg: DictConfig, terms, rt) -> Built:
     loss_fn = build_loss(cfg, terms, task, student, teacher, max_steps, rt)
     counter = _forward_counter(teacher) if teacher is not None else None  # counts from here: the teacher pass too
     examples, cache_metrics = training_examples(cfg, task, teacher, file_scores, rt)
-    setup.update(cache_metrics, **getattr(getattr(teacher, "main", teacher), "finetune_info", {}))
+    setup.update(cache_metrics, **finetune_metrics(teacher))
     sampler, loader = batches(cfg, task, examples, rt)
     optim = loop.make_optim([student, loss_fn], rt, max_steps, **_node(cfg.optimizer))
     return Built(family, data, teacher, student, task, loss_fn, sampler, loader, optim, max_steps, setup, counter)
@@ -301,7 +311,8 @@ def begin(cfg: DictConfig, rt, tracker, found, b: Built, params: Dict[str, str],
         state = checkpoint.restore(path, student=b.student, loss_fn=b.loss_fn, optim=b.optim, rt=rt)
         b.sampler.resume_at(*divmod(saved["micro_batches"], len(b.sampler)))
         return tracker.resume(meta["run_id"], step=meta["step"]), state
-    sizes = {f"data/{k}": f"{v:g}" for k, v in b.data.stats.items()}  # the data's sizes: params, not metric charts
+    sizes = {f"data/{k}": f"{v:g}" if isinstance(v, (int, float)) else str(v)
+             for k, v in b.data.stats.items()}  # the data's sizes: params, not metric charts
     if "data/distinct_texts" in b.setup:
         sizes["data/distinct_texts"] = f"{b.setup.pop('data/distinct_texts'):g}"
     job = sweep.job_number()
@@ -362,10 +373,22 @@ def record(cfg: DictConfig, rt, tracker, b: Built, found, run_id: str, loop_stat
         def evaluate(model, who: str, step: int, final: bool = True) -> Dict[str, float]:
             if not rt.is_main:  # rank 0 evaluates; the others wait for it in the next all-reduce
                 return {}
-            t0 = time.perf_counter()
-            with counter.paused() if counter else contextlib.nullcontext():  # only training data is counted
-                metrics = task.evaluate(model, who, final=final)
-            latency[who] = 1000 * (time.perf_counter() - t0) / task.eval_size()
+            # before training (the teacher, the student as it starts): computed once per model and data
+            key = eval_cache.key_of(task, model, rt, tr.eval_batch_size) if tr.eval_cache and step == 0 else None
+            hit = eval_cache.load(key) if key else None
+            if hit:
+                metrics, latency[who] = hit["metrics"], hit["ms_per_example"]
+                task.restore_eval(who, hit["state"])
+                log.info("evaluation of the %s: from the evaluation cache (%s)", who, key)
+            else:
+                t0 = time.perf_counter()
+                with counter.paused() if counter else contextlib.nullcontext():  # only training data is counted
+                    metrics = task.evaluate(model, who, final=final)
+                latency[who] = 1000 * (time.perf_counter() - t0) / task.eval_size()
+                if key:
+                    eval_cache.store(key, metrics, latency[who], task.eval_state(who))
+            if key:
+                tracker.metrics({f"eval_cache/{who}_hit": float(bool(hit))}, step=step)
             tracker.metrics({f"eval/{who}/ms_per_example": latency[who]}, step=step)
             tracker.metrics({f"eval/{who}/{k}": v for k, v in metrics.items()}, step=step)
             return metrics

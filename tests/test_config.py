@@ -166,7 +166,10 @@ def test_default_is_offline_minilm_teaching_its_two_layer_slice(minilm_dir):
     (["+teacher@teachers.second=minilm_offline", "teachers.second.weight=0"], "teachers.second.weight"),
     (["experiment=causal_lm_demo", "+teacher@teachers.second=smollm2"], "a causal_lm run takes one"),
     (["+teacher@teachers.second=minilm_offline", "teacher.mode=online", "loss=in_batch_kl"], "several teachers"),
-    (["teacher.finetune.steps=10"], "kdrun fine-tunes classifier teachers, not ranking teachers"),
+    (["experiment=causal_lm_demo", "teacher.finetune.steps=10"],
+     "kdrun fine-tunes classifier and ranking teachers, not causal_lm teachers"),
+    (["experiment=classification_demo", "teacher.finetune.in_batch=true"],
+     "teacher.finetune.in_batch=True: in-batch negatives are a ranking setting"),
 ])
 def test_cross_field_validation_names_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -301,7 +304,7 @@ def test_console_script_help_lists_groups(tmp_path):
     for group in ["teacher:", "student:", "loss:", "data:", "hardware:", "optimizer:", "experiment:"]:
         assert group in r.stdout
     # the data options only: their typed schemas live in their own group, not among the choices
-    assert "data: chatterbot, fortunes, fortunes_lm, text_classification, triples\n" in r.stdout
+    assert "data: chatterbot, code_search, fortunes, fortunes_lm, text_classification, triples\n" in r.stdout
 
 
 def test_python_dash_m_kdrun_works(tmp_path):

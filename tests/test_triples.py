@@ -90,6 +90,10 @@ def test_bm25_candidates_rank_like_the_hand_written_bm25(tmp_path, monkeypatch):
         # bm25s' scores are ours over the constant k1 + 1 (in float32): the same top 50 in the same order, up to
         # swaps of scores equal to float32 precision
         assert [scores[i] for i in top] == pytest.approx([s for _, s in mine], rel=1e-5)
+    # a query with a word the collection lacks keeps its known words; one with none (or only stopwords) finds nothing
+    # (bm25s refused either: its empty token has no scores)
+    again = search(iter(docs), len(docs), [queries[0] + " neverseen", "neverseen zzz", "the of and"], 50, "test-key")
+    assert again[0] == found[0] and again[1:] == [[], []]
 
 
 def test_a_run_file_gives_the_eval_candidates_to_its_depth_in_rank_order(files, tmp_path):

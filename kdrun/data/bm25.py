@@ -64,9 +64,15 @@ def search(passages: Iterable[str], n_passages: int, queries: Sequence[str], dep
         index.save(str(stage), show_progress=False)
         publish(stage, out, f"bm25s index of {n_passages} passages, collection sha256 {key}\n")
     k = min(depth, n_passages)
+    rows = len(index.scores["indptr"]) - 1  # terms with a column of scores (bm25s' empty token has none)
     found: List[List[int]] = []
     for start in range(0, len(queries), 1000):  # bounded memory: [1000, k] results at a time
-        docs, scores = index.retrieve([terms(q) or [""] for q in queries[start:start + 1000]], k=k,
-                                      show_progress=False)
-        found += [[int(d) for d, s in zip(row, srow) if s > 0] for row, srow in zip(docs, scores)]
+        ids = [[i for i in index.get_tokens_ids(terms(q)) if i < rows] for q in queries[start:start + 1000]]
+        known = [j for j, q in enumerate(ids) if q]  # a query with no term of the collection finds nothing
+        got = [[] for _ in ids]
+        if known:
+            docs, scores = index.retrieve([ids[j] for j in known], k=k, show_progress=False)
+            for j, row, srow in zip(known, docs, scores):
+                got[j] = [int(d) for d, s in zip(row, srow) if s > 0]
+        found += got
     return found

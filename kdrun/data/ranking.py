@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -198,9 +198,30 @@ def _fill(picked: List[int], n_total: int, exclude: set, need: int, rng: random.
     return picked + pool[: max(0, need - len(picked))]
 
 
+def _fill_drawn(picked: List[int], n_total: int, exclude: set, need: int, rng: random.Random) -> List[int]:
+    """`_fill` for a large collection: random passages drawn one at a time (not a shuffle of all of them), and
+    only when fewer than `need` are picked."""
+    picked, taken = list(picked), set(picked) | set(exclude)
+    if n_total - len(taken) < need - len(picked):
+        raise DataError(f"{n_total} passages: too few to draw {need} negatives")
+    while len(picked) < need:
+        i = rng.randrange(n_total)
+        if i not in taken:
+            taken.add(i)
+            picked.append(i)
+    return picked
+
+
 def build(pairs: Sequence[Tuple[str, str]], *, eval_fraction: float, split_salt: str, negatives_per_query: int,
           examples_per_pair: int, mine_depth: int, eval_candidates: int, max_train_queries: Optional[int],
-          max_eval_queries: Optional[int], seed: int, source: str) -> RankingData:
+          max_eval_queries: Optional[int], seed: int, source: str, split_key: Optional[Callable[[str], str]] = None,
+          search: str = "python") -> RankingData:
+    """Training examples and held-out candidate lists from (query, relevant passage) pairs.
+
+    split_key: what the held-out hash reads of a query (default the query itself; code search: its source unit, so
+    a package's near-duplicates stay on one side). search: "python" ranks with `BM25` above and breaks score ties by
+    a seeded random draw (chatterbot); "bm25s" ranks a larger collection with bm25s (`bm25.search`: the same scores,
+    ties in index order), mining and evaluation candidates alike."""
     qrels: Dict[str, List[int]] = {}
     passages: List[str] = []
     pid: Dict[str, int] = {}
@@ -214,7 +235,7 @@ def build(pairs: Sequence[Tuple[str, str]], *, eval_fraction: float, split_salt:
     if len(passages) < negatives_per_query + 1:
         raise DataError(f"{source}: only {len(passages)} distinct passages; need more than data.negatives_per_query")
 
-    train_q, eval_q = hash_split(list(qrels), split_salt, eval_fraction)
+    train_q, eval_q = hash_split(list(qrels), split_salt, eval_fraction, text=split_key or (lambda q: q))
     if max_train_queries:
         train_q = train_q[:max_train_queries]
     if max_eval_queries:
@@ -224,11 +245,22 @@ def build(pairs: Sequence[Tuple[str, str]], *, eval_fraction: float, split_salt:
                         f"both must be non-empty (data.eval_fraction={eval_fraction})")
 
     rng = random.Random(seed)
-    bm25 = BM25(passages)
+    if search == "bm25s":
+        from kdrun.data.bm25 import search as bm25s_search
+
+        digest = hashlib.sha256("\x1e".join(passages).encode()).hexdigest()
+        depth = max(mine_depth, eval_candidates) + max(len(r) for r in qrels.values())
+        ranked = dict(zip(train_q + eval_q, bm25s_search(passages, len(passages), train_q + eval_q, depth, digest)))
+        mined = lambda q, exclude, k: [i for i in ranked[q] if i not in exclude][:k]
+        fill = _fill_drawn
+    else:
+        bm25 = BM25(passages)
+        mined = lambda q, exclude, k: _mined(bm25, q, exclude, k, rng)
+        fill = _fill
     train: List[Example] = []
     for q in train_q:
         rel = set(qrels[q])
-        pool = _fill(_mined(bm25, q, rel, mine_depth, rng), len(passages), rel, negatives_per_query, rng)
+        pool = fill(mined(q, rel, mine_depth), len(passages), rel, negatives_per_query, rng)
         for p in qrels[q]:
             for _ in range(examples_per_pair):
                 negs = rng.sample(pool, negatives_per_query)
@@ -239,7 +271,7 @@ def build(pairs: Sequence[Tuple[str, str]], *, eval_fraction: float, split_salt:
     for q in eval_q:
         pos = qrels[q][: max(1, eval_candidates // 2)]
         exclude = set(qrels[q])
-        negs = _fill(_mined(bm25, q, exclude, eval_candidates - len(pos), rng), len(passages), exclude,
+        negs = fill(mined(q, exclude, eval_candidates - len(pos)), len(passages), exclude,
                      eval_candidates - len(pos), rng)
         items = [(passages[i], 1) for i in pos] + [(passages[i], 0) for i in negs]
         rng.shuffle(items)

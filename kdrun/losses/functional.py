@@ -57,6 +57,15 @@ def in_batch_ce(student_in_batch: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(s, torch.arange(b, device=s.device) * n)
 
 
+def list_ce(student_scores: torch.Tensor) -> torch.Tensor:
+    """Hard labels over each query's own list only, [B, n] with the positive in column 0 (the cross-encoder's
+    usual fine-tuning loss): L = mean_b ( -s[b, 0] + log sum_j exp s[b, j] )."""
+    s = student_scores.float()
+    if s.ndim != 2 or s.shape[1] < 2:
+        raise ValueError(f"list_ce: expected [B, n >= 2] scores, got {tuple(s.shape)}")
+    return torch.nn.functional.cross_entropy(s, s.new_zeros(s.shape[0], dtype=torch.long))
+
+
 def pointwise_mse(student_scores: torch.Tensor, teacher_scores: torch.Tensor) -> torch.Tensor:
     """Pointwise MSE: L = mean_{b,j} (s[b,j] - t[b,j])^2. The student must reproduce the teacher's
     absolute scores, scale and offset included: the baseline that Margin-MSE improves on when

@@ -62,6 +62,9 @@ class TermSpec:
         if self.weight < 0:
             raise ConfigError(f"{where}.weight={self.weight} must be >= 0")
 
+    def check_task(self, where: str, task: str) -> None:
+        """Checks of settings that only some task families take (the family is known here, not in `check`)."""
+
     def settings(self) -> Dict[str, Any]:
         """The term's own settings (what its function or module takes)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("weight", "teacher")}
@@ -207,8 +210,15 @@ class BDKD(_Tempered):
 @dataclass
 class CE(TermSpec):
     """Hard labels, no teacher: the data's labels, the next tokens, or for ranking the positive against every
-    passage of the batch (in-batch and sampled negatives)."""
+    passage of the batch (in-batch and sampled negatives; in_batch=false: its own list only, which a cross-encoder
+    scores without the B x B*n pairs of in-batch scoring)."""
+    in_batch: Optional[bool] = None  # ranking only: the other queries' passages as negatives too (None: true)
     tasks, reads, target = ANY_TASK, "module", "kdrun.losses.terms.CrossEntropy"
+
+    def check_task(self, where: str, task: str) -> None:
+        if self.in_batch is not None and task != "ranking":
+            raise ConfigError(f"{where}.in_batch={self.in_batch}: in-batch negatives are a ranking setting; a {task} "
+                              "loss has no passages to take them from (remove it)")
 
 
 @term("dkd")
@@ -389,6 +399,7 @@ def parse(terms: Any, task: str, teachers: List[str], online: bool, where: str =
             fits = sorted(n for n, c in TERMS.items() if task in c.tasks)
             raise ConfigError(f"{here} is a {'/'.join(spec.tasks)} loss, but data.task={task}; losses for {task}: "
                               f"{fits}")
+        spec.check_task(here, task)
         if spec.online_teacher and not online:
             raise ConfigError(f"{here} reads the teacher's internals, which a precomputed teacher does not keep; "
                               "set teacher.mode=online")

@@ -101,19 +101,19 @@ class CrossEntropy(Term):
     """Hard labels, not the teacher: classification labels, next tokens of a causal LM, or for ranking the positive
     among the batch's passages (in-batch and sampled negatives)."""
 
-    def __init__(self, ranking: bool = False):
+    def __init__(self, ranking: bool = False, in_batch: bool = True):
         super().__init__()
-        self.ranking = ranking
-        if ranking:
+        self.ranking, self.in_batch = ranking, in_batch
+        if ranking and in_batch:
             self.student_needs = frozenset({"in_batch_scores"})
 
     @classmethod
     def from_spec(cls, spec, ctx: "Context") -> "CrossEntropy":
-        return cls(ranking=ctx.task == "ranking")
+        return cls(ranking=ctx.task == "ranking", in_batch=spec.in_batch is not False)
 
     def forward(self, s: Dict, t: Dict, batch: Dict) -> torch.Tensor:
         if self.ranking:
-            return F.in_batch_ce(s["in_batch_scores"])
+            return F.in_batch_ce(s["in_batch_scores"]) if self.in_batch else F.list_ce(s["scores"])
         return F.cross_entropy(s["logits"], batch["labels"])
 
 

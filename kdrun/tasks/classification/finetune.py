@@ -1,60 +1,29 @@
-"""Fine-tune a classifier teacher on the task's training texts before distillation, cached by content.
-
-No fine-tuned classifier for the offline data ships with any package, so kdrun can make one: the base
-encoder gets a classification head and `teacher.finetune.steps` steps of cross-entropy through the same
-loop the students train in. The result is stored under `teacher.finetune.cache_dir/<key>`, where the key
-hashes the base weights and tokenizer files, the training texts and labels, the label names and every
-fine-tuning setting: a sweep over student settings fine-tunes once, and any change retrains.
-"""
+"""Fine-tune a classifier teacher on the task's training texts before distillation, cached by content
+(kdrun/finetune.py): the base encoder gets a classification head and `teacher.finetune.steps` steps of
+cross-entropy through the same loop the students train in."""
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import time
-from pathlib import Path
 
 log = logging.getLogger(__name__)
-_VERSION = "1"  # bump when the fine-tuning procedure changes
 
 
-def _fingerprint(source: str, data, settings: dict) -> str:
-    h = hashlib.sha256(f"kdrun-finetune-{_VERSION}|{json.dumps(settings, sort_keys=True)}".encode())
-    src = Path(source)
-    if src.is_dir():
-        for f in sorted(src.rglob("*")):
-            if f.is_file() and f.suffix in (".safetensors", ".bin", ".json", ".txt", ".model"):
-                h.update(f.relative_to(src).as_posix().encode())
-                with f.open("rb") as fh:
-                    for chunk in iter(lambda: fh.read(1 << 20), b""):
-                        h.update(chunk)
-    else:
-        h.update(f"hub:{source}".encode())
-    h.update(json.dumps([data.label_names, data.train_texts, data.train_labels]).encode())
-    return h.hexdigest()[:20]
+def data_digest(data) -> str:
+    """The training texts, their labels and the label names (the held-out texts are not in it)."""
+    return hashlib.sha256(json.dumps([data.label_names, data.train_texts, data.train_labels]).encode()).hexdigest()
 
 
 def finetuned_teacher(source: str, data, *, steps: int, lr: float, batch_size: int, warmup_ratio: float, seed: int,
-                      cache_dir, max_length: int, runtime):
+                      cache_dir, max_length: int, runtime, in_batch=None):
     """(directory of the fine-tuned classifier, info metrics). Trains on a cache miss, else reuses."""
+    from kdrun import finetune
+
     settings = dict(steps=steps, lr=lr, batch_size=batch_size, warmup_ratio=warmup_ratio, seed=seed,
                     max_length=max_length)
-    from kdrun.models.hub import cache_root, cached, publish, staging_dir
-
-    root = Path(cache_dir).expanduser() if cache_dir else cache_root() / "teachers"
-    out = root / _fingerprint(source, data, settings)
-    if cached(out):
-        log.info("teacher: fine-tuned classifier from the cache: %s", out)
-        return str(out), {"teacher/finetune_cache_hit": 1.0, "teacher/finetune_seconds": 0.0}
-    t0 = time.perf_counter()
-    log.info("teacher: fine-tuning %s for %d steps on %d texts (cached afterwards in %s)", source, steps,
-             len(data.train_texts), out)
-    model = _train(source, data, runtime=runtime, **settings)
-    seconds = time.perf_counter() - t0
-    tmp = staging_dir(out)
-    model.save(tmp)
-    publish(tmp, out, json.dumps({"source": source, **settings, "seconds": seconds}))
-    return str(out), {"teacher/finetune_cache_hit": 0.0, "teacher/finetune_seconds": seconds}
+    return finetune.cached("classification", source, data_digest(data), settings, cache_dir,
+                           lambda: _train(source, data, runtime=runtime, **settings), "classifier")
 
 
 def _train(source: str, data, *, steps, lr, batch_size, warmup_ratio, seed, max_length, runtime):
@@ -84,4 +53,4 @@ def _train(source: str, data, *, steps, lr, batch_size, warmup_ratio, seed, max_
                log=lambda values, step: losses.append(values["train/loss"]), evaluate=lambda step: {}, desc="fine-tune")
     log.info("teacher fine-tune: cross-entropy %s", " -> ".join(f"{v:.3f}" for v in losses[:1] + losses[-1:]))
     clf.eval()
-    return clf
+    return clf, {"teacher/finetune_first_loss": losses[0], "teacher/finetune_last_loss": losses[-1]}

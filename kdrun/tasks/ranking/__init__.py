@@ -17,6 +17,7 @@ class Ranking(Family):
     teacher_kinds = ("bi_encoder", "cross_encoder")
     student_archs = ("bi_encoder", "late_interaction", "cross_encoder")
     scores_file = True
+    finetunes_teacher = True
     task_class = "kdrun.tasks.ranking.task.RankingTask"
 
     def run_metrics(self, data: Any) -> tuple:
@@ -37,6 +38,30 @@ class Ranking(Family):
         if cfg.student.dim < 1:
             raise ConfigError(f"student.dim={cfg.student.dim} must be >= 1")
 
+    def build_teacher(self, *, data=None, runtime=None, finetune: dict, **node):
+        """A frozen bi-encoder or cross-encoder teacher; with teacher.finetune.steps > 0 first fine-tuned on the training
+        split from its base encoder (finetune.py, cached by content). A cross-encoder whose relevance head is not in
+        its checkpoint (a base encoder) is refused: its scores would be random."""
+        from kdrun.models import has_trained_head, load_teacher
+        from kdrun.models.hub import resolve_source
+
+        source = resolve_source("teacher", node["name"], node["path"], node.get("gguf_file"))
+        info = {}
+        if finetune["steps"] > 0:
+            from kdrun.tasks.ranking.finetune import finetuned_teacher
+
+            source, info = finetuned_teacher(source, data, kind=node["kind"], pooling=node["pooling"],
+                                             similarity=node["similarity"], max_length=node["max_length"],
+                                             runtime=runtime, **finetune)
+            node = {**node, "label_index": 0}
+        teacher = load_teacher(**{**node, "name": None, "path": source})
+        if node["kind"] == "cross_encoder" and not has_trained_head(source, teacher.model):
+            raise ConfigError(f"teacher '{source}' has no trained relevance head (a base encoder: its cross-encoder "
+                              "scores would be random); set teacher.finetune.steps=N so kdrun fine-tunes it on the "
+                              "training split first, or pass a fine-tuned cross-encoder")
+        teacher.finetune_info = info
+        return teacher
+
     def build_student(self, *, teacher, teacher_source: Optional[str] = None, dropout: Optional[float] = None, **node):
         """A bi-encoder, late-interaction or cross-encoder student (student.arch), from its own checkpoint or the
         source of the teacher's model (the scores file's model when there is no teacher)."""
@@ -50,6 +75,6 @@ FAMILY = Ranking()
 
 
 def __getattr__(name: str):  # the torch side, on first use: `from kdrun.tasks.ranking import RankingTask`
-    if name.startswith("__") or name == "task":
+    if name.startswith("__") or name in ("task", "finetune"):
         raise AttributeError(name)
     return getattr(importlib.import_module("kdrun.tasks.ranking.task"), name)

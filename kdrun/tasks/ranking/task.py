@@ -166,6 +166,27 @@ class RankingTask:
         self.runs[who] = run
         return library_metrics(run, d.qrels, depth=d.eval_depth)
 
+    def eval_digest(self) -> str:
+        """SHA-256 of the held-out evaluation as a model sees it: each query's id and text, its candidates' ids and
+        texts in order, the judgments and the depth (kdrun/eval_cache.py keys on it)."""
+        import hashlib
+        import json
+
+        d = self.data
+        h = hashlib.sha256(json.dumps([d.eval_depth, sorted((q, sorted(j.items())) for q, j in d.qrels.items())])
+                           .encode())
+        for i, (qid, query) in enumerate(zip(d.eval_qids, d.eval_queries)):
+            h.update(json.dumps([qid, query, d.eval_pids(i), d.eval_texts(i), list(d.eval_labels[i])]).encode())
+        return h.hexdigest()
+
+    def eval_state(self, who: str):
+        """What a reported evaluation leaves behind (its run, for the TREC files): kept with a cached evaluation."""
+        return self.runs.get(who)
+
+    def restore_eval(self, who: str, state) -> None:
+        if state is not None:
+            self.runs[who] = state
+
     def eval_files(self, directory: Path) -> List[Path]:
         """The last reported evaluations as TREC run files (run.student.trec, run.teacher.trec) and the held-out
         qrels (qrels.trec): any trec_eval or ir_measures reproduces the logged metrics from them."""

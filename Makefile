@@ -36,6 +36,10 @@ test: install
 test-slow: install
 	$(BIN)/python -m pytest -m slow
 
+# the classification and causal-LM demos run whole (each must improve its student): ~6 min on 2 CPU cores
+test-demo: install
+	$(BIN)/python -m pytest -m demo
+
 # MLflow UI over the default local store of this directory (the same one `kdrun` logs to); prints each kdrun
 # experiment's runs view (MLflow 3 otherwise opens an experiment on its GenAI pages)
 ui: install

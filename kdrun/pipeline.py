@@ -135,8 +135,8 @@ def build_teachers(cfg: DictConfig, data, rt):
         weights[name] = node["weight"]
         for key in _NOT_BUILDER_ARGS:
             node.pop(key, None)
-        models[name] = build(node, task=str(cfg.data.task), data=data, runtime=rt).to(rt.device,
-                                                                                       dtype=rt.teacher_dtype)
+        models[name] = build(node, task=str(cfg.data.task), data=data, runtime=rt,
+                             hardware=_node(cfg.hardware)).to(rt.device, dtype=rt.teacher_dtype)
     if len(models) == 1:
         return models["teacher"], models["teacher"].source
     from kdrun.models.ensemble import Ensemble

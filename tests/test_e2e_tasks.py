@@ -226,7 +226,7 @@ def _demo(tmp_path, experiment):
     return run, lambda key: [m.value for m in client.get_metric_history(run.info.run_id, key)]
 
 
-@pytest.mark.slow
+@pytest.mark.demo
 def test_classification_demo_distils_a_better_student(tmp_path):
     """`kdrun experiment=classification_demo`: fine-tuned teacher well above chance, the 2-layer student
     gains accuracy and agreement through KD and stays at or below its teacher."""
@@ -240,7 +240,7 @@ def test_classification_demo_distils_a_better_student(tmp_path):
     assert run.data.metrics["teacher/finetune_cache_hit"] == 0.0 and run.data.metrics["teacher/finetune_seconds"] > 0
 
 
-@pytest.mark.slow
+@pytest.mark.demo
 def test_causal_lm_demo_distils_a_better_student(tmp_path):
     """`kdrun experiment=causal_lm_demo`: the 8-layer slice's perplexity and KL to the teacher fall by
     orders of magnitude and its top-1 agreement with the teacher rises."""

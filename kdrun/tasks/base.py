@@ -81,7 +81,7 @@ class Family:
     def task(self, data, teacher, student, runtime, eval_batch_size: int) -> Task:
         return _load(self.task_class)(data, teacher, student, runtime, eval_batch_size)
 
-    def build_teacher(self, *, data=None, runtime=None, **node):
+    def build_teacher(self, *, data=None, runtime=None, hardware=None, **node):
         """A frozen teacher from its config node (teacher.*): loaded by kind."""
         from kdrun.models import load_teacher
 

@@ -18,7 +18,7 @@ class Classification(Family):
     finetunes_teacher = True
     task_class = "kdrun.tasks.classification.task.ClassificationTask"
 
-    def build_teacher(self, *, data=None, runtime=None, finetune: dict, **node):
+    def build_teacher(self, *, data=None, runtime=None, hardware=None, finetune: dict, **node):
         """The classifier teacher, fine-tuned on the training texts first when teacher.finetune.steps > 0 (cached
         by content); a classifier without a trained head, or with another number of classes, is refused."""
         from kdrun.models import has_trained_head, load_teacher

@@ -38,7 +38,7 @@ class Ranking(Family):
         if cfg.student.dim < 1:
             raise ConfigError(f"student.dim={cfg.student.dim} must be >= 1")
 
-    def build_teacher(self, *, data=None, runtime=None, finetune: dict, **node):
+    def build_teacher(self, *, data=None, runtime=None, hardware=None, finetune: dict, **node):
         """A frozen bi-encoder or cross-encoder teacher; with teacher.finetune.steps > 0 first fine-tuned on the training
         split from its base encoder (finetune.py, cached by content). A cross-encoder whose relevance head is not in
         its checkpoint (a base encoder) is refused: its scores would be random."""
@@ -52,7 +52,7 @@ class Ranking(Family):
 
             source, info = finetuned_teacher(source, data, kind=node["kind"], pooling=node["pooling"],
                                              similarity=node["similarity"], max_length=node["max_length"],
-                                             runtime=runtime, **finetune)
+                                             runtime=runtime, hardware=hardware, **finetune)
             node = {**node, "label_index": 0}
         teacher = load_teacher(**{**node, "name": None, "path": source})
         if node["kind"] == "cross_encoder" and not has_trained_head(source, teacher.model):

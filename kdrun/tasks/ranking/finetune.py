@@ -18,8 +18,10 @@ log = logging.getLogger(__name__)
 
 def finetuned_teacher(source: str, data, *, kind: str, pooling: str, similarity: str, max_length: int, runtime,
                       steps: int, lr: float, batch_size: int, warmup_ratio: float, seed: int, cache_dir,
-                      in_batch=None):
-    """(directory of the fine-tuned teacher, info metrics). Trains on a cache miss, else reuses."""
+                      in_batch=None, hardware=None):
+    """(directory of the fine-tuned teacher, info metrics). Trains on a cache miss, else reuses. `hardware`: the
+    profile's padding (pad_to_multiple_of, length_groups), as the students train; it does not change the result's
+    key (padding does not change what is learned, up to float rounding)."""
     from kdrun import finetune
 
     in_batch = (kind == "bi_encoder") if in_batch is None else bool(in_batch)
@@ -27,7 +29,8 @@ def finetuned_teacher(source: str, data, *, kind: str, pooling: str, similarity:
                     warmup_ratio=warmup_ratio, seed=seed, in_batch=in_batch,
                     **({"pooling": pooling, "similarity": similarity} if kind == "bi_encoder" else {}))
     return finetune.cached("ranking", source, data.fingerprint(), settings, cache_dir,
-                           lambda: _train(source, data, runtime=runtime, **settings), kind.replace("_", "-"))
+                           lambda: _train(source, data, runtime=runtime, hardware=hardware, **settings),
+                           kind.replace("_", "-"))
 
 
 def trainable_scorer(source: str, kind: str, max_length: int, pooling: str = "mean", similarity: str = "dot"):
@@ -44,7 +47,7 @@ def trainable_scorer(source: str, kind: str, max_length: int, pooling: str = "me
 
 
 def _train(source: str, data, *, kind, max_length, steps, lr, batch_size, warmup_ratio, seed, in_batch, runtime,
-           pooling="mean", similarity="dot"):
+           hardware=None, pooling="mean", similarity="dot"):
     import torch
     from torch.utils.data import DataLoader
 
@@ -57,7 +60,9 @@ def _train(source: str, data, *, kind, max_length, steps, lr, batch_size, warmup
     torch.manual_seed(seed)
     scorer = finish_student(trainable_scorer(source, kind, max_length, pooling, similarity)).to(runtime.device)
     task = RankingTask(data, None, scorer, runtime, batch_size)
-    task.prepare_student(scorer, {"pad_to_multiple_of": 8, "length_groups": 1})
+    hw = hardware or {}
+    task.prepare_student(scorer, {"pad_to_multiple_of": hw.get("pad_to_multiple_of", 8),
+                                  "length_groups": hw.get("length_groups", 1)})
     loss_fn = WeightedLoss([("ce", 1.0, {"in_batch": in_batch})], Context(task="ranking"))
     scorer.request(loss_fn.student_needs)
     size = min(batch_size, data.num_train)

@@ -65,7 +65,8 @@ def test_online_teacher_is_frozen_in_low_precision_and_outside_the_optimizer(min
     cfg = OmegaConf.create({"teacher": {"_target_": "kdrun.tasks.build_teacher", "path": minilm_dir, "kind": "bi_encoder",
                                         "mode": "online", "cache": True, "cache_dir": None, "scores_file": None,
                                         "max_missing_fraction": 0.0, "weight": 1.0, "finetune": {"steps": 0}, **TEACHER},
-                            "teachers": {}, "data": {"task": "ranking"}})
+                            "teachers": {}, "data": {"task": "ranking"},
+                            "hardware": {"pad_to_multiple_of": 8, "length_groups": 1}})
     rt = make_runtime("cpu", "bf16")
     teacher, _ = build_teachers(cfg, None, rt)
     assert not teacher.training and teacher.exact

@@ -202,10 +202,15 @@ def build_loss(cfg: DictConfig, terms, task, student, teacher, max_steps: int, r
     return loss_fn
 
 
+def teacher_members(teacher) -> Dict[str, Any]:
+    """{name: model} of the run's teachers: an Ensemble's members, else {"teacher": the one teacher}."""
+    return dict(teacher.members) if hasattr(teacher, "members") else {"teacher": teacher}
+
+
 def teacher_outputs(task, teacher, cfg: DictConfig, rt, info):
     """Every teacher's outputs over the training data, through the teacher-output cache; several teachers'
     are averaged with their weights (each one's own kept for loss terms that name it)."""
-    members = dict(teacher.members) if hasattr(teacher, "members") else {"teacher": teacher}
+    members = teacher_members(teacher)
     if hasattr(task, "teacher_outputs_range"):  # a pass in shards: resumable, split over DDP ranks
         task.teacher_chunk = cfg.teacher.shard_size
     outputs = {name: teacher_cache.teacher_outputs(task, m, rt, cfg.teacher.cache_dir, cfg.teacher.cache, info, name)
@@ -253,9 +258,8 @@ def batches(cfg: DictConfig, task, examples, rt):
 
 def finetune_metrics(teacher) -> Dict[str, float]:
     """What fine-tuning the teachers cost (teacher/finetune_*; an extra teacher's as teachers/NAME/finetune_*)."""
-    members = dict(teacher.members) if hasattr(teacher, "members") else {"teacher": teacher}
     out: Dict[str, float] = {}
-    for name, m in members.items():
+    for name, m in teacher_members(teacher).items():
         for k, v in (getattr(m, "finetune_info", None) or {}).items():
             out[k if name == "teacher" else k.replace("teacher/", f"teachers/{name}/", 1)] = v
     return out

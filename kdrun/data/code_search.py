@@ -90,8 +90,7 @@ def _files(src: Source) -> List[Path]:
 
 
 def _unit(src: Source, rel: Path) -> str:
-    top = rel.parts[0].removesuffix(".py") if src.name == "stdlib" else (rel.parts[0].removesuffix(".py")
-                                                                         if len(rel.parts) > 1 else "_init")
+    top = rel.parts[0].removesuffix(".py") if src.name == "stdlib" or len(rel.parts) > 1 else "_init"
     return f"{src.name}/{top}"
 
 
@@ -148,17 +147,16 @@ def extract(sources: Sequence[Source], max_code_chars: int) -> Tuple[List[Pair],
     per_query: Dict[str, int] = {}
     for p in found:
         per_query[p.query] = per_query.get(p.query, 0) + 1
+    unambiguous = [p for p in found if per_query[p.query] == 1]
     seen_code = set()
     pairs = []
-    for p in found:
+    for p in unambiguous:
         body = _WS.sub(" ", p.code)
-        if per_query[p.query] > 1 or body in seen_code:
-            continue
-        seen_code.add(body)
-        pairs.append(p)
-    stats = {"functions_found": len(found), "ambiguous_summaries_dropped": sum(1 for p in found if per_query[p.query] > 1),
-             "repeated_bodies_dropped": len(found) - len(pairs) - sum(1 for p in found if per_query[p.query] > 1),
-             "unreadable_files": unreadable}
+        if body not in seen_code:
+            seen_code.add(body)
+            pairs.append(p)
+    stats = {"functions_found": len(found), "ambiguous_summaries_dropped": len(found) - len(unambiguous),
+             "repeated_bodies_dropped": len(unambiguous) - len(pairs), "unreadable_files": unreadable}
     return pairs, stats
 
 

@@ -172,12 +172,15 @@ class RankingTask:
         import hashlib
         import json
 
+        if getattr(self, "_eval_digest", None):  # the held-out data does not change in a run: hashed once
+            return self._eval_digest
         d = self.data
         h = hashlib.sha256(json.dumps([d.eval_depth, sorted((q, sorted(j.items())) for q, j in d.qrels.items())])
                            .encode())
         for i, (qid, query) in enumerate(zip(d.eval_qids, d.eval_queries)):
             h.update(json.dumps([qid, query, d.eval_pids(i), d.eval_texts(i), list(d.eval_labels[i])]).encode())
-        return h.hexdigest()
+        self._eval_digest = h.hexdigest()
+        return self._eval_digest
 
     def eval_state(self, who: str):
         """What a reported evaluation leaves behind (its run, for the TREC files): kept with a cached evaluation."""

@@ -26,7 +26,7 @@ $(VENV)/.kdrun-installed: pyproject.toml
 demo: install
 	$(BIN)/kdrun
 
-# Hofstaetter et al.'s claims on the offline data (README, "Results"): 24 runs, ~30 min on 2 CPU cores
+# Hofstaetter et al.'s claims on both offline ranking data sets (README, "Results"): 2 sweeps of 30 runs
 reproduce: install
 	PATH=$(abspath $(BIN)):$$PATH scripts/reproduce_margin_mse
 

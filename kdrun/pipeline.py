@@ -59,12 +59,14 @@ def _choices() -> Dict[str, str]:
 
 
 def flops_per_token(model) -> float:
-    """Forward FLOPs per token, approximated as 2 x the parameters outside embedding tables (Kaplan et al. 2020;
-    attention's length-dependent term left out): what a token costs to encode, comparable across students."""
+    """Forward FLOPs per token, approximated as 2 x the parameters applied to every token (Kaplan et al. 2020;
+    attention's length-dependent term left out): what a token costs to encode, comparable across students. Left out:
+    embedding tables (a lookup) and poolers (BERT's pooler reads the first token once per sequence)."""
     import torch
 
-    embedding = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    return 2.0 * sum(p.numel() for p in model.parameters() if id(p) not in embedding)
+    skip = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) or type(m).__name__.endswith("Pooler")
+            for p in m.parameters()}
+    return 2.0 * sum(p.numel() for p in model.parameters() if id(p) not in skip)
 
 
 def _run_name() -> str:

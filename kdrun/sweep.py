@@ -45,7 +45,7 @@ def _sweep_dir(config: DictConfig) -> str:
 
 def swept_keys(overrides, config: Optional[DictConfig] = None) -> list:
     """The keys a sweep varies: its overrides with several values (a,b / range / interval / choice), and the
-    sweeper's own `params` (a preset such as experiment=reproduce_margin_mse sets them) that the command line does
+    sweeper's own `params` (a preset such as experiment=reproduce_chatterbot sets them) that the command line does
     not pin to one value."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 

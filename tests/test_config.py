@@ -93,25 +93,28 @@ def test_experiment_presets_pick_their_task_families():
     assert cls.teacher.finetune.steps > 0 and list(cls.loss.terms) == ["kd_kl", "ce"]
     lm = _compose(["experiment=causal_lm_demo"])
     assert lm.data.task == "causal_lm" and lm.teacher.gguf_file.endswith(".gguf")
-    rep = _compose(["experiment=reproduce_margin_mse"])
-    assert rep.data.task == "ranking" and rep.tracking.experiment == "reproduce_margin_mse"
+    for data in ("chatterbot", "code_search"):
+        rep = _compose([f"experiment=reproduce_{data}"])
+        assert rep.data.task == "ranking" and rep.tracking.experiment == f"reproduce_{data}"
+        assert rep.teacher.finetune.steps > 0 and rep.data.negatives_per_query == 4
 
 
-def test_the_reproduction_preset_sweeps_students_losses_and_seeds():
+@pytest.mark.parametrize("data", ["chatterbot", "code_search"])
+def test_the_reproduction_presets_sweep_students_losses_and_seeds(data):
     from hydra import compose, initialize_config_dir
 
     from kdrun.sweep import swept_keys
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=reproduce_margin_mse"], return_hydra_config=True)
+        cfg = compose("config", overrides=[f"experiment=reproduce_{data}"], return_hydra_config=True)
     params = dict(cfg.hydra.sweeper.params)
-    assert params == {"student": "teacher_slice,colbert", "loss": "ce,pointwise_mse,margin_mse,listwise_kl",
-                      "train.seed": "1,2,3"}
-    assert swept_keys(["experiment=reproduce_margin_mse"], cfg) == ["student", "loss", "train.seed"]
+    losses = ("ce", "pointwise_mse", "margin_mse", "margin_mse_ce", "listwise_kl")
+    assert params == {"student": "teacher_slice,colbert", "loss": ",".join(losses), "train.seed": "1,2,3"}
+    assert swept_keys([f"experiment=reproduce_{data}"], cfg) == ["student", "loss", "train.seed"]
     assert swept_keys(["train.seed=1", "optimizer.lr=1e-4,2e-4"], cfg) == ["optimizer.lr", "student", "loss"]
     for student in ("teacher_slice", "colbert"):  # every job of the sweep composes and validates
-        for loss in ("ce", "pointwise_mse", "margin_mse", "listwise_kl"):
-            config.validate(_compose(["experiment=reproduce_margin_mse", f"student={student}", f"loss={loss}"]))
+        for loss in losses:
+            config.validate(_compose([f"experiment=reproduce_{data}", f"student={student}", f"loss={loss}"]))
 
 
 def test_design_card_command_composes():

@@ -121,6 +121,7 @@ def test_a_server_that_dies_mid_run_loses_nothing(tmp_path):
     exe = Path(sys.executable).with_name("kdrun")
     out = tmp_path / "out"
     run = subprocess.Popen([str(exe), "train.max_steps=60", "train.log_every=1", "tracking.experiment=outage",
+                            "data.max_train_queries=200", "data.max_eval_queries=40", "train.batch_size=8",
                             f"tracking.uri={url}", f"hydra.run.dir={out}"], cwd=tmp_path,
                            env={**offline_env(tmp_path), "MLFLOW_TRACKING_URI": ""}, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)

@@ -233,12 +233,13 @@ def test_code_search_names_a_source_that_is_not_installed():
 
 
 @pytest.mark.slow
-def test_the_default_code_search_data_has_over_10000_queries_split_by_source_unit(tmp_path, monkeypatch):
-    """The data set as the config builds it from this machine's Python (counts in README, "Data")."""
+def test_the_default_code_search_data_has_over_10000_queries_split_by_source_unit(kdrun_cache, monkeypatch):
+    """The data set as the config builds it from this machine's Python (counts in README, "Data"); its extraction
+    stays in the session's cache for the reproduction test (tests/test_sweeps.py)."""
     from kdrun.data import code_search
     from omegaconf import OmegaConf
 
-    monkeypatch.setenv("KDRUN_CACHE", str(tmp_path))
+    monkeypatch.setenv("KDRUN_CACHE", str(kdrun_cache))
     cfg = OmegaConf.load(Path(__file__).parent.parent / "conf" / "data" / "code_search.yaml")
     args = {k: cfg[k] for k in ("packages", "eval_fraction", "negatives_per_query", "examples_per_pair", "mine_depth",
                                 "eval_candidates")}

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from conftest import offline_env, run_kdrun
 
-ARGS = ["train.max_steps=30", "train.checkpoint_every=5", "train.log_every=3", "train.eval_every=10"]
+ARGS = ["train.max_steps=30", "train.checkpoint_every=5", "train.log_every=3", "train.eval_every=10",
+        "data.max_train_queries=200", "data.max_eval_queries=40", "train.batch_size=8"]  # small: the two runs share 2 CPU cores
 
 
 def _kdrun_popen(args, cwd, env):

@@ -20,6 +20,22 @@ def _losses(env, name):
     return [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)]
 
 
+def test_flops_per_token_count_the_layers_every_token_passes(minilm_dir):
+    """2 x the parameters applied to each token: embedding tables (a lookup) and BERT's pooler (the first token,
+    once per sequence) left out, so a student with 2 of the teacher's 6 layers costs a third of it per token."""
+    from transformers import AutoModel
+
+    from kdrun.pipeline import flops_per_token
+
+    teacher = AutoModel.from_pretrained(minilm_dir)
+    layer = sum(p.numel() for p in teacher.encoder.layer[0].parameters())
+    norm = sum(p.numel() for p in teacher.embeddings.LayerNorm.parameters())
+    assert flops_per_token(teacher) == 2.0 * (6 * layer + norm)
+    teacher.encoder.layer = teacher.encoder.layer[:1] + teacher.encoder.layer[5:]
+    assert flops_per_token(teacher) == 2.0 * (2 * layer + norm)
+    assert flops_per_token(teacher) / (2.0 * (6 * layer + norm)) == pytest.approx(1 / 3, rel=1e-3)
+
+
 @pytest.mark.slow
 def test_compiled_student_trains_like_the_eager_one(tmp_path):
     env = offline_env(tmp_path)

@@ -318,7 +318,8 @@ def begin(cfg: DictConfig, rt, tracker, found, b: Built, params: Dict[str, str],
         b.sampler.resume_at(*divmod(saved["micro_batches"], len(b.sampler)))
         return tracker.resume(meta["run_id"], step=meta["step"]), state
     sizes = {f"data/{k}": f"{v:g}" if isinstance(v, (int, float)) else str(v)
-             for k, v in b.data.stats.items()}  # the data's sizes: params, not metric charts
+             for k, v in b.data.stats.items() if not k.endswith("_cache_hit")}  # the data's sizes: params
+    b.setup.update({f"data/{k}": float(v) for k, v in b.data.stats.items() if k.endswith("_cache_hit")})  # metrics
     if "data/distinct_texts" in b.setup:
         sizes["data/distinct_texts"] = f"{b.setup.pop('data/distinct_texts'):g}"
     job = sweep.job_number()

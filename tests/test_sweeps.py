@@ -118,6 +118,10 @@ def test_results_average_over_seeds_per_student_and_loss_with_the_teacher_first(
             for s, mrr, ms in ((1, base, 4.0), (2, base + 0.1, 6.0), (3, base + 0.2, 5.0))]
     runs.append(_fake_run(4, "bi", "ce", 0.99, 1.0, status="FAILED"))  # failed runs are left out
     assert report.factors(runs[:6]) == ["student", "loss"]  # the seed and the groups' own params are not factors
+    runs[0].data.params["data/extraction_cache_hit"] = "0"  # what the data config produced (the first job built a
+    for r in runs[1:6]:                                       # cache the others read) splits no group
+        r.data.params["data/extraction_cache_hit"] = "1"
+    assert report.factors(runs[:6]) == ["student", "loss"]
     csv_columns, csv_rows, md_columns, md_rows = report.results(runs)
     assert csv_columns[:6] == ["model", "student", "loss", "seeds", "mrr_at_10_mean", "mrr_at_10_std"]
     assert csv_rows[0][:6] == ["teacher", "", "", "3", "0.6", "0"]

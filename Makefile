@@ -26,7 +26,7 @@ $(VENV)/.kdrun-installed: pyproject.toml
 demo: install
 	$(BIN)/kdrun
 
-# Hofstaetter et al.'s claims on both offline ranking data sets (README, "Results"): 2 sweeps of 30 runs
+# Hofstaetter et al.'s claims on both offline ranking data sets (README, "Results"): 2 sweeps of 30 runs, 62 min on 2 CPU cores
 reproduce: install
 	PATH=$(abspath $(BIN)):$$PATH scripts/reproduce_margin_mse
 
@@ -36,7 +36,8 @@ test: install
 test-slow: install
 	$(BIN)/python -m pytest -m slow
 
-# the classification and causal-LM demos run whole (each must improve its student): ~6 min on 2 CPU cores
+# long checks left out of CI: the classification and causal-LM demos run whole (each must improve its student),
+# kdrun-bench end to end, torch.compile, DDP stopped by SIGTERM and resumed: ~10 min on 2 CPU cores
 test-demo: install
 	$(BIN)/python -m pytest -m demo
 

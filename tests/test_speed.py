@@ -36,7 +36,7 @@ def test_flops_per_token_count_the_layers_every_token_passes(minilm_dir):
     assert flops_per_token(teacher) / (2.0 * (6 * layer + norm)) == pytest.approx(1 / 3, rel=1e-3)
 
 
-@pytest.mark.slow
+@pytest.mark.demo  # minutes; not in CI (make test-demo)
 def test_compiled_student_trains_like_the_eager_one(tmp_path):
     env = offline_env(tmp_path)
     for name, extra in (("eager", []), ("compiled", ["hardware.compile=true"])):
@@ -47,7 +47,7 @@ def test_compiled_student_trains_like_the_eager_one(tmp_path):
     assert len(compiled) == 2 and compiled == pytest.approx(eager, rel=1e-3)
 
 
-@pytest.mark.slow
+@pytest.mark.demo  # minutes; not in CI (make test-demo)
 def test_bench_runs_every_contender_side_by_side(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "kdrun.bench", "--steps", "2", "--warmup", "1", "--batch-size", "4",
@@ -93,7 +93,7 @@ def test_bench_flops_count_params_and_attention_on_real_tokens(minilm_dir):
     assert s["num_hidden_layers"] == 6 and b["hidden_size"] == 768
 
 
-@pytest.mark.slow
+@pytest.mark.demo  # minutes; not in CI (make test-demo)
 def test_bench_scale_runs_kdrun_cold_and_warm_per_size(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kdrun.bench", "--scale", "400,800", "--steps", "2",
                         "--scale-dir", str(tmp_path / "scale")], capture_output=True, text=True, timeout=900, cwd=tmp_path)

@@ -103,7 +103,7 @@ def local_cross_encoder(tmp_path_factory, minilm_dir):
 STUDENTS = {"teacher_slice": "bi_encoder", "colbert": "late_interaction", "cross_encoder": "cross_encoder"}
 
 
-@pytest.mark.slow
+@pytest.mark.demo  # 2m21s with its fixture; not in CI (make test-demo)
 def test_every_student_architecture_trains_from_every_teacher_mode(modes, local_cross_encoder):
     """bi-encoder / late-interaction / cross-encoder students x online, cached and score-file bi-encoder teachers,
     plus a cross-encoder teacher: 2 steps each, in two sweeps."""

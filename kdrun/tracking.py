@@ -181,7 +181,7 @@ class Tracker:
         mlflow.set_tracking_uri(store.uri)  # the fluent API (start_run, log_params) logs there too
         self.uri, self.client, self.experiment_id = store.uri, store.client, store.experiment_id
         self.run_id: Optional[str] = None
-        self.skip_through = -1  # a resumed run: metrics up to this step are in the store already
+        self.held: Dict[str, int] = {}  # a resumed run: per metric key, the last step the store holds already
         self.pending: list = []  # (key, value, timestamp ms, step) not yet sent
         self.unsent: list = []  # other calls that failed (tags, artifacts, the final status)
         self.down_since: Optional[float] = None
@@ -221,8 +221,10 @@ class Tracker:
                              f"'{redact_text(self.uri)}': set tracking.uri to the store that run was logged to") from None
         retry_locked(self.mlflow.start_run, run_id=run_id)
         self.run_id = run_id
-        self.skip_through = max((m.step for k in run.data.metrics for m in self.client.get_metric_history(run_id, k)),
-                                default=-1)
+        # per key: a run killed between two logging calls of one step (after its training metrics, before its
+        # evaluation) holds some keys at that step and not others; those others are logged when the step is redone
+        self.held = {k: max((m.step for m in self.client.get_metric_history(run_id, k)), default=-1)
+                     for k in run.data.metrics}
         resumes = int(run.data.tags.get("kdrun.resumes", "0")) + 1
         self.tags({"kdrun.resumes": resumes, f"kdrun.resume.{resumes}": f"step {step}: {command_line()}"})
         return run_id
@@ -239,10 +241,8 @@ class Tracker:
         return out
 
     def metrics(self, values: Dict[str, float], step: int) -> None:
-        if step <= self.skip_through:
-            return
         now = int(time.time() * 1000)
-        self.pending += [(k, float(v), now, step) for k, v in values.items()]
+        self.pending += [(k, float(v), now, step) for k, v in values.items() if step > self.held.get(k, -1)]
         self._flush()
 
     def _flush(self, final: bool = False) -> bool:

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import importlib.util
 import os
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -347,6 +348,26 @@ def package_dir(package: str, subdir: str = "") -> str:
     return str(Path(list(spec.submodule_search_locations)[0]) / subdir)
 
 
+def run_stamp() -> str:
+    """A run (or sweep) directory's name under outputs/ or multirun/: `YYYY-MM-DD/HH-MM-SS-ID`, unique per process
+    (ID: the process id), where Hydra's `${now:...}` alone gave two runs started in the same second one directory.
+    Under torchrun every rank of one job gets the same name: the time and id of the torchrun agent (the ranks' parent
+    process), read from /proc where there is one (elsewhere the rank's own clock, to the second)."""
+    import datetime
+
+    pid, started = os.getpid(), time.time()
+    if os.environ.get("LOCAL_RANK") is not None and os.environ.get("TORCHELASTIC_RUN_ID") is not None:
+        pid = os.getppid()
+        try:  # the agent's start: boot time + its start in clock ticks (field 22 of /proc/PID/stat)
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                        if line.startswith("btime"))
+            started = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError, StopIteration):
+            pass
+    return datetime.datetime.fromtimestamp(started).strftime("%Y-%m-%d/%H-%M-%S") + f"-{pid}"
+
+
 def register() -> None:
     """Put the schemas in Hydra's ConfigStore and the resolvers in OmegaConf (idempotent)."""
     cs = ConfigStore.instance()
@@ -356,6 +377,8 @@ def register() -> None:
         cs.store(group="schema/data", name=name, node=node)
     if not OmegaConf.has_resolver("pkg_dir"):
         OmegaConf.register_new_resolver("pkg_dir", package_dir)
+    if not OmegaConf.has_resolver("kdrun_stamp"):  # cached: a sweep's jobs get their parent's (Hydra copies the cache)
+        OmegaConf.register_new_resolver("kdrun_stamp", run_stamp, use_cache=True)
 
 
 def closest(word: str, candidates: Sequence[str]) -> Optional[str]:

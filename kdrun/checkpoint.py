@@ -104,6 +104,37 @@ def _split_state(module: torch.nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict
     return tensors, other
 
 
+def _write_errors() -> tuple:
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # older safetensors
+        return (OSError, RuntimeError)
+    return (OSError, RuntimeError, SafetensorError)
+
+
+# what a failed write raises: OSError from Python's own files, RuntimeError from torch.save ("PytorchStreamWriter
+# failed writing file ..."), SafetensorError from safetensors ("IoError(... StorageFull ...)")
+WRITE_ERRORS = _write_errors()
+
+
+def write_error(e: BaseException, where: Optional[Path] = None) -> str:
+    """A write failure in a few words: the OS's reason where the library's text carries one; torch.save's ("unexpected
+    pos 576 vs 534") carries none, so a nearly full file system at `where` is named as the likely one."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e)
+    if "StorageFull" in text or "No space left" in text or "os error 28" in text:
+        return "No space left on device"
+    if "QuotaExceeded" in text or "os error 122" in text:
+        return "Disk quota exceeded"
+    reason = text.splitlines()[0][:200] if text else type(e).__name__
+    try:
+        free = shutil.disk_usage(next(p for p in (where, *(where.parents if where else ())) if p and p.exists())).free
+    except (OSError, StopIteration):
+        return reason
+    return f"No space left on device ({free / 2**20:.1f} MiB free; {reason})" if free < 64 * 2**20 else reason
+
+
 def save(directory: Path, step: int, *, student, loss_fn, optim, loop_state: Dict, position: Dict, run_id,
          config: Dict, rt, keep: int) -> Path:
     """Write checkpoint `step` atomically under `directory` and prune all but the newest `keep`. A failed write
@@ -142,11 +173,11 @@ def save(directory: Path, step: int, *, student, loss_fn, optim, loop_state: Dic
             os.replace(tmp, final)
             _fsync(directory)
             prune(directory, keep)
-    except OSError as e:
+    except WRITE_ERRORS as e:
         if rt.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         last = latest_name(directory, exclude=final)
-        raise CheckpointError(f"could not write checkpoint {final} ({e.strerror or e}); "
+        raise CheckpointError(f"could not write checkpoint {final} ({write_error(e, directory)}); "
                               + (f"the previous one, {last}, is intact" if last else "no earlier checkpoint exists")
                               + ". Free space there or point output_dir somewhere else") from None
     rt.barrier()

@@ -21,7 +21,7 @@ from kdrun import checkpoint, eval_cache, sweep, tasks, teacher_cache
 from kdrun.config import enum_value
 from kdrun.data import scores_file
 from kdrun.data.batching import BucketBatchSampler
-from kdrun.errors import ConfigError, DataError, NonFiniteLossError
+from kdrun.errors import ConfigError, DataError, KdrunError, NonFiniteLossError
 from kdrun.report import JOB_TAG
 from kdrun.secrets import redact, redact_arg
 from kdrun.tracking import NullTracker, Tracker, flatten, summary_table
@@ -454,8 +454,14 @@ def record(cfg: DictConfig, rt, tracker, b: Built, found, run_id: str, loop_stat
                 tracker.artifacts(str(files[0].parent), "eval")
         if cfg.tracking.log_student and rt.is_main:
             out = Path(cfg.output_dir) / "student"
-            out.mkdir(parents=True, exist_ok=True)
-            student.save(out)
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                student.save(out)
+            except checkpoint.WRITE_ERRORS as e:
+                last = checkpoint.latest_name(ckpt_dir)
+                raise KdrunError(f"could not save the trained student to {out} ({checkpoint.write_error(e, out)}); "
+                                 "free space there (or set output_dir elsewhere) and run the same command with "
+                                 "resume=auto" + (f": it continues from {last}" if last else "")) from None
             tracker.artifacts(str(out), "student")
         tracker.end("FINISHED")
     except (KeyboardInterrupt, checkpoint.Interrupted):  # resumable: resume=PATH continues this very run

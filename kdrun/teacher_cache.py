@@ -90,8 +90,12 @@ def read(entry: Path, key: str, description: Dict[str, str], n: int) -> Tuple[Op
     not for the entry); (None, why) when it is missing, corrupt or for other inputs."""
     if not entry.exists():
         return None, "missing"
+    if not entry.is_dir():
+        return None, "not a directory"
     try:
         meta = json.loads((entry / "meta.json").read_text())
+        if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict):
+            return None, "unreadable (meta.json is not kdrun's)"
         if not cached(entry):
             return None, "incomplete (no completion marker)"
         if meta.get("key") != key or meta.get("description") != description:
@@ -196,6 +200,13 @@ def teacher_outputs(task, teacher, runtime, cache_dir: Optional[str], use_cache:
         info.cache_seconds += time.perf_counter() - t0
         return _for(task, _fill_together(task, teacher, entry, key, description, why, info, name, n, runtime))
     if outputs is None:  # one process computes an entry; parallel sweep jobs that miss it too wait, then read
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # e.g. teacher.cache_dir=/dev/null, or a file where a directory goes
+            log.warning("teacher cache: cannot use %s (%s); the teacher runs without the cache (set "
+                        "teacher.cache_dir to a writable directory)", entry.parent, _reason(e, entry.parent))
+            info.cache_seconds += time.perf_counter() - t0
+            return teacher_outputs(task, teacher, runtime, cache_dir, False, info, name)
         with _locked(entry):
             outputs, why = read(entry, key, description, n)
             if outputs is None:
@@ -225,7 +236,18 @@ def _locked(entry: Path):
     except ImportError:
         yield
         return
-    with open(entry.with_name(entry.name + ".lock"), "w") as f:
+    lock = entry.with_name(entry.name + ".lock")
+    try:
+        if lock.is_dir() and not lock.is_symlink():  # not kdrun's: a lock file goes there
+            log.warning("teacher cache: %s is a directory where the lock file goes; removing it", lock)
+            shutil.rmtree(lock)
+        f = open(lock, "w")
+    except OSError as e:
+        log.warning("teacher cache: cannot open the lock file %s (%s); going on without it (parallel jobs may "
+                    "compute the same entry)", lock, _reason(e, lock.parent))
+        yield
+        return
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -237,29 +259,48 @@ def _fill(task, teacher, entry: Path, key: str, description: Dict[str, str], why
           n: int) -> Dict[str, np.ndarray]:
     if why != "missing":
         log.warning("teacher cache entry %s is %s; rebuilding it", entry, why)
-        shutil.rmtree(entry, ignore_errors=True)
+        _remove(entry)
         info.rebuilt += 1
     info.misses += 1
     t0 = time.perf_counter()
-    if hasattr(task, "teacher_outputs_range"):
-        seconds = _shards(task, teacher, entry, n, info, name)
-        tmp = _assemble(entry, n, _ranges(task, n))
+    tmp = staging_dir(entry)
+    if hasattr(task, "teacher_outputs_range"):  # a shard that cannot be written stays in memory
+        memory: Dict[Tuple[int, int], Dict[str, np.ndarray]] = {}
+        seconds = _shards(task, teacher, entry, n, info, name, memory=memory)
+        info.teacher_seconds += seconds
+        held = lambda: _gathered(entry, _ranges(task, n), memory)
+        if memory:
+            return held()
     else:
-        outputs = task.teacher_outputs(teacher)
+        computed = task.teacher_outputs(teacher)
         seconds = time.perf_counter() - t0
-        tmp = staging_dir(entry)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        _save(tmp, outputs)
-    info.teacher_seconds += seconds
+        info.teacher_seconds += seconds
+        held = lambda: {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+                        for k, v in computed.items()}
     t1 = time.perf_counter()
-    _publish(tmp, entry, key, description, seconds)
+    try:
+        if hasattr(task, "teacher_outputs_range"):
+            tmp = _assemble(entry, n, _ranges(task, n))
+        else:
+            _remove(tmp)
+            tmp.mkdir(parents=True)
+            _save(tmp, computed)
+        _publish(tmp, entry, key, description, seconds)
+    except OSError as e:  # a full disk: the outputs were computed, so training goes on with them, uncached
+        _remove(tmp)
+        log.warning("teacher cache: cannot write the entry %s (%s); training goes on with the outputs in memory, "
+                    "not cached", entry, _reason(e, entry.parent))
+        return held()
+    outputs, why = read(entry, key, description, n)
+    if outputs is None:  # (not seen: publish lost the rename to something that is not an entry)
+        log.warning("teacher cache: the entry %s was written but does not read back (%s); training goes on with the "
+                    "outputs in memory", entry, why)
+        outputs = held()
+    else:
+        log.info("teacher %s: outputs for %d training examples computed in %.1f s and cached (%s)", name, n, seconds,
+                 entry)
     shutil.rmtree(_partial(entry), ignore_errors=True)
     info.cache_seconds += time.perf_counter() - t1
-    log.info("teacher %s: outputs for %d training examples computed in %.1f s and cached (%s)", name, n, seconds, entry)
-    outputs, why = read(entry, key, description, n)
-    if outputs is None:
-        raise RuntimeError(f"teacher cache entry {entry} was written but does not read back: {why}")
     return outputs
 
 
@@ -276,7 +317,7 @@ def _fill_together(task, teacher, entry: Path, key: str, description: Dict[str, 
     entry, so the cache directory must be one file system for all ranks (one node, or a shared one)."""
     if runtime.is_main and why != "missing":
         log.warning("teacher cache entry %s is %s; rebuilding it", entry, why)
-        shutil.rmtree(entry, ignore_errors=True)
+        _remove(entry)
         info.rebuilt += 1
     info.misses += 1
     runtime.barrier()
@@ -300,14 +341,20 @@ def _ranges(task, n: int):
     return [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
 
 
-def _shards(task, teacher, entry: Path, n: int, info: CacheInfo, name: str, rank: int = 0, world: int = 1) -> float:
+def _shards(task, teacher, entry: Path, n: int, info: CacheInfo, name: str, rank: int = 0, world: int = 1,
+            memory: Optional[Dict] = None) -> float:
     """The teacher over the training data `task.teacher_chunk` examples at a time (this rank's shards: every world-th
     from its rank), each chunk's outputs written as a shard, renamed into place when whole; shards already there (a
-    pass that was killed) are kept. Returns the seconds spent in the teacher."""
+    pass that was killed) are kept. A shard that cannot be written (a full disk) goes into `memory` when given (else
+    the error is raised). Returns the seconds spent in the teacher."""
     from tqdm.auto import tqdm
 
     partial = _partial(entry)
-    partial.mkdir(parents=True, exist_ok=True)
+    try:
+        partial.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        if memory is None:
+            raise  # (with memory: each shard's write fails in turn and is kept in memory)
     ranges = _ranges(task, n)[rank::world]
     done = {r for r in ranges if (partial / f"{r[0]:012d}-{r[1]:012d}").is_dir()}
     if done:
@@ -326,13 +373,46 @@ def _shards(task, teacher, entry: Path, n: int, info: CacheInfo, name: str, rank
         info.computed_examples += stop - start
         shard = partial / f"{start:012d}-{stop:012d}"
         tmp = shard.with_name(shard.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        _save(tmp, outputs)
-        tmp.rename(shard)  # a shard is there whole or not at all
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            _save(tmp, outputs)
+            tmp.rename(shard)  # a shard is there whole or not at all
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if memory is None:
+                raise
+            if not memory:
+                log.warning("teacher cache: cannot write to %s (%s); the teacher's outputs stay in memory and are "
+                            "not cached", partial, _reason(e, partial))
+            memory[(start, stop)] = {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+                                     for k, v in outputs.items()}
         bar.update(stop - start)
     bar.close()
     return seconds
+
+
+def _remove(path: Path) -> None:
+    """A cache path gone, whatever it is (a directory, or a file someone put where an entry goes)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _reason(e: OSError, where: Path) -> str:
+    from kdrun.checkpoint import write_error
+
+    return write_error(e, where)
+
+
+def _gathered(entry: Path, ranges, memory: Dict) -> Dict[str, np.ndarray]:
+    """The outputs of every range, in order, from the shards written or the chunks held in memory."""
+    partial = _partial(entry)
+    chunks = [memory.get(r) or {f.stem: np.load(f) for f in (partial / f"{r[0]:012d}-{r[1]:012d}").glob("*.npy")}
+              for r in ranges]
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 
 
 def _assemble(entry: Path, n: int, ranges) -> Path:

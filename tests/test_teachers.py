@@ -1,6 +1,8 @@
 """Teacher modes and ranking students: the teacher-output cache, score files, several teachers, late-interaction
 and cross-encoder students, and saved students loading back with plain transformers / sentence-transformers."""
 import json
+import os
+import shutil
 from functools import partial
 
 import numpy as np
@@ -219,7 +221,8 @@ def test_cache_key_follows_data_weights_settings_and_precision(teacher, tmp_path
         p[0, 0] -= 1e-3
 
 
-@pytest.mark.parametrize("damage", ["flip_bytes", "truncate", "other_inputs", "no_marker", "wrong_shape"])
+@pytest.mark.parametrize("damage", ["flip_bytes", "truncate", "other_inputs", "no_marker", "wrong_shape",
+                                    "meta_null", "plain_file"])
 def test_a_damaged_cache_entry_is_rebuilt_not_used(teacher, tmp_path, damage):
     task = _task(teacher)
     info = teacher_cache.CacheInfo()
@@ -238,6 +241,11 @@ def test_a_damaged_cache_entry_is_rebuilt_not_used(teacher, tmp_path, damage):
         meta.write_text(json.dumps(m))
     elif damage == "no_marker":
         (entry / "kdrun_complete").unlink()
+    elif damage == "meta_null":
+        meta.write_text("null")
+    elif damage == "plain_file":  # the whole entry replaced by a file
+        shutil.rmtree(entry)
+        entry.write_text("not an entry")
     else:
         np.save(outputs, np.zeros((5, 3), dtype=np.float32))
         m = json.loads(meta.read_text())
@@ -250,6 +258,58 @@ def test_a_damaged_cache_entry_is_rebuilt_not_used(teacher, tmp_path, damage):
     third = teacher_cache.CacheInfo()
     teacher_cache.teacher_outputs(task, teacher, task.rt, str(tmp_path), True, third)
     assert third.hits == 1  # the rebuilt entry is sound
+
+
+def test_a_directory_where_the_lock_goes_is_repaired(teacher, tmp_path):
+    task = _task(teacher)
+    info = teacher_cache.CacheInfo()
+    key = teacher_cache.key_of(teacher_cache.describe(teacher, task.fingerprint(), task.rt))
+    (tmp_path / "ranking" / f"{key}.lock" / "junk").mkdir(parents=True)
+    teacher_cache.teacher_outputs(task, teacher, task.rt, str(tmp_path), True, info)
+    assert info.misses == 1 and (tmp_path / "ranking" / f"{key}.lock").is_file()
+    again = teacher_cache.CacheInfo()
+    teacher_cache.teacher_outputs(task, teacher, task.rt, str(tmp_path), True, again)
+    assert again.hits == 1
+
+
+def test_an_unusable_cache_dir_runs_the_teacher_uncached(teacher, tmp_path, caplog):
+    task = _task(teacher)
+    want = np.array(teacher_cache.teacher_outputs(task, teacher, task.rt, None, False, teacher_cache.CacheInfo())["scores"])
+    (tmp_path / "file").write_text("x")
+    for where in ("/dev/null", str(tmp_path / "file")):
+        info = teacher_cache.CacheInfo()
+        got = teacher_cache.teacher_outputs(task, teacher, task.rt, where, True, info)
+        assert np.array_equal(np.array(got["scores"]), want) and info.misses == 1
+    assert "runs without the cache" in caplog.text
+
+
+@pytest.mark.parametrize("fails", ["shard", "assemble", "publish"])
+def test_a_full_disk_while_caching_keeps_the_computed_outputs(teacher, tmp_path, monkeypatch, caplog, fails):
+    """No space for the shards, the entry's files or its completion mark: the outputs computed are used (uncached),
+    nothing is left in the cache dir, and the next run with space caches them."""
+    import errno
+
+    task = _task(teacher)
+    want = np.array(teacher_cache.teacher_outputs(task, teacher, task.rt, None, False, teacher_cache.CacheInfo())["scores"])
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    target = {"shard": "kdrun.teacher_cache._save", "assemble": "numpy.lib.format.open_memmap",
+              "publish": "kdrun.teacher_cache.publish"}[fails]
+    with monkeypatch.context() as m:
+        m.setattr(target, full)
+        info = teacher_cache.CacheInfo()
+        got = teacher_cache.teacher_outputs(task, teacher, task.rt, str(tmp_path), True, info)
+    assert np.array_equal(np.array(got["scores"]), want)
+    assert "No space left on device" in caplog.text and "in memory" in caplog.text
+    left = {p.name.split(".")[-1] for p in (tmp_path / "ranking").iterdir()}
+    assert not any(x.startswith("tmp") for x in left), left  # no staging dir left behind
+    again = teacher_cache.CacheInfo()
+    teacher_cache.teacher_outputs(task, teacher, task.rt, str(tmp_path), True, again)
+    third = teacher_cache.CacheInfo()
+    teacher_cache.teacher_outputs(task, teacher, task.rt, str(tmp_path), True, third)
+    assert third.hits == 1
 
 
 # ---- score files ----

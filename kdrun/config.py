@@ -464,6 +464,79 @@ def enum_value(x) -> str:
     return x.value if isinstance(x, Enum) else str(x)
 
 
+# Ranges of numeric settings the schema types alone let through (every float must also be finite; a list of
+# numbers holds numbers). Keys are dotted paths; "*" matches one level (teachers.NAME, data options). A bound in
+# parentheses is open. Cross-field checks stay in validate().
+RANGES = {
+    "optimizer.lr": "(0, inf)", "optimizer.weight_decay": "[0, inf)", "optimizer.eps": "(0, inf)",
+    "optimizer.betas.*": "[0, 1)", "optimizer.warmup_ratio": "[0, 1)",
+    "train.epochs": "[0, inf)", "train.max_steps": "[-1, inf)",
+    "*.finetune.lr": "(0, inf)", "*.finetune.batch_size": "[1, inf)", "*.finetune.warmup_ratio": "[0, 1)",
+    "*.finetune.steps": "[0, inf)", "*.max_length": "[1, inf)", "student.dim": "[1, inf)",
+    "teachers.*.max_length": "[1, inf)", "teachers.*.weight": "(0, inf)",
+    "student.layers.*": "[0, inf)", "student.dropout": "[0, 1)",
+    "data.eval_fraction": "(0, 1)", "data.negatives_per_query": "[1, inf)", "data.examples_per_pair": "[1, inf)",
+    "data.mine_depth": "[1, inf)", "data.eval_candidates": "[2, inf)", "data.eval_depth": "[1, inf)",
+    "data.max_*": "[1, inf)", "data.block_size": "[2, inf)",
+    "sweep.n_trials": "[1, inf)",
+}
+_MLFLOW_TAG_KEY, _MLFLOW_TAG_VALUE = 250, 5000  # MLflow's limits (a longer tag fails the run when it is logged)
+
+
+def _bounds(spec: str):
+    lo, hi = (float(x) for x in spec[1:-1].split(","))
+    return lo, spec[0] == "[", hi, spec[-1] == "]"
+
+
+def check_numbers(cfg: Any) -> None:
+    """Every number finite and within RANGES, every list of numbers flat, every tag within MLflow's limits. (The
+    schema checks types only: train.epochs=inf, optimizer.betas=[2,3] or student.layers=[0,[5]] passed it and failed
+    later with a traceback.)"""
+    import fnmatch
+    import math
+
+    def walk(node, where):
+        if OmegaConf.is_dict(node):
+            for k in node:
+                try:
+                    child = node[k]
+                except Exception:  # a missing value or an interpolation only Hydra's run resolves: not a number
+                    continue
+                walk(child, f"{where}.{k}")
+            return
+        if OmegaConf.is_list(node):
+            for i, item in enumerate(node):
+                if OmegaConf.is_config(item) and any(fnmatch.fnmatch(f"{where}.{i}", pat) for pat in RANGES):
+                    raise ConfigError(f"{where}={OmegaConf.to_container(node)}: each item must be a number, not a list "
+                                      f"(item {i}: {OmegaConf.to_container(item)})")
+                walk(item, f"{where}.{i}")
+            return
+        value = node
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}={value} must be a finite number")
+        for pattern, spec in RANGES.items():
+            if fnmatch.fnmatchcase(where, pattern) and pattern.count(".") == where.count("."):
+                lo, lo_in, hi, hi_in = _bounds(spec)
+                if value < lo or (value == lo and not lo_in) or value > hi or (value == hi and not hi_in):
+                    raise ConfigError(f"{where}={value} must be in {spec}")
+
+    for section in [k for k in cfg if k != "hydra"]:
+        try:
+            walk(cfg[section], section)
+        except ConfigError:
+            raise
+        except Exception:  # (unresolvable at validation time: checked where it is used)
+            continue
+    if len(cfg.optimizer.betas) != 2:
+        raise ConfigError(f"optimizer.betas={list(cfg.optimizer.betas)} must be two numbers in [0, 1), e.g. [0.9,0.999]")
+    for k, v in cfg.tracking.tags.items():
+        if len(str(k)) > _MLFLOW_TAG_KEY or len(str(v)) > _MLFLOW_TAG_VALUE:
+            raise ConfigError(f"tracking.tags.{str(k)[:40]}...: MLflow takes tag names up to {_MLFLOW_TAG_KEY} and "
+                              f"values up to {_MLFLOW_TAG_VALUE} characters (this one: {len(str(k))} and {len(str(v))})")
+
+
 def validate(cfg: Any) -> None:
     """Cross-field checks the schema cannot express; the task family's own checks; every loss term against its spec.
     Raises ConfigError naming the key and the fix."""
@@ -471,6 +544,7 @@ def validate(cfg: Any) -> None:
     from kdrun.losses import specs
 
     check_known_keys(cfg)
+    check_numbers(cfg)
     t, s, tr, d = cfg.teacher, cfg.student, cfg.train, cfg.data
     for key in d:
         if OmegaConf.is_missing(d, key):

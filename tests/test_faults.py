@@ -96,3 +96,35 @@ def test_a_full_disk_in_torch_save_or_safetensors_is_a_checkpoint_error(tmp_path
     if target != "torch.save":
         assert "No space left on device" in str(e.value)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["ckpt-00000001"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.epochs=inf", "train.epochs=inf must be a finite number"),
+    ("optimizer.lr=nan", "optimizer.lr=nan must be a finite number"),
+    ("optimizer.betas=[2,3]", "optimizer.betas.0=2.0 must be in [0, 1)"),
+    ("optimizer.betas=[0.9]", "optimizer.betas=[0.9] must be two numbers"),
+    ("optimizer.eps=0", "optimizer.eps=0.0 must be in (0, inf)"),
+    ("optimizer.weight_decay=-0.1", "optimizer.weight_decay=-0.1 must be in [0, inf)"),
+    ("student.layers=[0,[5]]", "student.layers=[0, [5]]: each item must be a number, not a list"),
+    ("student.layers=[0,-1]", "student.layers.1=-1 must be in [0, inf)"),
+    ("student.max_length=0", "student.max_length=0 must be in [1, inf)"),
+    ("data.max_train_queries=0", "data.max_train_queries=0 must be in [1, inf)"),
+    ("data.mine_depth=0", "data.mine_depth=0 must be in [1, inf)"),
+    ("teacher.finetune.lr=-1", "teacher.finetune.lr=-1.0 must be in (0, inf)"),
+    (f"+tracking.tags.note={'x' * 5001}", "MLflow takes tag names up to 250 and values up to 5000 characters"),
+])
+def test_values_that_pass_the_types_but_not_the_ranges_are_config_errors(override, message):
+    from test_config import _compose
+
+    from kdrun.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        config.validate(_compose([override]))
+    assert message in str(e.value)
+
+
+def test_every_preset_passes_the_range_checks():
+    from test_config import _compose
+
+    for name in sorted(p.stem for p in (Path(config.__file__).parents[1] / "conf" / "experiment").glob("*.yaml")):
+        config.validate(_compose([f"experiment={name}"]))

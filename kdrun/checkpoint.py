@@ -51,10 +51,42 @@ class CheckpointError(KdrunError):
 class Interrupted(KdrunError):
     """SIGTERM/SIGINT: the run checkpointed at `step` and stopped."""
 
-    def __init__(self, signum: int, step: int, path: Optional[Path]):
+    def __init__(self, signum: int, step: Optional[int], path: Optional[Path], phase: Optional[str] = None):
         self.signum, self.step, self.path = signum, step, path
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}" +
+        when = f"after step {step}" if phase is None else phase
+        super().__init__(f"stopped by {signal.Signals(signum).name} {when}" +
                          (f"; checkpoint {path}" if path else ""))
+
+
+class PhaseSignals:
+    """Outside the training loop (loading, the teacher pass, evaluations, saving): SIGTERM or SIGINT raises
+    Interrupted at once, naming the phase and the newest checkpoint, so the run ends KILLED with a resume hint
+    instead of dying where it stands (SIGTERM's default) or with a KeyboardInterrupt traceback. The loop's own
+    StopSignals takes over while it trains and hands back to this when it ends."""
+
+    def __init__(self, checkpoints: Optional[Path] = None):
+        self.phase, self.checkpoints = "while starting", checkpoints
+        self._old = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        for s in self._old:  # a second signal while this one unwinds: not again
+            signal.signal(s, signal.SIG_IGN)
+        last = latest_name(self.checkpoints) if self.checkpoints is not None else None
+        raise Interrupted(signum, None, last, self.phase)
+
+    def __exit__(self, *exc):
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old = {}
+        return False
 
 
 def root(output_dir: str) -> Path:

@@ -5,6 +5,7 @@ Nothing heavy is imported at module level (no torch, transformers or mlflow), so
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -27,6 +28,7 @@ def _conf_dir() -> str:
 
 
 config.register()
+_ARGV_ENV = "KDRUN_ARGV"
 
 
 @hydra.main(version_base="1.3", config_path=_conf_dir(), config_name="config")
@@ -38,10 +40,21 @@ def _main(cfg: DictConfig):
         result = pipeline.score(cfg) if config.enum_value(cfg.mode) == "score" else pipeline.run(cfg)
     except KdrunError as e:
         if hasattr(e, "signum"):  # checkpoint.Interrupted: SIGTERM/SIGINT, checkpointed
+            from kdrun import sweep
+
             if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 speaks for all
                 print(f"kdrun: {e}", file=sys.stderr)
-                if e.path:
+                if e.path or _in_sweep():
                     print(f"kdrun: continue with: {_resume_command(e.path)}", file=sys.stderr)
+                else:
+                    print("kdrun: no checkpoint was written yet; run the same command again to start over (a teacher "
+                          "pass goes on from its finished shards)", file=sys.stderr)
+            if sweep.in_worker():  # a launcher's worker: exit, so the sweep's main process sees it gone
+                sys.stderr.flush()
+                logging.shutdown()
+                os._exit(128 + e.signum)
+            if _in_sweep():
+                sweep.stopped_by(e.signum)
             sys.exit(128 + e.signum)
         print(f"kdrun: error: {e}", file=sys.stderr)
         _discard_empty_run_dir()
@@ -81,12 +94,35 @@ def _discard_empty_run_dir() -> None:
             break
 
 
-def _resume_command(path) -> str:
-    """This command again, with resume=PATH (credentials redacted: fill them in)."""
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def sweep_resume_command(sweep_dir: str) -> str:
+    """The sweep's command again, continuing in its directory (credentials redacted: fill them in)."""
     import shlex
 
     from kdrun.secrets import redact_arg
 
+    argv = json.loads(os.environ.get(_ARGV_ENV, "null")) or sys.argv[1:]
+    args = [redact_arg(a) for a in argv if not a.startswith(("resume=", "hydra.sweep.dir="))]
+    return shlex.join(["kdrun", *args, f"hydra.sweep.dir={sweep_dir}", "resume=auto"])
+
+
+def _resume_command(path) -> str:
+    """This command again, with resume=PATH; in a sweep, the sweep's command in its directory with resume=auto
+    (credentials redacted: fill them in)."""
+    import shlex
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from kdrun.secrets import redact_arg
+
+    if _in_sweep():  # the whole sweep continues
+        return sweep_resume_command(HydraConfig.get().sweep.dir)
     args = [redact_arg(a) for a in sys.argv[1:] if not a.startswith("resume=")]
     return shlex.join(["kdrun", *args, f"resume={path}"])
 
@@ -117,6 +153,7 @@ def main() -> None:
                 print("kdrun: interpolations (${...}) are shown as written; add --resolve to see their values",
                       file=sys.stderr)
             return
+        os.environ[_ARGV_ENV] = json.dumps(argv)  # sweep jobs (joblib's worker processes) print resume hints with it
         if not user_full_error:  # Hydra raises its composition errors to us instead of printing them in many lines
             os.environ["HYDRA_FULL_ERROR"] = "1"
         _main()

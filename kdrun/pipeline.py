@@ -327,12 +327,17 @@ def begin(cfg: DictConfig, rt, tracker, found, b: Built, params: Dict[str, str],
                            tags={**resolved["tracking"]["tags"], "kdrun.task": b.family.name, **_choices(),
                                  **({} if job is None else {JOB_TAG: str(job)})},
                            parent_run_id=sweep.parent_run_id())
+    marker = Path(cfg.output_dir) / RUN_ID_FILE
+    if rt.is_main and marker.is_file():  # an earlier run here died before any checkpoint: not left RUNNING
+        tracker.close_stale(marker.read_text().strip(), run_id)
+    if rt.is_main:
+        marker.write_text(run_id + "\n")
     tracker.text(OmegaConf.to_yaml(redact(resolved)), "config.yaml")  # credentials never reach the store
     tracker.text("\n".join(redact_arg(o) for o in _overrides()) + "\n", "overrides.txt")
     return run_id, None
 
 
-def _run(cfg: DictConfig, rt) -> Dict[str, object]:
+def _run(cfg: DictConfig, rt, phases=None) -> Dict[str, object]:
     from kdrun.runtime import seed_everything
 
     sweep.writable_dir(cfg.output_dir, "output_dir")  # checkpoints and the student go there: fail now, not after hours
@@ -340,10 +345,12 @@ def _run(cfg: DictConfig, rt) -> Dict[str, object]:
     terms, resolved, params = settings(cfg)
     found = resume_point(cfg, params)  # (checkpoint dir, its meta.json) or None; a bad resume= fails here
     tracker = open_tracker(cfg, rt)
+    phases = phases or checkpoint.PhaseSignals()
+    phases.phase = "while loading the data, the models and the teacher's outputs (before its MLflow run started)"
     b = build_all(cfg, terms, rt)
     run_id, loop_state = begin(cfg, rt, tracker, found, b, params, resolved)
     log.info("MLflow %s", tracker.run_url())
-    before, after, teacher_eval, latency = record(cfg, rt, tracker, b, found, run_id, loop_state, params)
+    before, after, teacher_eval, latency = record(cfg, rt, tracker, b, found, run_id, loop_state, params, phases)
     if not rt.is_main:
         return {"run_id": None, "objective": float("nan")}
     rows = [(k, f"{before[k]:.4f}", f"{after[k]:.4f}", f"{teacher_eval[k]:.4f}" if k in teacher_eval else "-")
@@ -356,7 +363,8 @@ def _run(cfg: DictConfig, rt) -> Dict[str, object]:
     return final | {"run_id": run_id, "objective": after[b.task.primary]}
 
 
-def record(cfg: DictConfig, rt, tracker, b: Built, found, run_id: str, loop_state, params: Dict[str, str]):
+def record(cfg: DictConfig, rt, tracker, b: Built, found, run_id: str, loop_state, params: Dict[str, str],
+           phases=None):
     """The MLflow run: model sizes, the evaluation before training (read back when resumed), the training loop with
     its periodic evaluations and checkpoints, the final evaluation, the student saved. Ends the run FINISHED, KILLED
     (a signal: resumable) or FAILED (with the reason). Returns (before, after, teacher's metrics, latency)."""
@@ -443,7 +451,9 @@ def record(cfg: DictConfig, rt, tracker, b: Built, found, run_id: str, loop_stat
                    eval_every=tr.eval_every, log=tracker.metrics, evaluate=periodic_eval,
                    max_nonfinite_skips=tr.max_nonfinite_skips, checkpoint=save_checkpoint,
                    checkpoint_every=tr.checkpoint_every, signals=signals, resume=loop_state)
-        signals.__exit__()  # the rest (evaluation, saving) finishes rather than stopping
+        signals.__exit__()  # from here a signal stops the run at once (PhaseSignals): KILLED, resumable from a checkpoint
+        if phases is not None:
+            phases.phase = f"after training (step {b.max_steps}), during the final evaluation or the student's save"
         if counter is not None:  # precompute: 0 when every output came from the cache
             tracker.metrics({"teacher/train_forward_calls": counter.calls}, step=b.max_steps)
         tracker.metrics({"system/peak_rss_mb": peak_rss_mb()}, step=b.max_steps)
@@ -499,6 +509,7 @@ def log_interval(max_steps: int) -> int:
     return min(10, max(1, max_steps // 25))
 
 
+RUN_ID_FILE = "kdrun-run-id"  # in output_dir from a run's start: the MLflow run this directory's training logs to
 RESULT_FILE = "kdrun-result.json"  # in output_dir when a run has finished: resume=auto does not repeat it
 
 
@@ -515,9 +526,11 @@ def run(cfg: DictConfig) -> Dict[str, object]:
               "nothing to do")
         return result
     rt = runtime(cfg)
+    phases = checkpoint.PhaseSignals(checkpoint.root(cfg.output_dir)).__enter__()  # a signal in any phase: KILLED
     try:
-        result = _run(cfg, rt)
+        result = _run(cfg, rt, phases)
     finally:
+        phases.__exit__()
         rt.close()
     if rt.is_main:
         done.write_text(json.dumps(result, indent=1) + "\n")

@@ -10,6 +10,7 @@ Registered in conf/config.yaml under hydra.callbacks.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import sys
@@ -22,9 +23,23 @@ from omegaconf import DictConfig, OmegaConf
 from kdrun.errors import KdrunError
 
 log = logging.getLogger(__name__)
+_WORKER_GRACE_S = 120  # what a sweep's workers get to checkpoint and end their runs after SIGTERM
 ENV = "KDRUN_PARENT_RUN_ID"
 SWEPT_ENV = "KDRUN_SWEPT_KEYS"
 SWEEP_DIR_TAG = "kdrun.sweep_dir"
+MAIN_PID_ENV = "KDRUN_SWEEP_PID"  # the sweep's main process: a job elsewhere (a launcher's worker) is not it
+_STOPPED: list = []  # the signal that stopped this sweep (a job's, in this process), if any
+
+
+def stopped_by(signum: int) -> None:
+    """A job in this process was stopped by a signal: the sweep ends KILLED, not FAILED."""
+    _STOPPED.append(signum)
+
+
+def in_worker() -> bool:
+    """Whether this process is a launcher's worker (joblib/loky) running a job of a sweep started elsewhere."""
+    main = os.environ.get(MAIN_PID_ENV)
+    return bool(main) and main != str(os.getpid())
 
 
 def _store(config: DictConfig, experiment: Optional[str] = None):
@@ -136,6 +151,13 @@ class MlflowSweep(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         _checked_dir(config.hydra.sweep.dir, "hydra.sweep.dir")
+        try:
+            self._open_parent(config)
+        except KdrunError as e:  # Hydra would warn and launch every job against the same dead store
+            print(f"kdrun: error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    def _open_parent(self, config: DictConfig) -> None:
         from kdrun.report import PARENT_TAG
         from kdrun.secrets import redact_arg
         from kdrun.tracking import command_line, git_commit
@@ -159,6 +181,7 @@ class MlflowSweep(Callback):
         os.environ[ENV] = self.run_id
         os.environ[SWEPT_ENV] = ",".join(swept_keys(given, config))  # jobs name themselves by these
         atexit.register(self._fail_if_open, config)  # Hydra skips on_multirun_end when a job raises
+        self._stop_on_signals(config)
         log.info("MLflow sweep parent run %s (experiment '%s')", self.run_id, name)
 
     def _continue(self, client, exp_id: str, config: DictConfig, given: list) -> bool:
@@ -177,15 +200,58 @@ class MlflowSweep(Callback):
         os.environ[ENV] = self.run_id
         os.environ[SWEPT_ENV] = ",".join(swept_keys(given, config))
         atexit.register(self._fail_if_open, config)
+        self._stop_on_signals(config)
         log.info("MLflow sweep parent run %s continues (resume %d)", self.run_id, resumes)
         return True
 
     def _fail_if_open(self, config: DictConfig) -> None:
         if self.run_id:
             try:
-                _client(config).set_terminated(self.run_id, "FAILED")
+                _client(config).set_terminated(self.run_id, "KILLED" if _STOPPED else "FAILED")
             except Exception:  # noqa: BLE001 - at exit, the store may be gone; nothing more to do
                 pass
+            self.run_id = None
+
+    def _stop_on_signals(self, config: DictConfig) -> None:
+        """SIGTERM/SIGINT to the sweep's main process: its launcher's worker processes (joblib) get SIGTERM, so each
+        running job checkpoints, ends its run KILLED and its worker exits; then the parent run ends KILLED and the
+        command that continues the sweep is printed. (Jobs run in this process have their own handlers while they
+        run; this one holds between them.)"""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        os.environ[MAIN_PID_ENV] = str(os.getpid())
+
+        def handle(signum, frame):
+            import psutil
+
+            for s in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(s, signal.SIG_IGN)
+            name = signal.Signals(signum).name
+            workers = psutil.Process().children(recursive=True)
+            if workers:
+                print(f"kdrun: {name}: stopping the sweep's {len(workers)} worker processes (each running job writes "
+                      "a checkpoint first)", file=sys.stderr, flush=True)
+            for w in workers:
+                with contextlib.suppress(psutil.Error):
+                    w.send_signal(signal.SIGTERM)  # (SIGTERM, not a second SIGINT: that would skip the checkpoint)
+            _, alive = psutil.wait_procs(workers, timeout=_WORKER_GRACE_S)
+            for w in alive:
+                with contextlib.suppress(psutil.Error):
+                    w.kill()
+            stopped_by(signum)
+            self._fail_if_open(config)
+            from kdrun.cli import sweep_resume_command
+
+            print(f"kdrun: sweep stopped by {name}; continue with: {sweep_resume_command(_sweep_dir(config))}",
+                  file=sys.stderr, flush=True)
+            logging.shutdown()
+            os._exit(128 + signum)  # not through joblib's shutdown, which would wait for the workers it lost
+
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, handle)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from kdrun import report

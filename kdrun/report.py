@@ -18,7 +18,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 PARENT_TAG = "kdrun.sweep_parent"  # set on a sweep's parent run
 JOB_TAG = "kdrun.job_num"  # a sweep job's number (Hydra's hydra.job.num): tables list jobs in this order
 # params that differ between jobs without being a choice of the user
-_NOISE = ("output_dir", "tracking.run_name", "scores_out", "data/")  # data/*: what the data config produced
+# (data/*: what the data config produced; resume, tracking.*: where a run goes and how it was restarted)
+_NOISE = ("output_dir", "tracking.", "scores_out", "data/", "resume", "teacher.cache_dir", "teacher.finetune.cache_dir")
 _COSTS = (("model/student_params", "student parameters (millions)", 1e-6),
           ("eval/student/ms_per_example", "student eval latency (ms per held-out example)", 1.0))
 

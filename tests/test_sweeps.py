@@ -122,6 +122,10 @@ def test_results_average_over_seeds_per_student_and_loss_with_the_teacher_first(
     for r in runs[1:6]:                                       # cache the others read) splits no group
         r.data.params["data/extraction_cache_hit"] = "1"
     assert report.factors(runs[:6]) == ["student", "loss"]
+    for i, r in enumerate(runs[:6]):  # bookkeeping: a resumed sweep's jobs differ in resume=, the store in tracking.*
+        r.data.params.update({"resume": "auto" if i % 2 else "None", "tracking.uri": f"sqlite:///{i}.db",
+                              "tracking.experiment": f"e{i % 2}", "teacher.cache_dir": f"/c{i}"})
+    assert report.factors(runs[:6]) == ["student", "loss"]
     csv_columns, csv_rows, md_columns, md_rows = report.results(runs)
     assert csv_columns[:6] == ["model", "student", "loss", "seeds", "mrr_at_10_mean", "mrr_at_10_std"]
     assert csv_rows[0][:6] == ["teacher", "", "", "3", "0.6", "0"]
@@ -368,6 +372,8 @@ def test_a_sweep_stopped_by_sigterm_continues_with_resume_auto(tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
     assert not (sweep_dir / "1").exists()  # the second job never started
+    hint = err.split("continue with: ")[1].splitlines()[0]  # the whole sweep, not the stopped job's checkpoint
+    assert hint.startswith("kdrun -m ") and hint.endswith(f"hydra.sweep.dir={sweep_dir} resume=auto"), hint
 
     again = run_kdrun([*args, "resume=auto"], cwd=tmp_path, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -383,6 +389,8 @@ def test_a_sweep_stopped_by_sigterm_continues_with_resume_auto(tmp_path):
         assert c.info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(c.info.run_id, "train/loss")] == list(range(2, 17, 2))
 
+    table = (sweep_dir / "summary" / "results.md").read_text()
+    assert "resume" not in table and table.count("| student |") == 2, table  # one row per lr, not split by resume=
     once_more = run_kdrun([*args, "resume=auto"], cwd=tmp_path, env=env)  # everything finished: nothing to do
     assert once_more.returncode == 0 and once_more.stdout.count("resume=auto has nothing to do") == 2
     assert len(client.search_runs([client.get_experiment_by_name("presweep").experiment_id])) == 3

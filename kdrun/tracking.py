@@ -5,6 +5,7 @@ directory is used (no server needed); `make ui` browses the same store.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -225,9 +226,26 @@ class Tracker:
         # evaluation) holds some keys at that step and not others; those others are logged when the step is redone
         self.held = {k: max((m.step for m in self.client.get_metric_history(run_id, k)), default=-1)
                      for k in run.data.metrics}
+        for stale in ("kdrun.failure", "kdrun.checkpoint_error"):  # from before the interruption: not this run's end
+            if stale in run.data.tags:
+                with contextlib.suppress(Exception):  # (the run's end status says the rest)
+                    retry_locked(self.client.delete_tag, run_id, stale)
         resumes = int(run.data.tags.get("kdrun.resumes", "0")) + 1
         self.tags({"kdrun.resumes": resumes, f"kdrun.resume.{resumes}": f"step {step}: {command_line()}"})
         return run_id
+
+    def close_stale(self, run_id: str, successor: str) -> None:
+        """A run of this output dir that died before its first checkpoint (SIGKILL, power loss) stays RUNNING; a
+        new start in the same dir ends it KILLED and links the two."""
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:  # noqa: BLE001 - another store, or deleted: nothing to close
+            return
+        if run.info.status == "RUNNING":
+            self.client.set_tag(run_id, "kdrun.superseded_by", successor)
+            self.client.set_terminated(run_id, "KILLED")
+            log.warning("MLflow run %s of this output dir was left RUNNING (killed before its first checkpoint); "
+                        "marked KILLED, superseded by run %s", run_id, successor)
 
     def logged(self, prefix: str, step: int) -> Dict[str, float]:
         """The run's metrics named prefix* at `step`, without the prefix (a resumed run's evaluation before training)."""
@@ -353,10 +371,9 @@ def summary_table(rows: Iterable[tuple], header: tuple) -> str:
 
 def replay(path: str, uri: Optional[str] = None) -> int:
     """Send what a run could not (an unsent file) to the tracking store; returns the number of records sent."""
-    from mlflow import MlflowClient
     from mlflow.entities import Metric, RunTag
 
-    client = MlflowClient(uri)
+    client = open_store(uri).client  # a dead server fails in seconds, not after MLflow's minutes of retries
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     for run_id in dict.fromkeys(r["run_id"] for r in rows):
         mine = [r for r in rows if r["run_id"] == run_id]
@@ -388,6 +405,8 @@ def replay_main(argv=None) -> None:
         sys.exit(f"kdrun-replay: error: {args.file}: no such file")
     try:
         n = replay(args.file, args.tracking_uri)
+    except KdrunError as e:
+        sys.exit(f"kdrun-replay: error: {e} (nothing was removed from {args.file})")
     except Exception as e:
         sys.exit(f"kdrun-replay: error: {redact_text(str(e).splitlines()[0])} (nothing was removed from {args.file})")
     print(f"kdrun-replay: sent {n} records from {args.file}")

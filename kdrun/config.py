@@ -545,6 +545,13 @@ def validate(cfg: Any) -> None:
 
     check_known_keys(cfg)
     check_numbers(cfg)
+    try:
+        out = str(cfg.output_dir)
+    except Exception:  # noqa: BLE001 - outside a Hydra run (a test's composed config): Hydra's default applies
+        out = None
+    if out is not None and not out.strip():
+        raise ConfigError("output_dir='' would write checkpoints and the student into the working directory; give a "
+                          "directory (or leave output_dir out: Hydra's run directory)")
     t, s, tr, d = cfg.teacher, cfg.student, cfg.train, cfg.data
     for key in d:
         if OmegaConf.is_missing(d, key):

@@ -128,3 +128,161 @@ def test_every_preset_passes_the_range_checks():
 
     for name in sorted(p.stem for p in (Path(config.__file__).parents[1] / "conf" / "experiment").glob("*.yaml")):
         config.validate(_compose([f"experiment={name}"]))
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_final_evaluation_ends_killed_and_the_resumed_run_logs_it(tmp_path):
+    """The outside pass's repro of defects 1 and 2: SIGTERM once the last checkpoint is written (the final evaluation
+    runs). The run ends KILLED (not RUNNING, no traceback) with a resume hint; resumed with that hint it ends FINISHED
+    with the final evaluation at the last step, each metric key once per step."""
+    import signal
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from conftest import offline_env, run_kdrun
+
+    env = offline_env(tmp_path)
+    out = tmp_path / "run"
+    args = ["train.max_steps=6", "train.batch_size=4", "data.max_train_queries=16", "train.eval_every=0",
+            "train.log_every=1", "train.checkpoint_every=3", f"hydra.run.dir={out}", "tracking.experiment=final",
+            "data.eval_candidates=50"]  # every held-out query against 50 candidates: seconds of final evaluation
+    exe = Path(sys.executable).with_name("kdrun")
+    proc = subprocess.Popen([str(exe), *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "ckpt-00000006").is_dir():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
+    assert "stopped by SIGTERM after training (step 6)" in err, err[-2000:]
+    hint = err.split("continue with: ")[1].splitlines()[0]
+    assert hint.endswith(f"resume={out / 'checkpoints' / 'ckpt-00000006'}"), hint
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("final").experiment_id
+    [run] = client.search_runs([experiment])
+    assert run.info.status == "KILLED"
+
+    resumed = run_kdrun(hint.split()[1:], tmp_path, env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    [run] = client.search_runs([experiment])
+    assert run.info.status == "FINISHED"
+    for key in ("eval/student/mrr_at_10", "train/loss"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert steps == sorted(set(steps)), (key, steps)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/student/mrr_at_10")] == [0, 6]
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_parallel_sweep_stops_its_workers_and_marks_every_run(tmp_path):
+    """Defect 2, sweeps: SIGTERM to the main process of a joblib sweep killed it alone, its workers trained on as
+    orphans and the parent run stayed RUNNING. Now the workers checkpoint and exit, every run ends KILLED, and the
+    printed command continues the sweep to FINISHED."""
+    import signal
+    import time
+
+    import psutil
+    from mlflow.tracking import MlflowClient
+
+    from conftest import offline_env, run_kdrun
+
+    env = offline_env(tmp_path)
+    sweep_dir = tmp_path / "multirun"
+    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "train.max_steps=40", "train.checkpoint_every=2",
+            "train.log_every=2", "tracking.log_student=false", "data.max_train_queries=64", "data.max_eval_queries=20",
+            "train.batch_size=4", "tracking.experiment=psweep", "optimizer.lr=1e-4,2e-4", f"hydra.sweep.dir={sweep_dir}"]
+    exe = Path(sys.executable).with_name("kdrun")
+    proc = subprocess.Popen([str(exe), *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 400
+    while not all((sweep_dir / j / "checkpoints" / "ckpt-00000002").is_dir() for j in ("0", "1")):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    assert workers
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
+    assert time.time() - t0 < 120
+    assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]  # no orphans
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("psweep").experiment_id
+    runs = client.search_runs([experiment])
+    assert sorted(r.info.status for r in runs) == ["KILLED"] * 3, [(r.info.run_name, r.info.status) for r in runs]
+    hint = err.split("continue with: ")[-1].splitlines()[0]
+    assert hint.endswith(f"hydra.sweep.dir={sweep_dir} resume=auto"), hint
+
+    again = run_kdrun(hint.split()[1:], tmp_path, env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    runs = client.search_runs([experiment])
+    assert sorted(r.info.status for r in runs) == ["FINISHED"] * 3
+
+
+def test_a_dead_tracking_server_stops_a_sweep_and_a_replay_within_seconds(tmp_path):
+    """Defect 8: a sweep launched its jobs against a dead store after Hydra's warning (minutes in all), and kdrun-replay
+    waited out MLflow's HTTP retries. Both now answer in one line within seconds."""
+    import time
+
+    from conftest import free_port, offline_env, run_kdrun
+
+    env = offline_env(tmp_path)
+    uri = f"http://127.0.0.1:{free_port()}"
+    t0 = time.time()
+    r = run_kdrun(["-m", f"tracking.uri={uri}", "train.seed=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path,
+                  env, timeout=120)
+    assert r.returncode == 2 and time.time() - t0 < 15, (time.time() - t0, r.stderr[-2000:])
+    assert "cannot be reached" in r.stderr and "Traceback" not in r.stderr and "Launching" not in r.stderr
+    unsent = tmp_path / "u.jsonl"
+    unsent.write_text('{"run_id": "r", "key": "a", "value": 1, "timestamp": 1, "step": 0}\n')
+    exe = Path(sys.executable).with_name("kdrun-replay")
+    t0 = time.time()
+    r = subprocess.run([str(exe), str(unsent), "--tracking-uri", uri], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1 and time.time() - t0 < 15 and "cannot be reached" in r.stderr, r.stderr
+    assert unsent.read_text().count("\n") == 1
+
+
+def test_a_resumed_run_drops_the_failure_tag_of_its_interruption(store, tmp_path):
+    first = tracking.Tracker(store, "stale", output_dir=str(tmp_path))
+    run_id = first.start("r", {}, {})
+    first.tags({"kdrun.failure": "RuntimeError: out of memory"})
+    first.end("FAILED")
+    again = tracking.Tracker(store, "stale", output_dir=str(tmp_path))
+    again.resume(run_id, step=3)
+    again.end("FINISHED")
+    run = again.client.get_run(run_id)
+    assert run.info.status == "FINISHED" and "kdrun.failure" not in run.data.tags
+
+
+def test_a_run_left_running_by_a_kill_before_its_first_checkpoint_is_closed_by_the_next_start(tmp_path):
+    """SIGKILL before the first checkpoint left the MLflow run RUNNING forever, and resume=auto (nothing to resume)
+    opened a second one. The next start in that output dir ends the first KILLED and names its successor."""
+    from conftest import offline_env, run_kdrun
+    from test_e2e import SMALL
+
+    env = offline_env(tmp_path)
+    out = tmp_path / "run"
+    out.mkdir()
+    dead = tracking.Tracker(env["MLFLOW_TRACKING_URI"], "kdrun", output_dir=str(out))
+    dead_id = dead.start("killed", {}, {})
+    (out / "kdrun-run-id").write_text(dead_id + "\n")  # as the killed run left it; its process is gone
+    dead.mlflow.end_run()  # (this process's fluent state only; the stored run stays RUNNING)
+    dead.client.update_run(dead_id, status="RUNNING")
+    r = run_kdrun([*SMALL, f"hydra.run.dir={out}", "resume=auto"], tmp_path, env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    old = dead.client.get_run(dead_id)
+    new_id = (out / "kdrun-run-id").read_text().strip()
+    assert old.info.status == "KILLED" and old.data.tags["kdrun.superseded_by"] == new_id != dead_id
+    assert dead.client.get_run(new_id).info.status == "FINISHED"
+
+
+def test_an_empty_output_dir_is_a_config_error(tmp_path):
+    from conftest import offline_env, run_kdrun
+
+    r = run_kdrun(["output_dir="], tmp_path, offline_env(tmp_path))
+    assert r.returncode == 2 and "output_dir='' would write" in r.stderr, r.stderr[-2000:]
+    assert not [p for p in tmp_path.iterdir() if p.name not in ("outputs", "mlflow.db", "hf_home", "kdrun_cache")]

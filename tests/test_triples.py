@@ -152,6 +152,28 @@ def test_bad_lines_name_file_and_line(files, tmp_path, name, rows, match):
         load(**files, **ARGS)
 
 
+@pytest.mark.parametrize("name,content,match", [
+    ("collection.tsv", "p0\tfirst\np1\t  \n", r"collection.tsv:2: the text of id 'p1' is empty"),
+    ("queries.tsv", "q0\tquestion\nq1\tsecond\nq0\tagain\n", r"queries.tsv: the id 'q0' appears more than once"),
+    ("collection.tsv", "p0\tok\np1\tcaf\xe9\n", r"collection.tsv:2: not UTF-8 text \(byte b'\\xe9' at column 7\)"),
+])
+def test_empty_duplicate_and_undecodable_texts_name_file_and_line(files, tmp_path, name, content, match):
+    """Issue 20, defect 11: an empty passage was accepted silently; invalid UTF-8 was reported without its line."""
+    (tmp_path / name).write_bytes(content.encode("latin-1"))
+    with pytest.raises(DataError, match=match):
+        load(**files, **ARGS)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_id(files, tmp_path):
+    """A BOM (Windows editors) made the first id '\\ufeffq0', and the error blamed the triples file for it."""
+    q = tmp_path / "queries.tsv"
+    q.write_bytes(b"\xef\xbb\xbf" + q.read_bytes())
+    c = tmp_path / "collection.tsv"
+    c.write_bytes(b"\xef\xbb\xbf" + c.read_bytes())
+    data = load(**files, **ARGS)
+    assert _train(data)[0][0] == "question 0 on topic 0"
+
+
 def test_a_missing_file_names_the_key(files):
     with pytest.raises(DataError, match="data.qrels=nope.tsv: no such file"):
         load(**{**files, "qrels": "nope.tsv"}, **ARGS)

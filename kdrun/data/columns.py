@@ -62,12 +62,15 @@ def lines(key: str, path: str) -> Iterator[Tuple[int, List[str], Path]]:
     if not f.is_file():
         raise DataError(f"data.{key}={path}: no such file")
     try:
-        with open(f, encoding="utf-8") as text:
-            for n, line in enumerate(text, 1):
+        with open(f, "rb") as raw:
+            for n, data in enumerate(raw, 1):
+                try:  # (a byte-order mark, as some Windows editors write, is not part of the first id)
+                    line = data.decode("utf-8-sig" if n == 1 else "utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{f}:{n}: not UTF-8 text (byte {data[e.start:e.start + 1]!r} at column "
+                                    f"{e.start + 1}); convert the file, e.g. `iconv -f latin1 -t utf-8`") from None
                 if line.strip():
-                    yield n, line.rstrip("\n").split("\t") if "\t" in line else line.split(), f
-    except UnicodeDecodeError as e:
-        raise DataError(f"data.{key}={path}: not UTF-8 text ({e})") from e
+                    yield n, line.split("\t") if "\t" in line else line.split(), f
     except OSError as e:  # permissions, a file that vanished, an I/O error
         raise DataError(f"data.{key}={path}: cannot read it ({e.strerror or e})") from e
 
@@ -167,8 +170,11 @@ def text_column(key: str, path: str) -> TextColumn:
             for n, cols, f in lines(key, path):
                 if len(cols) < 2 or not cols[0].strip():
                     raise DataError(f"{f}:{n}: expected `id<TAB>text`")
+                text = "\t".join(cols[1:]).strip()
+                if not text:
+                    raise DataError(f"{f}:{n}: the text of id {cols[0].strip()!r} is empty")
                 ids.append(cols[0].strip())
-                texts.append("\t".join(cols[1:]).strip())
+                texts.append(text)
                 n_rows += 1
                 if len(ids) >= CHUNK:
                     flush()

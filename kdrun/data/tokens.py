@@ -41,6 +41,97 @@ class TokenTable:
         return len(self.ids)
 
 
+def _usable(cache_dir) -> bool:
+    try:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        return True
+    except OSError as e:
+        log.warning("token cache: cannot use %s (%s); tokenising without the cache", cache_dir, e.strerror or e)
+        return False
+
+
+def _sound(cache_file: Optional[str]) -> bool:
+    """Whether a token cache file is there and sound: its completion mark (`<file>.sha256`, written once `datasets`
+    has finished it) holds its checksum. A damaged one (truncated, emptied, flipped bytes, a directory in its place,
+    no mark) is removed with a warning and rebuilt: `datasets` would fail on it with a pyarrow traceback, or worse,
+    read flipped ids that stay in range and train on wrong tokens."""
+    import shutil
+
+    from kdrun.teacher_cache import file_sha256
+
+    if cache_file is None:
+        return False
+    f = Path(cache_file)
+    mark = f.with_name(f.name + ".sha256")
+    if not f.exists() and not f.is_symlink():
+        mark.unlink(missing_ok=True)
+        return False
+    if not f.is_file():
+        why = "not a file"
+    elif not mark.is_file():
+        why = "without its completion mark (an interrupted write, or an older kdrun's)"
+    else:
+        try:
+            why = None if file_sha256(f) == mark.read_text().strip() else "not matching its checksum"
+        except OSError as e:
+            why = f"unreadable ({e.strerror or e})"
+    if why is None:
+        return True
+    log.warning("token cache file %s is %s; rebuilding it", f, why)
+    if f.is_dir() and not f.is_symlink():
+        shutil.rmtree(f, ignore_errors=True)
+    else:
+        f.unlink(missing_ok=True)
+    mark.unlink(missing_ok=True)
+    return False
+
+
+def _seal(cache_file: Optional[str]) -> None:
+    """Write a finished cache file's completion mark (renamed into place: never half a mark)."""
+    import os
+
+    from kdrun.teacher_cache import file_sha256
+
+    if cache_file is None or not Path(cache_file).is_file():
+        return
+    mark = Path(cache_file + ".sha256")
+    tmp = mark.with_name(mark.name + f".tmp{os.getpid()}")
+    try:
+        tmp.write_text(file_sha256(Path(cache_file)) + "\n")
+        tmp.replace(mark)
+    except OSError as e:  # a full disk: the file is used this time and rebuilt next time
+        tmp.unlink(missing_ok=True)
+        log.warning("token cache: cannot write %s (%s)", mark, e.strerror or e)
+
+
+def _locked(cache_file: Optional[str]):
+    """One process builds a cache file while the others (parallel sweep jobs) wait, then read it."""
+    import contextlib
+
+    if cache_file is None:
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    return FileLock(cache_file + ".lock")
+
+
+def _map(ds, tokenizer, max_length: int, cache_file: Optional[str], key: str, num_proc: Optional[int]):
+    """(the texts' token ids as a `datasets` map written to cache_file, the file): where it cannot be written (a full
+    disk), the map is made again in memory (None as the file), with a warning."""
+    fn = lambda batch: {"input_ids": tokenizer(batch["text"], truncation=True, max_length=max_length)["input_ids"]}
+    args = dict(batched=True, batch_size=1000, remove_columns=ds.column_names, new_fingerprint=key, num_proc=num_proc)
+    try:
+        return ds.map(fn, cache_file_name=cache_file, load_from_cache_file=True, **args), cache_file
+    except OSError as e:
+        if cache_file is None:
+            raise
+        from kdrun.checkpoint import write_error
+
+        log.warning("token cache: cannot write %s (%s); tokenising in memory, uncached", cache_file,
+                    write_error(e, Path(cache_file).parent))
+        return ds.map(fn, keep_in_memory=True, **args), None
+
+
 def pretokenize(tokenizer, texts: Sequence[str], max_length: int, cache_dir: Optional[Path], fingerprint: str,
                 num_proc: int = 1) -> Tuple[TokenTable, bool]:
     """(table of every distinct text's ids, whether it came from the cache). `fingerprint` names the tokenizer
@@ -53,15 +144,15 @@ def pretokenize(tokenizer, texts: Sequence[str], max_length: int, cache_dir: Opt
         h.update(t.encode() + b"\x1e")
     key = h.hexdigest()[:24]
     cache_file = None
-    if cache_dir is not None:
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    if cache_dir is not None and _usable(cache_dir):
         cache_file = str(Path(cache_dir) / f"tokens-{key}.arrow")
-    hit = cache_file is not None and Path(cache_file).is_file()
     datasets.disable_progress_bars()
-    ds = datasets.Dataset.from_dict({"text": distinct})
-    ds = ds.map(lambda batch: {"input_ids": tokenizer(batch["text"], truncation=True, max_length=max_length)["input_ids"]},
-                batched=True, batch_size=1000, remove_columns=["text"], cache_file_name=cache_file,
-                load_from_cache_file=True, new_fingerprint=key, num_proc=num_proc if len(distinct) > 10_000 else None)
+    with _locked(cache_file):
+        hit = _sound(cache_file)
+        ds = datasets.Dataset.from_dict({"text": distinct})
+        ds, cache_file = _map(ds, tokenizer, max_length, cache_file, key, num_proc if len(distinct) > 10_000 else None)
+        if not hit:
+            _seal(cache_file)
     return TokenTable(tokenizer, max_length, dict(zip(distinct, ds["input_ids"]))), hit
 
 
@@ -94,16 +185,15 @@ def tokenize_column(tokenizer, column, max_length: int, cache_dir: Optional[Path
 
     key = hashlib.sha256(f"rows|{fingerprint}|{max_length}|{column.digest}".encode()).hexdigest()[:24]
     cache_file = None
-    if cache_dir is not None:
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    if cache_dir is not None and _usable(cache_dir):
         cache_file = str(Path(cache_dir) / f"rows-{key}.arrow")
-    if cache_file is not None and Path(cache_file).is_file():  # the map's own Arrow stream, memory-mapped as it is
-        return RowTokens(pa.ipc.open_stream(pa.memory_map(cache_file)).read_all()), True
-    datasets.disable_progress_bars()
-    ds = column.dataset()
-    ds = ds.map(lambda batch: {"input_ids": tokenizer(batch["text"], truncation=True, max_length=max_length)["input_ids"]},
-                batched=True, batch_size=1000, remove_columns=ds.column_names, cache_file_name=cache_file,
-                load_from_cache_file=True, new_fingerprint=key, num_proc=num_proc if len(column) > 10_000 else None)
+    with _locked(cache_file):
+        if _sound(cache_file):  # the map's own Arrow stream, memory-mapped as it is
+            return RowTokens(pa.ipc.open_stream(pa.memory_map(cache_file)).read_all()), True
+        datasets.disable_progress_bars()
+        ds, cache_file = _map(column.dataset(), tokenizer, max_length, cache_file, key,
+                              num_proc if len(column) > 10_000 else None)
+        _seal(cache_file)
     return RowTokens(ds.data.table), False
 
 

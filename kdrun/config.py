@@ -89,6 +89,7 @@ class FinetuneConfig:
     seed: int = 0
     cache_dir: Optional[str] = None  # None: $KDRUN_CACHE/teachers (KDRUN_CACHE defaults to ~/.cache/kdrun)
     in_batch: Optional[bool] = None  # ranking: other queries' passages as negatives too (None: bi-encoder yes, cross-encoder no)
+    folds: int = 1  # ranking: > 1 fine-tunes one teacher per fold of the training queries, each scoring its held-out fold
 
 
 @dataclass
@@ -472,7 +473,7 @@ RANGES = {
     "optimizer.betas.*": "[0, 1)", "optimizer.warmup_ratio": "[0, 1)",
     "train.epochs": "[0, inf)", "train.max_steps": "[-1, inf)",
     "*.finetune.lr": "(0, inf)", "*.finetune.batch_size": "[1, inf)", "*.finetune.warmup_ratio": "[0, 1)",
-    "*.finetune.steps": "[0, inf)", "*.max_length": "[1, inf)", "student.dim": "[1, inf)",
+    "*.finetune.steps": "[0, inf)", "*.finetune.folds": "[1, inf)", "teachers.*.finetune.folds": "[1, inf)", "*.max_length": "[1, inf)", "student.dim": "[1, inf)",
     "teachers.*.max_length": "[1, inf)", "teachers.*.weight": "(0, inf)",
     "student.layers.*": "[0, inf)", "student.dropout": "[0, 1)",
     "data.eval_fraction": "(0, 1)", "data.negatives_per_query": "[1, inf)", "data.examples_per_pair": "[1, inf)",
@@ -625,6 +626,10 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"teacher.finetune.steps={t.finetune.steps}: kdrun fine-tunes classifier and ranking "
                           f"teachers, not {task} teachers (teacher.kind={t.kind})")
     for name, tc in [("teacher", t), *((f"teachers.{n}", c) for n, c in cfg.teachers.items())]:
+        if tc.finetune.folds > 1 and (task != "ranking" or not tc.finetune.steps or mode not in ("precompute",)):
+            raise ConfigError(f"{name}.finetune.folds={tc.finetune.folds}: out-of-fold teachers are fine-tuned ranking "
+                              "teachers whose scores are precomputed: set teacher.finetune.steps > 0 and "
+                              "teacher.mode=precompute, with ranking data (or folds=1)")
         if tc.finetune.in_batch is not None and task != "ranking":
             raise ConfigError(f"{name}.finetune.in_batch={tc.finetune.in_batch}: in-batch negatives are a ranking "
                               f"setting; a {task} teacher fine-tunes on its labels (remove it)")

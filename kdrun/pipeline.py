@@ -64,6 +64,7 @@ def flops_per_token(model) -> float:
     embedding tables (a lookup) and poolers (BERT's pooler reads the first token once per sequence)."""
     import torch
 
+    model = getattr(model, "cost_model", model)  # out-of-fold teachers: one fold's model runs per query
     skip = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) or type(m).__name__.endswith("Pooler")
             for p in m.parameters()}
     return 2.0 * sum(p.numel() for p in model.parameters() if id(p) not in skip)
@@ -380,7 +381,8 @@ def record(cfg: DictConfig, rt, tracker, b: Built, found, run_id: str, loop_stat
     try:
         n_params = lambda m: sum(p.numel() for p in m.parameters())
         tracker.metrics({**b.setup, "model/student_params": n_params(student), "model/loss_params": n_params(b.loss_fn),
-                         "model/teacher_params": n_params(teacher) if teacher is not None else 0,
+                         "model/teacher_params": 0 if teacher is None else n_params(getattr(teacher, "cost_model",
+                                                                                             teacher)),
                          "model/student_flops_per_token": flops_per_token(student),
                          **({"model/teacher_flops_per_token": flops_per_token(teacher)} if teacher is not None else {}),
                          "train/max_steps": b.max_steps}, step=0)
@@ -500,7 +502,7 @@ def peak_rss_mb() -> float:
 def _forward_counter(teacher):
     from kdrun.teacher_cache import ForwardCounter
 
-    members = dict(teacher.members).values() if hasattr(teacher, "members") else [teacher]
+    members = dict(teacher.members).values() if hasattr(teacher, "members") else getattr(teacher, "folds", [teacher])
     return ForwardCounter([_hf_model(m) for m in members])
 
 

@@ -4,10 +4,13 @@ interaction, cross-encoder): Hofstaetter et al.'s cross-architecture distillatio
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any, Optional
 
 from kdrun.errors import ConfigError
 from kdrun.tasks.base import Family
+
+log = logging.getLogger(__name__)
 
 
 class Ranking(Family):
@@ -47,6 +50,10 @@ class Ranking(Family):
 
         source = resolve_source("teacher", node["name"], node["path"], node.get("gguf_file"))
         info = {}
+        finetune = dict(finetune)
+        folds = finetune.pop("folds", 1)
+        if finetune["steps"] > 0 and folds > 1:
+            return self._out_of_fold(source, data, runtime, hardware, finetune, folds, node)
         if finetune["steps"] > 0:
             from kdrun.tasks.ranking.finetune import finetuned_teacher
 
@@ -60,6 +67,38 @@ class Ranking(Family):
                               "scores would be random); set teacher.finetune.steps=N so kdrun fine-tunes it on the "
                               "training split first, or pass a fine-tuned cross-encoder")
         teacher.finetune_info = info
+        return teacher
+
+    def _out_of_fold(self, source: str, data, runtime, hardware, finetune: dict, folds: int, node: dict):
+        """teacher.finetune.folds=k: k teachers, teacher f fine-tuned (and cached) on the training examples whose
+        query is outside fold f, scoring the queries of fold f (models/ensemble.py, OutOfFold)."""
+        import copy
+
+        import numpy as np
+
+        from kdrun.models import load_teacher
+        from kdrun.models.ensemble import OutOfFold, fold_of
+        from kdrun.tasks.ranking.finetune import finetuned_teacher
+
+        queries = data.queries.texts(np.asarray(data.train_q))
+        fold = np.fromiter((fold_of(q, folds) for q in queries), dtype=np.int64, count=len(queries))
+        members, infos = [], []
+        for f in range(folds):
+            part = copy.copy(data)  # (keep() replaces the example arrays; the text columns are shared)
+            part.keep(np.flatnonzero(fold != f))
+            log.info("teacher: fold %d of %d: fine-tuning on %d of %d training examples (queries outside the fold)",
+                     f + 1, folds, part.num_train, data.num_train)
+            path, info = finetuned_teacher(source, part, kind=node["kind"], pooling=node["pooling"],
+                                           similarity=node["similarity"], max_length=node["max_length"],
+                                           runtime=runtime, hardware=hardware, **finetune)
+            members.append(load_teacher(**{**node, "name": None, "path": path, "label_index": 0}))
+            infos.append(info)
+        teacher = OutOfFold(members)
+        teacher.finetune_info = {
+            "teacher/finetune_cache_hit": min(i["teacher/finetune_cache_hit"] for i in infos),
+            "teacher/finetune_seconds": sum(i["teacher/finetune_seconds"] for i in infos),
+            "teacher/finetune_folds": float(folds),
+            **{k: sum(i[k] for i in infos) / folds for k in infos[0] if k.endswith("_loss")}}
         return teacher
 
     def build_student(self, *, teacher, teacher_source: Optional[str] = None, dropout: Optional[float] = None, **node):

@@ -227,9 +227,11 @@ def latest_name(directory: Path, exclude: Optional[Path] = None) -> Optional[Pat
     return next((p for _, p in _steps(directory) if p != exclude), None)
 
 
-def prune(directory: Path, keep: int) -> None:
+def prune(directory: Path, keep: int, protect: Optional[Path] = None) -> None:
+    """All but the newest `keep` checkpoints removed (and never `protect`: the one a run resumed from)."""
     for _, p in _steps(directory)[max(keep, 1):]:
-        shutil.rmtree(p, ignore_errors=True)
+        if protect is None or Path(p).resolve() != Path(protect).resolve():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------- finding

@@ -447,6 +447,8 @@ def record(cfg: DictConfig, rt, tracker, b: Built, found, run_id: str, loop_stat
         if rt.distributed:
             torch.manual_seed(tr.seed + rt.rank)  # each rank its own dropout masks
         if found:
+            if rt.is_main:  # a run killed between writing a checkpoint and pruning left one too many
+                checkpoint.prune(ckpt_dir, tr.keep_checkpoints, protect=found[0])
             checkpoint.restore_rng(found[0], rt.rank)  # last: the RNG continues exactly where it stopped
         loop.train(rt.wrap(student), teacher, b.loss_fn, loop.forever(b.loader), b.optim, rt, max_steps=b.max_steps,
                    grad_accum=tr.grad_accum, log_every=tr.log_every or log_interval(b.max_steps),

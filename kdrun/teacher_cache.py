@@ -356,7 +356,7 @@ def _shards(task, teacher, entry: Path, n: int, info: CacheInfo, name: str, rank
         if memory is None:
             raise  # (with memory: each shard's write fails in turn and is kept in memory)
     ranges = _ranges(task, n)[rank::world]
-    done = {r for r in ranges if (partial / f"{r[0]:012d}-{r[1]:012d}").is_dir()}
+    done = {r for r in ranges if _sound_shard(partial / f"{r[0]:012d}-{r[1]:012d}")}
     if done:
         info.resumed_examples += sum(b - a for a, b in done)
         log.info("teacher %s: %d of %d shards of an interrupted pass are reused (%s)", name, len(done), len(ranges),
@@ -377,6 +377,7 @@ def _shards(task, teacher, entry: Path, n: int, info: CacheInfo, name: str, rank
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             _save(tmp, outputs)
+            (tmp / "sha256.json").write_text(json.dumps({f.name: file_sha256(f) for f in sorted(tmp.glob("*.npy"))}))
             tmp.rename(shard)  # a shard is there whole or not at all
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -390,6 +391,23 @@ def _shards(task, teacher, entry: Path, n: int, info: CacheInfo, name: str, rank
         bar.update(stop - start)
     bar.close()
     return seconds
+
+
+def _sound_shard(shard: Path) -> bool:
+    """Whether a finished shard of an interrupted pass can be reused: every file there and matching the checksums
+    written with it. A damaged one is removed with a warning (and computed again)."""
+    if not shard.exists():
+        return False
+    try:
+        sums = json.loads((shard / "sha256.json").read_text())
+        if isinstance(sums, dict) and sums and all(file_sha256(shard / name) == h for name, h in sums.items()):
+            return True
+        why = "not matching its checksums"
+    except (OSError, ValueError) as e:
+        why = f"unreadable ({type(e).__name__})"
+    log.warning("teacher cache: the shard %s of an interrupted pass is %s; computing it again", shard, why)
+    _remove(shard)
+    return False
 
 
 def _remove(path: Path) -> None:

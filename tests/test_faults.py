@@ -359,3 +359,53 @@ def test_a_token_cache_on_a_full_disk_tokenises_in_memory(tmp_path, monkeypatch,
     table, hit = tokens.pretokenize(tok, texts, 32, tmp_path / "tokens", "fp")
     assert not hit and [table.ids[t] for t in texts] == tok(texts, truncation=True, max_length=32)["input_ids"]
     assert "No space left on device" in caplog.text and not list((tmp_path / "tokens").glob("*.sha256"))
+
+
+@pytest.mark.slow
+def test_no_planted_secret_on_screen_or_disk_with_an_http_store_a_sweep_and_a_failure(tmp_path):
+    """Defect 7: MLflow's "View run ... at: http://user:PASSWORD@..." line, Hydra's "Error executing job with
+    overrides" and launcher lines, .hydra/*.yaml and multirun.yaml carried planted secrets in clear."""
+    from conftest import free_port, mlflow_server, offline_env, run_kdrun
+
+    password, token = "Pl4ntedPassw0rd", "hf_" + "Q" * 30
+    port = free_port()
+    server = mlflow_server(tmp_path / "server", port)
+    try:
+        env = offline_env(tmp_path)
+        env["MLFLOW_TRACKING_URI"] = f"http://kd:{password}@127.0.0.1:{port}"
+        common = ["train.max_steps=1", "train.batch_size=4", "data.max_train_queries=8", "data.max_eval_queries=4",
+                  "tracking.log_student=false", f"+tracking.tags.hf_token={token}", f"+tracking.tags.password={password}"]
+        runs = [run_kdrun([*common, "-m", "train.seed=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path, env),
+                run_kdrun([*common, "student.layers=[0,99]", f"hydra.run.dir={tmp_path / 'failed'}"], tmp_path, env)]
+        (tmp_path / "u.jsonl").write_text('{"run_id": "nope", "key": "a", "value": 1, "timestamp": 1, "step": 0}\n')
+        exe = Path(sys.executable).with_name("kdrun-replay")
+        runs.append(subprocess.run([str(exe), str(tmp_path / "u.jsonl")], env=env, capture_output=True, text=True,
+                                   timeout=120))
+    finally:
+        import signal
+
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    assert runs[0].returncode == 0, runs[0].stderr[-3000:]
+    assert "View run" in runs[0].stdout + runs[0].stderr  # MLflow's own line was printed, redacted
+    assert runs[1].returncode != 0
+    screen = "".join(r.stdout + r.stderr for r in runs)
+    assert password not in screen and token not in screen, screen[-3000:]
+    for f in [*(tmp_path / "sweep").rglob("*"), *(tmp_path / "failed").rglob("*")]:
+        if f.is_file():
+            data = f.read_bytes()
+            assert password.encode() not in data and token.encode() not in data, f
+
+
+def test_resume_prunes_a_checkpoint_left_over_by_a_kill_before_pruning(tmp_path):
+    """Killed between writing ckpt-6 and pruning: three checkpoints with keep_checkpoints=2, and a resumed run that
+    wrote no other checkpoint kept all three. Resume prunes (never the checkpoint it resumed from)."""
+    from kdrun import checkpoint
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        (root / f"ckpt-{step:08d}").mkdir(parents=True)
+    checkpoint.prune(root, 2, protect=root / "ckpt-00000002")
+    assert sorted(p.name for p in root.iterdir()) == ["ckpt-00000002", "ckpt-00000004", "ckpt-00000006"]
+    checkpoint.prune(root, 2, protect=root / "ckpt-00000006")
+    assert sorted(p.name for p in root.iterdir()) == ["ckpt-00000004", "ckpt-00000006"]

@@ -56,6 +56,44 @@ def test_a_fine_tuned_ranking_teacher_never_sees_the_held_out_queries_and_is_cac
     assert _finetune(other, minilm_dir, tmp_path, kind)[0] != path
 
 
+def test_out_of_fold_teachers_never_score_a_query_they_trained_on(minilm_dir, tmp_path, monkeypatch):
+    """teacher.finetune.folds=2: fold f's teacher is fine-tuned on the training queries outside fold f, and it is the
+    one that scores fold f's queries (and the held-out ones of fold f)."""
+    from kdrun.models.ensemble import OutOfFold, fold_of
+    from kdrun.runtime import Runtime
+    from kdrun.tasks.ranking import FAMILY
+    from kdrun.tasks.ranking import finetune as ft
+
+    data = _tiny_data()
+    seen = []
+    real = ft.finetuned_teacher
+
+    def spy(source, part, **kw):
+        seen.append(set(part.queries.texts(part.train_q)))
+        return real(source, part, **kw)
+
+    monkeypatch.setattr(ft, "finetuned_teacher", spy)
+    node = dict(name=None, path=minilm_dir, gguf_file=None, kind="bi_encoder", pooling="mean", similarity="dot",
+                label_index=-1, max_length=32, top_k=0)
+    teacher = FAMILY.build_teacher(data=data, runtime=Runtime(torch.device("cpu"), "fp32"), hardware=None,
+                                   finetune=dict(steps=2, lr=1e-4, batch_size=4, warmup_ratio=0.0, seed=0,
+                                                 cache_dir=str(tmp_path), in_batch=None, folds=2), **node)
+    assert isinstance(teacher, OutOfFold) and len(teacher.folds) == 2
+    everything = set(data.queries.texts(data.train_q))
+    for f, trained_on in enumerate(seen):
+        assert trained_on and all(fold_of(q, 2) != f for q in trained_on)
+        assert trained_on == {q for q in everything if fold_of(q, 2) != f}  # all of the other folds' queries
+    queries, lists = data.batch_texts(range(data.num_train))
+    got = teacher.score_lists(queries, lists, 4, torch.device("cpu"))
+    for q, cands, row in zip(queries, lists, got):
+        want = teacher.folds[fold_of(q, 2)].score_lists([q], [cands], 4, torch.device("cpu"))[0]
+        assert torch.equal(row, want)
+    assert teacher.finetune_info["teacher/finetune_folds"] == 2.0
+    from kdrun.pipeline import flops_per_token
+
+    assert flops_per_token(teacher) == flops_per_token(teacher.folds[0])  # one fold's model runs per query
+
+
 def test_the_fine_tuned_cross_encoder_loads_as_a_teacher_and_scores_with_its_trained_head(minilm_dir, tmp_path):
     from kdrun.errors import ConfigError
     from kdrun.runtime import Runtime

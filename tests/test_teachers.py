@@ -159,6 +159,33 @@ def test_a_killed_teacher_pass_goes_on_from_its_finished_shards(teacher, tmp_pat
     assert f32_close(torch.as_tensor(np.array(resumed["scores"])), whole)
 
 
+def test_a_damaged_shard_of_a_killed_pass_is_computed_again(teacher, tmp_path, monkeypatch, caplog):
+    """Issue 20: the shards a killed pass leaves carry checksums; a flipped byte is caught before it reaches the
+    entry (whose own checksum would be made from the flipped data)."""
+    task = _task(teacher)
+    task.teacher_chunk = 2
+    real, calls = task.teacher_outputs_range, []
+
+    def dies_on_the_third(t, start, stop):
+        calls.append(start)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(t, start, stop)
+
+    monkeypatch.setattr(task, "teacher_outputs_range", dies_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        teacher_cache.teacher_outputs(task, teacher, task.rt, str(tmp_path), True, teacher_cache.CacheInfo())
+    shard = next((tmp_path / "ranking").glob("*.partial")) / "000000000000-000000000002" / "scores.npy"
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 0x40
+    shard.write_bytes(bytes(raw))
+    calls.clear()
+    resumed = teacher_cache.teacher_outputs(task, teacher, task.rt, str(tmp_path), True, teacher_cache.CacheInfo())
+    assert calls == [0, 4] and "computing it again" in caplog.text  # the damaged shard and the missing one
+    monkeypatch.undo()
+    assert f32_close(torch.as_tensor(np.array(resumed["scores"])), task.teacher_outputs(teacher)["scores"])
+
+
 def test_reading_a_cache_entry_costs_memory_for_the_batch_not_the_entry(tmp_path):
     """An entry of 512 MB read and batched through by a process whose data segment may grow by 192 MB only."""
     import subprocess

@@ -130,6 +130,9 @@ def _resume_command(path) -> str:
 def main() -> None:
     """Mistakes on the command line get one line and exit status 2, as kdrun's own config checks do; `--help` and
     `--cfg job` are answered here (Hydra's own help recomposes the config once per group option: seconds)."""
+    from kdrun.secrets import guard_output
+
+    guard_output()  # nothing printed or logged carries a credential
     from kdrun import usage
 
     argv = sys.argv[1:]

@@ -485,6 +485,9 @@ def write_report(client, runs: Sequence, out_dir: Path) -> Dict[str, Path]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`kdrun-report`: a table and plots for an experiment or a sweep's parent run."""
+    from kdrun.secrets import guard_output
+
+    guard_output()  # nothing printed or logged carries a credential
     ap = argparse.ArgumentParser(prog="kdrun-report", description=__doc__.splitlines()[0])
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--experiment", help="every run of this MLflow experiment (sweep parents left out)")

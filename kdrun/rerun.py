@@ -42,6 +42,9 @@ def rerun_config(stored: dict, run_name: str) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from kdrun.secrets import guard_output
+
+    guard_output()  # nothing printed or logged carries a credential
     ap = argparse.ArgumentParser(prog="kdrun-rerun", description=__doc__.splitlines()[0])
     ap.add_argument("run_id", help="the MLflow run to repeat")
     ap.add_argument("overrides", nargs="*", help="kdrun overrides applied on top, e.g. train.seed=2")

@@ -52,3 +52,94 @@ def redact(tree: Any, key: str = "") -> Any:
     if isinstance(tree, str):
         return redact_text(tree)
     return tree
+
+
+class _RedactingStream:
+    """A text stream that redacts what is written through it, line by line (a credential is never split across two
+    writes of one line: partial lines are held until their newline, or a flush)."""
+
+    def __init__(self, stream):
+        self._stream, self._held = stream, ""
+
+    def write(self, text: str) -> int:
+        n = len(text)
+        text = self._held + str(text)
+        head, nl, self._held = text.rpartition("\n")
+        if nl:
+            self._stream.write(redact_text(head + nl))
+        if len(self._held) > 4096 or "\r" in self._held:  # progress bars redraw a line without ending it
+            self._stream.write(redact_text(self._held))
+            self._held = ""
+        return n
+
+    def flush(self) -> None:
+        if self._held:
+            self._stream.write(redact_text(self._held))
+            self._held = ""
+        self._stream.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...
+        return getattr(self._stream, name)
+
+
+def guard_output() -> None:
+    """From here on, what this process prints or logs is redacted: stdout and stderr (MLflow's "View run ... at:
+    URL" line, Hydra's "Error executing job with overrides", tracebacks) and every log record, whichever handler
+    writes it (the console, Hydra's job log file). Idempotent; call it first thing in an entry point, and in each
+    launcher worker process."""
+    import logging
+    import sys
+    import traceback
+
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, _RedactingStream):
+            setattr(sys, name, _RedactingStream(stream))
+    factory = logging.getLogRecordFactory()
+    if getattr(factory, "_kdrun_redacts", False):
+        return
+
+    def redacting(*args, **kwargs):
+        record = factory(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed call: logging reports it as it would
+            return record
+        record.msg, record.args = redact_text(message), ()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact_text("".join(traceback.format_exception(*record.exc_info))).rstrip("\n")
+        return record
+
+    redacting._kdrun_redacts = True
+    logging.setLogRecordFactory(redacting)
+
+
+def redact_yaml_file(path) -> None:
+    """A YAML file (Hydra's .hydra/config.yaml, hydra.yaml, overrides.yaml, multirun.yaml) rewritten with secret keys'
+    values and credential-looking strings (`key=value` overrides among them) redacted; unchanged files are left be."""
+    from pathlib import Path
+
+    import yaml
+
+    f = Path(path)
+    try:
+        text = f.read_text()
+        tree = yaml.safe_load(text)
+    except (OSError, yaml.YAMLError):
+        return
+
+    def walk(node, key=""):
+        if isinstance(node, dict):
+            return {k: (REDACTED if secret_key(k) and v is not None and not isinstance(v, (dict, list)) else walk(v, k))
+                    for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, key) for v in node]
+        if isinstance(node, str):
+            return redact_arg(node)
+        return node
+
+    clean = walk(tree)
+    if clean != tree:
+        tmp = f.with_name(f.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(clean, sort_keys=False, allow_unicode=True))
+        tmp.replace(f)

@@ -149,6 +149,25 @@ class MlflowSweep(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         _checked_dir(config.hydra.run.dir, "hydra.run.dir")
 
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """In the job's process (a launcher's worker too): its output redacted, and the config files Hydra has just
+        written (.hydra/*.yaml, the sweep's multirun.yaml) rewritten without credentials."""
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        from kdrun.secrets import guard_output, redact_yaml_file
+
+        guard_output()
+        if not HydraConfig.initialized():
+            return
+        hc = HydraConfig.get()
+        out = Path(hc.runtime.output_dir)
+        if hc.output_subdir:
+            for f in sorted((out / hc.output_subdir).glob("*.yaml")):
+                redact_yaml_file(f)
+        if hc.mode == RunMode.MULTIRUN:
+            redact_yaml_file(Path(hc.sweep.dir) / "multirun.yaml")
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         _checked_dir(config.hydra.sweep.dir, "hydra.sweep.dir")
         try:

@@ -395,6 +395,9 @@ def replay(path: str, uri: Optional[str] = None) -> int:
 
 def replay_main(argv=None) -> None:
     """`kdrun-replay FILE [--tracking-uri URI]`: send a run's unsent records once the store is back."""
+    from kdrun.secrets import guard_output
+
+    guard_output()  # nothing printed or logged carries a credential
     import argparse
 
     p = argparse.ArgumentParser(prog="kdrun-replay", description=replay_main.__doc__)

@@ -42,6 +42,9 @@ def kdrun_experiments(client) -> List:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    from kdrun.secrets import guard_output
+
+    guard_output()  # nothing printed or logged carries a credential
     ap = argparse.ArgumentParser(prog="kdrun-ui",
                                  description="MLflow's UI over the local store, opened on kdrun's runs")
     ap.add_argument("--host", default="127.0.0.1")

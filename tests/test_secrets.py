@@ -59,6 +59,10 @@ def test_planted_credentials_never_reach_mlflow(tmp_path):
     text = "\n".join(logged) + r.stdout + r.stderr
     for secret in (HF, GHP, PASSWORD):
         assert secret not in text
+    for f in (tmp_path / "out").rglob("*"):  # Hydra's .hydra/*.yaml and the job log too (issue 20, defect 7)
+        if f.is_file():
+            data = f.read_bytes()
+            assert not any(s.encode() in data for s in (HF, GHP, PASSWORD)), f
     assert run.data.tags["team"] == "search" and run.data.tags["hf_token"] == REDACTED
     assert run.data.tags["db"] == f"postgresql://admin:{REDACTED}@db/kd"
     assert run.data.params["tracking.tags.hf_token"] == REDACTED

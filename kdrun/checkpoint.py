@@ -60,7 +60,7 @@ class Interrupted(KdrunError):
 
 class PhaseSignals:
     """Outside the training loop (loading, the teacher pass, evaluations, saving): SIGTERM or SIGINT raises
-    Interrupted at once, naming the phase and the newest checkpoint, so the run ends KILLED with a resume hint
+    errors.Stopped at once, naming the phase and the newest checkpoint, so the run ends KILLED with a resume hint
     instead of dying where it stands (SIGTERM's default) or with a KeyboardInterrupt traceback. The loop's own
     StopSignals takes over while it trains and hands back to this when it ends."""
 
@@ -79,8 +79,10 @@ class PhaseSignals:
     def _handle(self, signum, frame):
         for s in self._old:  # a second signal while this one unwinds: not again
             signal.signal(s, signal.SIG_IGN)
+        from kdrun.errors import Stopped
+
         last = latest_name(self.checkpoints) if self.checkpoints is not None else None
-        raise Interrupted(signum, None, last, self.phase)
+        raise Stopped(signum, self.phase, last)
 
     def __exit__(self, *exc):
         for s, old in self._old.items():

@@ -11,12 +11,31 @@ import os
 import sys
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
+from kdrun.errors import KdrunError, Stopped
 
-from kdrun import config
-from kdrun.errors import KdrunError
+
+def _stop_while_starting() -> None:
+    """SIGTERM/SIGINT from the start (imports, config composition) end in one line and 128 + the signal, not a
+    KeyboardInterrupt traceback or a silent death; the run's own handlers take over once it has begun."""
+    import signal
+    import threading
+
+    def handle(signum, frame):
+        raise Stopped(signum)
+
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, handle)
+
+
+if Path(sys.argv[0]).name in ("kdrun", "__main__.py"):  # the command itself (not a program importing kdrun)
+    _stop_while_starting()  # before the imports below: they take most of the start
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
+
+from kdrun import config  # noqa: E402
 
 
 def _conf_dir() -> str:
@@ -38,24 +57,11 @@ def _main(cfg: DictConfig):
         from kdrun import pipeline  # heavy imports start here, after validation
 
         result = pipeline.score(cfg) if config.enum_value(cfg.mode) == "score" else pipeline.run(cfg)
+    except Stopped as e:  # SIGTERM/SIGINT outside the training loop
+        _stopped(e)
     except KdrunError as e:
-        if hasattr(e, "signum"):  # checkpoint.Interrupted: SIGTERM/SIGINT, checkpointed
-            from kdrun import sweep
-
-            if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 speaks for all
-                print(f"kdrun: {e}", file=sys.stderr)
-                if e.path or _in_sweep():
-                    print(f"kdrun: continue with: {_resume_command(e.path)}", file=sys.stderr)
-                else:
-                    print("kdrun: no checkpoint was written yet; run the same command again to start over (a teacher "
-                          "pass goes on from its finished shards)", file=sys.stderr)
-            if sweep.in_worker():  # a launcher's worker: exit, so the sweep's main process sees it gone
-                sys.stderr.flush()
-                logging.shutdown()
-                os._exit(128 + e.signum)
-            if _in_sweep():
-                sweep.stopped_by(e.signum)
-            sys.exit(128 + e.signum)
+        if hasattr(e, "signum"):  # checkpoint.Interrupted: SIGTERM/SIGINT in the loop, checkpointed
+            _stopped(e)
         print(f"kdrun: error: {e}", file=sys.stderr)
         _discard_empty_run_dir()
         sys.exit(2)
@@ -92,6 +98,26 @@ def _discard_empty_run_dir() -> None:
             d.rmdir()  # only while empty
         except OSError:
             break
+
+
+def _stopped(e) -> None:
+    """A run stopped by a signal: what happened, how to continue, exit 128 + the signal."""
+    from kdrun import sweep
+
+    if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 speaks for all
+        print(f"kdrun: {e}", file=sys.stderr)
+        if e.path or _in_sweep():
+            print(f"kdrun: continue with: {_resume_command(e.path)}", file=sys.stderr)
+        else:
+            print("kdrun: no checkpoint was written yet; run the same command again to start over (a teacher "
+                  "pass goes on from its finished shards)", file=sys.stderr)
+    if sweep.in_worker():  # a launcher's worker: exit, so the sweep's main process sees it gone
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(128 + e.signum)
+    if _in_sweep():
+        sweep.stopped_by(e.signum)
+    sys.exit(128 + e.signum)
 
 
 def _in_sweep() -> bool:
@@ -160,6 +186,9 @@ def main() -> None:
         if not user_full_error:  # Hydra raises its composition errors to us instead of printing them in many lines
             os.environ["HYDRA_FULL_ERROR"] = "1"
         _main()
+    except Stopped as e:  # while starting, or between a sweep's jobs: nothing of a run to resume
+        print(f"kdrun: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
     except KdrunError as e:
         print(f"kdrun: error: {e}", file=sys.stderr)
         sys.exit(2)

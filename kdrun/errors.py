@@ -19,3 +19,15 @@ class ModelLoadError(KdrunError):
 
 class NonFiniteLossError(KdrunError):
     """The loss became NaN or inf."""
+
+
+class Stopped(BaseException):
+    """SIGTERM/SIGINT outside the training loop, raised from the signal handler wherever the program is: a
+    BaseException (as KeyboardInterrupt is), so that no `except Exception` on the way swallows or rewraps it. The CLI
+    prints it in one line with what to do next, and exits with 128 + the signal."""
+
+    def __init__(self, signum: int, phase: str = "while starting", path=None):
+        import signal
+
+        self.signum, self.path, self.step = signum, path, None
+        super().__init__(f"stopped by {signal.Signals(signum).name} {phase}" + (f"; checkpoint {path}" if path else ""))

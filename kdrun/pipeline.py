@@ -21,7 +21,7 @@ from kdrun import checkpoint, eval_cache, sweep, tasks, teacher_cache
 from kdrun.config import enum_value
 from kdrun.data import scores_file
 from kdrun.data.batching import BucketBatchSampler
-from kdrun.errors import ConfigError, DataError, KdrunError, NonFiniteLossError
+from kdrun.errors import ConfigError, DataError, KdrunError, NonFiniteLossError, Stopped
 from kdrun.report import JOB_TAG
 from kdrun.secrets import redact, redact_arg
 from kdrun.tracking import NullTracker, Tracker, flatten, summary_table
@@ -478,7 +478,7 @@ def record(cfg: DictConfig, rt, tracker, b: Built, found, run_id: str, loop_stat
                                  "resume=auto" + (f": it continues from {last}" if last else "")) from None
             tracker.artifacts(str(out), "student")
         tracker.end("FINISHED")
-    except (KeyboardInterrupt, checkpoint.Interrupted):  # resumable: resume=PATH continues this very run
+    except (KeyboardInterrupt, checkpoint.Interrupted, Stopped):  # resumable: resume=PATH continues this very run
         tracker.end("KILLED")
         raise
     except BaseException as e:

@@ -111,10 +111,10 @@ def _stopped(e) -> None:
         else:
             print("kdrun: no checkpoint was written yet; run the same command again to start over (a teacher "
                   "pass goes on from its finished shards)", file=sys.stderr)
-    if sweep.in_worker():  # a launcher's worker: exit, so the sweep's main process sees it gone
+    if sweep.in_worker():  # a launcher's worker: the sweep's main process ends it once every job has stopped
+        sys.stdout.flush()
         sys.stderr.flush()
-        logging.shutdown()
-        os._exit(128 + e.signum)
+        sweep.stopped_in_worker()
     if _in_sweep():
         sweep.stopped_by(e.signum)
     sys.exit(128 + e.signum)

@@ -13,7 +13,9 @@ import atexit
 import contextlib
 import logging
 import os
+import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,6 +29,7 @@ _WORKER_GRACE_S = 120  # what a sweep's workers get to checkpoint and end their 
 ENV = "KDRUN_PARENT_RUN_ID"
 SWEPT_ENV = "KDRUN_SWEPT_KEYS"
 SWEEP_DIR_TAG = "kdrun.sweep_dir"
+BOARD_ENV = "KDRUN_SWEEP_BOARD"
 MAIN_PID_ENV = "KDRUN_SWEEP_PID"  # the sweep's main process: a job elsewhere (a launcher's worker) is not it
 _STOPPED: list = []  # the signal that stopped this sweep (a job's, in this process), if any
 
@@ -34,6 +37,26 @@ _STOPPED: list = []  # the signal that stopped this sweep (a job's, in this proc
 def stopped_by(signum: int) -> None:
     """A job in this process was stopped by a signal: the sweep ends KILLED, not FAILED."""
     _STOPPED.append(signum)
+
+
+def job_running(running: bool) -> None:
+    """A launcher's worker marks on the sweep's board that it runs a job (or no longer does)."""
+    board = os.environ.get(BOARD_ENV)
+    if board and in_worker():
+        mark = Path(board) / f"{os.getpid()}.running"
+        with contextlib.suppress(OSError):
+            mark.touch() if running else mark.unlink(missing_ok=True)
+
+
+def stopped_in_worker() -> None:
+    """A worker's job stopped by the sweep's signal has ended its run: say so on the board, then wait to be ended
+    by the sweep's main process (exiting here would make the launcher kill the other workers mid-checkpoint)."""
+    board = os.environ.get(BOARD_ENV)
+    if board:
+        with contextlib.suppress(OSError):
+            (Path(board) / f"{os.getpid()}.stopped").touch()
+    while True:
+        time.sleep(3600)
 
 
 def in_worker() -> bool:
@@ -140,6 +163,14 @@ def _checked_dir(path: str, key: str) -> None:
         sys.exit(2)
 
 
+def _is_helper(proc) -> bool:
+    """A launcher's helper process (loky's resource tracker), not a worker that runs jobs."""
+    try:
+        return any("resource_tracker" in part or "semaphore_tracker" in part for part in proc.cmdline())
+    except Exception:  # noqa: BLE001 - gone already, or not ours to read
+        return False
+
+
 class MlflowSweep(Callback):
     """kdrun's Hydra callback: the output directory checked before a run, and a sweep's MLflow parent run."""
 
@@ -158,6 +189,12 @@ class MlflowSweep(Callback):
         from kdrun.secrets import guard_output, redact_yaml_file
 
         guard_output()
+        job_running(True)
+        if in_worker():  # a signal before the run's own handlers: nothing of it to keep; wait to be ended
+            import signal
+
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: stopped_in_worker())
         if not HydraConfig.initialized():
             return
         hc = HydraConfig.get()
@@ -242,6 +279,9 @@ class MlflowSweep(Callback):
         if threading.current_thread() is not threading.main_thread():
             return
         os.environ[MAIN_PID_ENV] = str(os.getpid())
+        board = Path(_sweep_dir(config)) / ".kdrun-jobs"  # which worker runs a job, which has stopped
+        board.mkdir(parents=True, exist_ok=True)
+        os.environ[BOARD_ENV] = str(board)
 
         def handle(signum, frame):
             import psutil
@@ -249,17 +289,23 @@ class MlflowSweep(Callback):
             for s in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(s, signal.SIG_IGN)
             name = signal.Signals(signum).name
-            workers = psutil.Process().children(recursive=True)
-            if workers:
-                print(f"kdrun: {name}: stopping the sweep's {len(workers)} worker processes (each running job writes "
-                      "a checkpoint first)", file=sys.stderr, flush=True)
-            for w in workers:
+            children = psutil.Process().children(recursive=True)
+            board = Path(os.environ[BOARD_ENV])
+            running = [c for c in children if (board / f"{c.pid}.running").exists()]
+            if running:
+                print(f"kdrun: {name}: stopping the sweep's {len(running)} running jobs (each writes a checkpoint "
+                      "first)", file=sys.stderr, flush=True)
+            for w in running:  # (only workers with a job: the launcher kills every worker when an idle one dies)
                 with contextlib.suppress(psutil.Error):
                     w.send_signal(signal.SIGTERM)  # (SIGTERM, not a second SIGINT: that would skip the checkpoint)
-            _, alive = psutil.wait_procs(workers, timeout=_WORKER_GRACE_S)
-            for w in alive:
+            deadline = time.time() + _WORKER_GRACE_S
+            while time.time() < deadline and any(w.is_running() and not (board / f"{w.pid}.stopped").exists()
+                                                 for w in running):
+                time.sleep(0.1)
+            for w in children:  # every job has ended its run: the workers (and the launcher's helpers) go
                 with contextlib.suppress(psutil.Error):
                     w.kill()
+            shutil.rmtree(board, ignore_errors=True)
             stopped_by(signum)
             self._fail_if_open(config)
             from kdrun.cli import sweep_resume_command
@@ -271,6 +317,9 @@ class MlflowSweep(Callback):
 
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, handle)
+
+    def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
+        job_running(False)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from kdrun import report
@@ -301,6 +350,8 @@ class MlflowSweep(Callback):
                   f"{Path(_sweep_dir(config)) / 'summary'} and in the run's artifacts (summary/)")
         finally:
             client.set_terminated(self.run_id, status)
+            if os.environ.get(BOARD_ENV):
+                shutil.rmtree(os.environ.pop(BOARD_ENV), ignore_errors=True)
             os.environ.pop(ENV, None)
             os.environ.pop(SWEPT_ENV, None)
             self.run_id = None

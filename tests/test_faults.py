@@ -369,13 +369,14 @@ def test_no_planted_secret_on_screen_or_disk_with_an_http_store_a_sweep_and_a_fa
 
     password, token = "Pl4ntedPassw0rd", "hf_" + "Q" * 30
     port = free_port()
+    (tmp_path / "server").mkdir()
     server = mlflow_server(tmp_path / "server", port)
     try:
         env = offline_env(tmp_path)
         env["MLFLOW_TRACKING_URI"] = f"http://kd:{password}@127.0.0.1:{port}"
         common = ["train.max_steps=1", "train.batch_size=4", "data.max_train_queries=8", "data.max_eval_queries=4",
                   "tracking.log_student=false", f"+tracking.tags.hf_token={token}", f"+tracking.tags.password={password}"]
-        runs = [run_kdrun([*common, "-m", "train.seed=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path, env),
+        runs = [run_kdrun(["-m", *common, "train.seed=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path, env),
                 run_kdrun([*common, "student.layers=[0,99]", f"hydra.run.dir={tmp_path / 'failed'}"], tmp_path, env)]
         (tmp_path / "u.jsonl").write_text('{"run_id": "nope", "key": "a", "value": 1, "timestamp": 1, "step": 0}\n')
         exe = Path(sys.executable).with_name("kdrun-replay")

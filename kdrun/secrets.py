@@ -28,8 +28,17 @@ def secret_key(key: str) -> bool:
     return bool(_SECRET_KEY.search(last))
 
 
+_ASSIGNMENT_IN_TEXT = re.compile(r"(?:(?<=^)|(?<=[\s\[,'\"(]))([+~]*)([\w.@/-]+)=([^\s,'\"\])]+)")
+
+
+def _assignment(m: "re.Match") -> str:
+    return f"{m.group(1)}{m.group(2)}={REDACTED}" if secret_key(m.group(2)) else m.group(0)
+
+
 def redact_text(text: str) -> str:
-    """A string with every credential-looking part replaced (URI passwords, known token formats, bearer headers)."""
+    """A string with every credential-looking part replaced (URI passwords, known token formats, bearer headers, and
+    `key=value` overrides whose key names a secret, as a launcher's log line lists them)."""
+    text = _ASSIGNMENT_IN_TEXT.sub(_assignment, text)
     text = _URI_PASSWORD.sub(lambda m: f"{m.group(1)}:{REDACTED}@", text)
     text = _TOKENS.sub(REDACTED, text)
     return _BEARER.sub(lambda m: m.group(1) + REDACTED, text)

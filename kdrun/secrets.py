@@ -32,7 +32,9 @@ _ASSIGNMENT_IN_TEXT = re.compile(r"(?:(?<=^)|(?<=[\s\[,'\"(]))([+~]*)([\w.@/-]+)
 
 
 def _assignment(m: "re.Match") -> str:
-    return f"{m.group(1)}{m.group(2)}={REDACTED}" if secret_key(m.group(2)) else m.group(0)
+    # (a bare `key=value` in running text is the words, as in "settings are key=value overrides", not a secret)
+    secret = secret_key(m.group(2)) and m.group(2) != "key"
+    return f"{m.group(1)}{m.group(2)}={REDACTED}" if secret else m.group(0)
 
 
 def redact_text(text: str) -> str:

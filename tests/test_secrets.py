@@ -20,6 +20,9 @@ PASSWORD = "s3cret-Pw"
     ("eyJhbGciOiJIUzI1.eyJzdWIiOiIxMjM0.SflKxwRJSMeKKF2QT4", REDACTED),
     ("https://mlflow.example.com:5000", "https://mlflow.example.com:5000"),  # no credentials: unchanged
     ("sentence-transformers/all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"),
+    (f"#0 : train.seed=1 +tracking.tags.password={PASSWORD} [db.api_key={PASSWORD}]",  # a launcher's log line
+     f"#0 : train.seed=1 +tracking.tags.password={REDACTED} [db.api_key={REDACTED}]"),
+    ("kdrun's settings are key=value overrides", "kdrun's settings are key=value overrides"),  # words, not a secret
 ])
 def test_credential_looking_strings_are_redacted(text, expect):
     assert redact_text(text) == expect

@@ -51,44 +51,10 @@ class CheckpointError(KdrunError):
 class Interrupted(KdrunError):
     """SIGTERM/SIGINT: the run checkpointed at `step` and stopped."""
 
-    def __init__(self, signum: int, step: Optional[int], path: Optional[Path], phase: Optional[str] = None):
+    def __init__(self, signum: int, step: int, path: Optional[Path]):
         self.signum, self.step, self.path = signum, step, path
-        when = f"after step {step}" if phase is None else phase
-        super().__init__(f"stopped by {signal.Signals(signum).name} {when}" +
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}" +
                          (f"; checkpoint {path}" if path else ""))
-
-
-class PhaseSignals:
-    """Outside the training loop (loading, the teacher pass, evaluations, saving): SIGTERM or SIGINT raises
-    errors.Stopped at once, naming the phase and the newest checkpoint, so the run ends KILLED with a resume hint
-    instead of dying where it stands (SIGTERM's default) or with a KeyboardInterrupt traceback. The loop's own
-    StopSignals takes over while it trains and hands back to this when it ends."""
-
-    def __init__(self, checkpoints: Optional[Path] = None):
-        self.phase, self.checkpoints = "while starting", checkpoints
-        self._old = {}
-
-    def __enter__(self):
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        for s in self._old:  # a second signal while this one unwinds: not again
-            signal.signal(s, signal.SIG_IGN)
-        from kdrun.errors import Stopped
-
-        last = latest_name(self.checkpoints) if self.checkpoints is not None else None
-        raise Stopped(signum, self.phase, last)
-
-    def __exit__(self, *exc):
-        for s, old in self._old.items():
-            signal.signal(s, old)
-        self._old = {}
-        return False
 
 
 def root(output_dir: str) -> Path:
@@ -333,21 +299,49 @@ def restore_rng(path: Path, rank: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- signals
 
-class StopSignals:
+class _Handlers:
+    """A context that puts `_handle` on SIGTERM and SIGINT and gives the handlers it replaced back on exit."""
+
+    def __enter__(self):
+        from kdrun.errors import on_stop_signals
+
+        self._old = on_stop_signals(self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        raise NotImplementedError
+
+    def __exit__(self, *exc):
+        for s, old in getattr(self, "_old", {}).items():  # (idempotent: a second call finds nothing to restore)
+            signal.signal(s, old)
+        self._old = {}
+        return False
+
+
+class PhaseSignals(_Handlers):
+    """Outside the training loop (loading, the teacher pass, evaluations, saving): SIGTERM or SIGINT raises
+    errors.Stopped at once, naming the phase and the newest checkpoint, so the run ends KILLED with a resume hint
+    instead of dying where it stands (SIGTERM's default) or with a KeyboardInterrupt traceback. The loop's own
+    StopSignals takes over while it trains and hands back to this when it ends."""
+
+    def __init__(self, checkpoints: Optional[Path] = None):
+        self.phase, self.checkpoints = "while starting", checkpoints
+
+    def _handle(self, signum, frame):
+        for s in self._old:  # a second signal while this one unwinds: not again
+            signal.signal(s, signal.SIG_IGN)
+        from kdrun.errors import Stopped
+
+        last = latest_name(self.checkpoints) if self.checkpoints is not None else None
+        raise Stopped(signum, self.phase, last)
+
+
+class StopSignals(_Handlers):
     """While training: SIGTERM or SIGINT asks the loop to checkpoint at the end of the step and stop (a second SIGINT
     stops at once). Under DDP the ranks agree on the step (one tiny all-reduce per step)."""
 
     def __init__(self):
         self.signum = 0
-        self._old = {}
-
-    def __enter__(self):
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self._old[s] = signal.signal(s, self._handle)
-        return self
 
     def _handle(self, signum, frame):
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
@@ -355,12 +349,6 @@ class StopSignals:
         self.signum = self.signum or signum
         log.warning("%s: finishing this step, writing a checkpoint, then stopping (Ctrl-C again: stop now)",
                     signal.Signals(signum).name)
-
-    def __exit__(self, *exc):
-        for s, old in self._old.items():  # (idempotent: a second call finds nothing to restore)
-            signal.signal(s, old)
-        self._old = {}
-        return False
 
     def requested(self, rt) -> int:
         """The signal number when a stop was asked for (on any rank), else 0."""

@@ -11,25 +11,17 @@ import os
 import sys
 from pathlib import Path
 
-from kdrun.errors import KdrunError, Stopped
+from kdrun.errors import KdrunError, Stopped, on_stop_signals
 
 
-def _stop_while_starting() -> None:
+def _stop_while_starting(signum, frame):
     """SIGTERM/SIGINT from the start (imports, config composition) end in one line and 128 + the signal, not a
     KeyboardInterrupt traceback or a silent death; the run's own handlers take over once it has begun."""
-    import signal
-    import threading
-
-    def handle(signum, frame):
-        raise Stopped(signum)
-
-    if threading.current_thread() is threading.main_thread():
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, handle)
+    raise Stopped(signum)
 
 
 if Path(sys.argv[0]).name in ("kdrun", "__main__.py"):  # the command itself (not a program importing kdrun)
-    _stop_while_starting()  # before the imports below: they take most of the start
+    on_stop_signals(_stop_while_starting)  # before the imports below: they take most of the start
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402

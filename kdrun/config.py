@@ -469,18 +469,14 @@ def enum_value(x) -> str:
 # numbers holds numbers). Keys are dotted paths; "*" matches one level (teachers.NAME, data options). A bound in
 # parentheses is open. Cross-field checks stay in validate().
 RANGES = {
-    "optimizer.lr": "(0, inf)", "optimizer.weight_decay": "[0, inf)", "optimizer.eps": "(0, inf)",
-    "optimizer.betas.*": "[0, 1)", "optimizer.warmup_ratio": "[0, 1)",
+    "optimizer.weight_decay": "[0, inf)", "optimizer.eps": "(0, inf)", "optimizer.betas.*": "[0, 1)",
     "train.epochs": "[0, inf)", "train.max_steps": "[-1, inf)",
     "*.finetune.lr": "(0, inf)", "*.finetune.batch_size": "[1, inf)", "*.finetune.warmup_ratio": "[0, 1)",
-    "*.finetune.steps": "[0, inf)", "*.finetune.folds": "[1, inf)", "teachers.*.finetune.folds": "[1, inf)", "*.max_length": "[1, inf)", "student.dim": "[1, inf)",
-    "teachers.*.max_length": "[1, inf)", "teachers.*.weight": "(0, inf)",
-    "student.layers.*": "[0, inf)", "student.dropout": "[0, 1)",
-    "data.eval_fraction": "(0, 1)", "data.negatives_per_query": "[1, inf)", "data.examples_per_pair": "[1, inf)",
-    "data.mine_depth": "[1, inf)", "data.eval_candidates": "[2, inf)", "data.eval_depth": "[1, inf)",
-    "data.max_*": "[1, inf)", "data.block_size": "[2, inf)",
+    "*.finetune.folds": "[1, inf)", "teachers.*.finetune.folds": "[1, inf)",
+    "*.max_length": "[1, inf)", "teachers.*.max_length": "[1, inf)", "student.layers.*": "[0, inf)",
+    "data.mine_depth": "[1, inf)", "data.max_*": "[1, inf)", "data.block_size": "[2, inf)",
     "sweep.n_trials": "[1, inf)",
-}
+}  # (more ranges are checked in validate() and the families' check(), with hints: lr, dropout, eval_fraction, ...)
 _MLFLOW_TAG_KEY, _MLFLOW_TAG_VALUE = 250, 5000  # MLflow's limits (a longer tag fails the run when it is logged)
 
 
@@ -576,7 +572,7 @@ def validate(cfg: Any) -> None:
         if not s.layers:
             raise ConfigError("student.layers must list teacher layers to keep when student.init=teacher_layers, "
                               "e.g. student.layers=[0,5]")
-        if len(set(s.layers)) != len(s.layers) or min(s.layers) < 0:
+        if len(set(s.layers)) != len(s.layers):  # (>= 0: RANGES)
             raise ConfigError(f"student.layers={list(s.layers)}: layer indices must be distinct and >= 0")
     elif init == "pretrained" and not s.name and not s.path:
         raise ConfigError("student: set student.name (a hub name) or student.path=/local/dir, or "

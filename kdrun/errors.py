@@ -31,3 +31,14 @@ class Stopped(BaseException):
 
         self.signum, self.path, self.step = signum, path, None
         super().__init__(f"stopped by {signal.Signals(signum).name} {phase}" + (f"; checkpoint {path}" if path else ""))
+
+
+def on_stop_signals(handler) -> dict:
+    """`handler` for SIGTERM and SIGINT from now on (in the main thread; elsewhere Python allows no handlers): the
+    handlers it replaces, by signal, to restore."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}

@@ -338,7 +338,7 @@ def begin(cfg: DictConfig, rt, tracker, found, b: Built, params: Dict[str, str],
     return run_id, None
 
 
-def _run(cfg: DictConfig, rt, phases=None) -> Dict[str, object]:
+def _run(cfg: DictConfig, rt, phases) -> Dict[str, object]:
     from kdrun.runtime import seed_everything
 
     sweep.writable_dir(cfg.output_dir, "output_dir")  # checkpoints and the student go there: fail now, not after hours
@@ -346,7 +346,6 @@ def _run(cfg: DictConfig, rt, phases=None) -> Dict[str, object]:
     terms, resolved, params = settings(cfg)
     found = resume_point(cfg, params)  # (checkpoint dir, its meta.json) or None; a bad resume= fails here
     tracker = open_tracker(cfg, rt)
-    phases = phases or checkpoint.PhaseSignals()
     phases.phase = "while loading the data, the models and the teacher's outputs (before its MLflow run started)"
     b = build_all(cfg, terms, rt)
     run_id, loop_state = begin(cfg, rt, tracker, found, b, params, resolved)
@@ -365,7 +364,7 @@ def _run(cfg: DictConfig, rt, phases=None) -> Dict[str, object]:
 
 
 def record(cfg: DictConfig, rt, tracker, b: Built, found, run_id: str, loop_state, params: Dict[str, str],
-           phases=None):
+           phases):
     """The MLflow run: model sizes, the evaluation before training (read back when resumed), the training loop with
     its periodic evaluations and checkpoints, the final evaluation, the student saved. Ends the run FINISHED, KILLED
     (a signal: resumable) or FAILED (with the reason). Returns (before, after, teacher's metrics, latency)."""
@@ -456,8 +455,7 @@ def record(cfg: DictConfig, rt, tracker, b: Built, found, run_id: str, loop_stat
                    max_nonfinite_skips=tr.max_nonfinite_skips, checkpoint=save_checkpoint,
                    checkpoint_every=tr.checkpoint_every, signals=signals, resume=loop_state)
         signals.__exit__()  # from here a signal stops the run at once (PhaseSignals): KILLED, resumable from a checkpoint
-        if phases is not None:
-            phases.phase = f"after training (step {b.max_steps}), during the final evaluation or the student's save"
+        phases.phase = f"after training (step {b.max_steps}), during the final evaluation or the student's save"
         if counter is not None:  # precompute: 0 when every output came from the cache
             tracker.metrics({"teacher/train_forward_calls": counter.calls}, step=b.max_steps)
         tracker.metrics({"system/peak_rss_mb": peak_rss_mb()}, step=b.max_steps)

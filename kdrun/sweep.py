@@ -22,7 +22,7 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from kdrun.errors import KdrunError
+from kdrun.errors import KdrunError, on_stop_signals
 
 log = logging.getLogger(__name__)
 _WORKER_GRACE_S = 120  # what a sweep's workers get to checkpoint and end their runs after SIGTERM
@@ -163,14 +163,6 @@ def _checked_dir(path: str, key: str) -> None:
         sys.exit(2)
 
 
-def _is_helper(proc) -> bool:
-    """A launcher's helper process (loky's resource tracker), not a worker that runs jobs."""
-    try:
-        return any("resource_tracker" in part or "semaphore_tracker" in part for part in proc.cmdline())
-    except Exception:  # noqa: BLE001 - gone already, or not ours to read
-        return False
-
-
 class MlflowSweep(Callback):
     """kdrun's Hydra callback: the output directory checked before a run, and a sweep's MLflow parent run."""
 
@@ -191,10 +183,7 @@ class MlflowSweep(Callback):
         guard_output()
         job_running(True)
         if in_worker():  # a signal before the run's own handlers: nothing of it to keep; wait to be ended
-            import signal
-
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: stopped_in_worker())
+            on_stop_signals(lambda *_: stopped_in_worker())
         if not HydraConfig.initialized():
             return
         hc = HydraConfig.get()
@@ -269,10 +258,10 @@ class MlflowSweep(Callback):
             self.run_id = None
 
     def _stop_on_signals(self, config: DictConfig) -> None:
-        """SIGTERM/SIGINT to the sweep's main process: its launcher's worker processes (joblib) get SIGTERM, so each
-        running job checkpoints, ends its run KILLED and its worker exits; then the parent run ends KILLED and the
-        command that continues the sweep is printed. (Jobs run in this process have their own handlers while they
-        run; this one holds between them.)"""
+        """SIGTERM/SIGINT to the sweep's main process: the launcher's workers that run a job (joblib; marked on the
+        sweep's board) get SIGTERM, so each job checkpoints and ends its run KILLED; then every worker is ended, the
+        parent run ends KILLED and the command that continues the sweep is printed. (Jobs run in this process have
+        their own handlers while they run; this one holds between them.)"""
         import signal
         import threading
 
@@ -315,8 +304,7 @@ class MlflowSweep(Callback):
             logging.shutdown()
             os._exit(128 + signum)  # not through joblib's shutdown, which would wait for the workers it lost
 
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, handle)
+        on_stop_signals(handle)
 
     def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
         job_running(False)

@@ -207,7 +207,7 @@ def teacher_outputs(task, teacher, runtime, cache_dir: Optional[str], use_cache:
                         "teacher.cache_dir to a writable directory)", entry.parent, _reason(e, entry.parent))
             info.cache_seconds += time.perf_counter() - t0
             return teacher_outputs(task, teacher, runtime, cache_dir, False, info, name)
-        with _locked(entry):
+        with locked(entry):
             outputs, why = read(entry, key, description, n)
             if outputs is None:
                 info.cache_seconds += time.perf_counter() - t0
@@ -227,9 +227,9 @@ def _for(task, outputs: Dict[str, np.ndarray]) -> Dict[str, "np.ndarray | torch.
 
 
 @contextlib.contextmanager
-def _locked(entry: Path):
-    """An exclusive lock file next to the entry (POSIX flock; where there is none, no lock: still correct, as
-    entries are published by rename, but parallel jobs may compute the same entry)."""
+def locked(entry: Path):
+    """An exclusive lock file next to a cache entry (the teacher cache's, a token-cache file) (POSIX flock; where there
+    is none, no lock: still correct, as entries are published by rename, but parallel jobs may compute the same one)."""
     entry.parent.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
@@ -239,11 +239,11 @@ def _locked(entry: Path):
     lock = entry.with_name(entry.name + ".lock")
     try:
         if lock.is_dir() and not lock.is_symlink():  # not kdrun's: a lock file goes there
-            log.warning("teacher cache: %s is a directory where the lock file goes; removing it", lock)
+            log.warning("cache: %s is a directory where the lock file goes; removing it", lock)
             shutil.rmtree(lock)
         f = open(lock, "w")
     except OSError as e:
-        log.warning("teacher cache: cannot open the lock file %s (%s); going on without it (parallel jobs may "
+        log.warning("cache: cannot open the lock file %s (%s); going on without it (parallel jobs may "
                     "compute the same entry)", lock, _reason(e, lock.parent))
         yield
         return
@@ -259,7 +259,7 @@ def _fill(task, teacher, entry: Path, key: str, description: Dict[str, str], why
           n: int) -> Dict[str, np.ndarray]:
     if why != "missing":
         log.warning("teacher cache entry %s is %s; rebuilding it", entry, why)
-        _remove(entry)
+        remove(entry)
         info.rebuilt += 1
     info.misses += 1
     t0 = time.perf_counter()
@@ -282,12 +282,12 @@ def _fill(task, teacher, entry: Path, key: str, description: Dict[str, str], why
         if hasattr(task, "teacher_outputs_range"):
             tmp = _assemble(entry, n, _ranges(task, n))
         else:
-            _remove(tmp)
+            remove(tmp)
             tmp.mkdir(parents=True)
             _save(tmp, computed)
         _publish(tmp, entry, key, description, seconds)
     except OSError as e:  # a full disk: the outputs were computed, so training goes on with them, uncached
-        _remove(tmp)
+        remove(tmp)
         log.warning("teacher cache: cannot write the entry %s (%s); training goes on with the outputs in memory, "
                     "not cached", entry, _reason(e, entry.parent))
         return held()
@@ -317,7 +317,7 @@ def _fill_together(task, teacher, entry: Path, key: str, description: Dict[str, 
     entry, so the cache directory must be one file system for all ranks (one node, or a shared one)."""
     if runtime.is_main and why != "missing":
         log.warning("teacher cache entry %s is %s; rebuilding it", entry, why)
-        _remove(entry)
+        remove(entry)
         info.rebuilt += 1
     info.misses += 1
     runtime.barrier()
@@ -406,11 +406,11 @@ def _sound_shard(shard: Path) -> bool:
     except (OSError, ValueError) as e:
         why = f"unreadable ({type(e).__name__})"
     log.warning("teacher cache: the shard %s of an interrupted pass is %s; computing it again", shard, why)
-    _remove(shard)
+    remove(shard)
     return False
 
 
-def _remove(path: Path) -> None:
+def remove(path: Path) -> None:
     """A cache path gone, whatever it is (a directory, or a file someone put where an entry goes)."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)

@@ -55,9 +55,7 @@ def _sound(cache_file: Optional[str]) -> bool:
     has finished it) holds its checksum. A damaged one (truncated, emptied, flipped bytes, a directory in its place,
     no mark) is removed with a warning and rebuilt: `datasets` would fail on it with a pyarrow traceback, or worse,
     read flipped ids that stay in range and train on wrong tokens."""
-    import shutil
-
-    from kdrun.teacher_cache import file_sha256
+    from kdrun.teacher_cache import file_sha256, remove
 
     if cache_file is None:
         return False
@@ -78,10 +76,7 @@ def _sound(cache_file: Optional[str]) -> bool:
     if why is None:
         return True
     log.warning("token cache file %s is %s; rebuilding it", f, why)
-    if f.is_dir() and not f.is_symlink():
-        shutil.rmtree(f, ignore_errors=True)
-    else:
-        f.unlink(missing_ok=True)
+    remove(f)
     mark.unlink(missing_ok=True)
     return False
 
@@ -108,11 +103,9 @@ def _locked(cache_file: Optional[str]):
     """One process builds a cache file while the others (parallel sweep jobs) wait, then read it."""
     import contextlib
 
-    if cache_file is None:
-        return contextlib.nullcontext()
-    from filelock import FileLock
+    from kdrun.teacher_cache import locked
 
-    return FileLock(cache_file + ".lock")
+    return contextlib.nullcontext() if cache_file is None else locked(Path(cache_file))
 
 
 def _map(ds, tokenizer, max_length: int, cache_file: Optional[str], key: str, num_proc: Optional[int]):

@@ -52,14 +52,18 @@ class Ranking(Family):
         info = {}
         finetune = dict(finetune)
         folds = finetune.pop("folds", 1)
-        if finetune["steps"] > 0 and folds > 1:
-            return self._out_of_fold(source, data, runtime, hardware, finetune, folds, node)
-        if finetune["steps"] > 0:
+
+        def finetuned(part):  # (directory of the teacher fine-tuned on these training examples, its metrics)
             from kdrun.tasks.ranking.finetune import finetuned_teacher
 
-            source, info = finetuned_teacher(source, data, kind=node["kind"], pooling=node["pooling"],
-                                             similarity=node["similarity"], max_length=node["max_length"],
-                                             runtime=runtime, hardware=hardware, **finetune)
+            return finetuned_teacher(source, part, kind=node["kind"], pooling=node["pooling"],
+                                     similarity=node["similarity"], max_length=node["max_length"], runtime=runtime,
+                                     hardware=hardware, **finetune)
+
+        if finetune["steps"] > 0 and folds > 1:
+            return self._out_of_fold(data, folds, node, finetuned)
+        if finetune["steps"] > 0:
+            source, info = finetuned(data)
             node = {**node, "label_index": 0}
         teacher = load_teacher(**{**node, "name": None, "path": source})
         if node["kind"] == "cross_encoder" and not has_trained_head(source, teacher.model):
@@ -69,7 +73,7 @@ class Ranking(Family):
         teacher.finetune_info = info
         return teacher
 
-    def _out_of_fold(self, source: str, data, runtime, hardware, finetune: dict, folds: int, node: dict):
+    def _out_of_fold(self, data, folds: int, node: dict, finetuned):
         """teacher.finetune.folds=k: k teachers, teacher f fine-tuned (and cached) on the training examples whose
         query is outside fold f, scoring the queries of fold f (models/ensemble.py, OutOfFold)."""
         import copy
@@ -78,7 +82,6 @@ class Ranking(Family):
 
         from kdrun.models import load_teacher
         from kdrun.models.ensemble import OutOfFold, fold_of
-        from kdrun.tasks.ranking.finetune import finetuned_teacher
 
         queries = data.queries.texts(np.asarray(data.train_q))
         fold = np.fromiter((fold_of(q, folds) for q in queries), dtype=np.int64, count=len(queries))
@@ -88,9 +91,7 @@ class Ranking(Family):
             part.keep(np.flatnonzero(fold != f))
             log.info("teacher: fold %d of %d: fine-tuning on %d of %d training examples (queries outside the fold)",
                      f + 1, folds, part.num_train, data.num_train)
-            path, info = finetuned_teacher(source, part, kind=node["kind"], pooling=node["pooling"],
-                                           similarity=node["similarity"], max_length=node["max_length"],
-                                           runtime=runtime, hardware=hardware, **finetune)
+            path, info = finetuned(part)
             members.append(load_teacher(**{**node, "name": None, "path": path, "label_index": 0}))
             infos.append(info)
         teacher = OutOfFold(members)

@@ -87,7 +87,7 @@ def test_out_of_fold_teachers_never_score_a_query_they_trained_on(minilm_dir, tm
     got = teacher.score_lists(queries, lists, 4, torch.device("cpu"))
     for q, cands, row in zip(queries, lists, got):
         want = teacher.folds[fold_of(q, 2)].score_lists([q], [cands], 4, torch.device("cpu"))[0]
-        assert torch.equal(row, want)
+        assert torch.allclose(row, want, rtol=1e-5, atol=1e-5)  # (batched otherwise: padding may differ)
     assert teacher.finetune_info["teacher/finetune_folds"] == 2.0
     from kdrun.pipeline import flops_per_token
 

@@ -311,6 +311,10 @@ class _Handlers:
     def _handle(self, signum, frame):
         raise NotImplementedError
 
+    def release(self) -> None:
+        """Give nothing back on exit: whoever calls this has set the handlers that stay."""
+        self._old = {}
+
     def __exit__(self, *exc):
         for s, old in getattr(self, "_old", {}).items():  # (idempotent: a second call finds nothing to restore)
             signal.signal(s, old)

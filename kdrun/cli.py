@@ -21,7 +21,7 @@ def _stop_while_starting(signum, frame):
 
 
 if Path(sys.argv[0]).name in ("kdrun", "__main__.py"):  # the command itself (not a program importing kdrun)
-    on_stop_signals(_stop_while_starting)  # before the imports below: they take most of the start
+    on_stop_signals(_stop_while_starting, command=True)  # before the imports below: they take most of the start
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402

@@ -33,12 +33,38 @@ class Stopped(BaseException):
         super().__init__(f"stopped by {signal.Signals(signum).name} {phase}" + (f"; checkpoint {path}" if path else ""))
 
 
-def on_stop_signals(handler) -> dict:
+_command = False  # True in the kdrun command itself (not a program or a test that imports kdrun)
+
+
+def on_stop_signals(handler, command: bool = False) -> dict:
     """`handler` for SIGTERM and SIGINT from now on (in the main thread; elsewhere Python allows no handlers): the
     handlers it replaces, by signal, to restore."""
     import signal
     import threading
 
+    global _command
+    _command = _command or command
     if threading.current_thread() is not threading.main_thread():
         return {}
     return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+
+
+def work_done() -> bool:
+    """A single run of the kdrun command has finished and recorded its result: SIGTERM and SIGINT are ignored from
+    here to the exit, which is only Hydra's bookkeeping and the interpreter's shutdown. A scheduler's signal now could
+    only name a phase that is over, or, once Python has reset its handlers while shutting down, turn a finished run's
+    exit status into 'killed by SIGTERM'. Not in a sweep (its next job can still be stopped), nor in a program that
+    imports kdrun. True when the signals are now ignored."""
+    import signal
+    import threading
+
+    if not _command or threading.current_thread() is not threading.main_thread():
+        return False
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return False
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
+    return True

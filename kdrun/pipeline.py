@@ -21,7 +21,7 @@ from kdrun import checkpoint, eval_cache, sweep, tasks, teacher_cache
 from kdrun.config import enum_value
 from kdrun.data import scores_file
 from kdrun.data.batching import BucketBatchSampler
-from kdrun.errors import ConfigError, DataError, KdrunError, NonFiniteLossError, Stopped
+from kdrun.errors import ConfigError, DataError, KdrunError, NonFiniteLossError, Stopped, work_done
 from kdrun.report import JOB_TAG
 from kdrun.secrets import redact, redact_arg
 from kdrun.tracking import NullTracker, Tracker, flatten, summary_table
@@ -524,6 +524,7 @@ def run(cfg: DictConfig) -> Dict[str, object]:
     done = Path(cfg.output_dir) / RESULT_FILE
     if cfg.resume == "auto" and done.is_file():  # e.g. a sweep run again after a pre-emption: this job had finished
         result = json.loads(done.read_text())
+        work_done()  # nothing left to stop: a signal from here does not change the exit status
         print(f"kdrun: {cfg.output_dir} holds a finished run (MLflow run {result['run_id']}); resume=auto has "
               "nothing to do")
         return result
@@ -531,11 +532,13 @@ def run(cfg: DictConfig) -> Dict[str, object]:
     phases = checkpoint.PhaseSignals(checkpoint.root(cfg.output_dir)).__enter__()  # a signal in any phase: KILLED
     try:
         result = _run(cfg, rt, phases)
+        if rt.is_main:
+            done.write_text(json.dumps(result, indent=1) + "\n")
+        if work_done():  # finished and recorded: SIGTERM/SIGINT are ignored from here to the exit
+            phases.release()
     finally:
         phases.__exit__()
         rt.close()
-    if rt.is_main:
-        done.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
@@ -570,6 +573,7 @@ def score(cfg: DictConfig) -> Dict[str, object]:
     info = teacher_cache.CacheInfo()
     scores = teacher_outputs(task, teacher, cfg, rt, info)["scores"]
     lines = scores_file.write(cfg.scores_out, data, scores)
+    work_done()
     how = "read from the teacher cache" if info.hits and not info.misses else f"computed in {info.teacher_seconds:.1f} s"
     print(f"kdrun: wrote {lines} scored triples ({data.num_train} training examples, {how}) to {cfg.scores_out}\n"
           f"train on them with: teacher.mode=scores_file teacher.scores_file={cfg.scores_out}")

@@ -280,6 +280,32 @@ def test_a_run_left_running_by_a_kill_before_its_first_checkpoint_is_closed_by_t
     assert dead.client.get_run(new_id).info.status == "FINISHED"
 
 
+def test_a_signal_after_the_work_is_done_leaves_exit_status_0(tmp_path):
+    """Found by the fault suite on CI: a SIGTERM landing once a run had finished and recorded its result killed the
+    process with status -15 (Python resets its handlers to the default while it shuts down) or reported 'stopped
+    while starting'. Here: a finished run's dir, `resume=auto` (nothing to do), SIGTERM every millisecond from the line
+    it prints until it exits: status 0, nothing about a stop."""
+    import json
+    import signal
+    import time
+
+    from conftest import offline_env
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "kdrun-result.json").write_text(json.dumps({"run_id": "0" * 32, "objective": 0.5}))
+    env = offline_env(tmp_path) | {"PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("kdrun")), f"hydra.run.dir={out}", "resume=auto"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert "has nothing to do" in line, (line, proc.communicate()[1][-2000:])
+    while proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.001)
+    err = proc.stderr.read()
+    assert proc.returncode == 0 and "stopped" not in err and "Traceback" not in err, (proc.returncode, err[-2000:])
+
+
 def test_an_empty_output_dir_is_a_config_error(tmp_path):
     from conftest import offline_env, run_kdrun
 

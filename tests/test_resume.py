@@ -26,7 +26,7 @@ def _histories(client, run, keys):
     return {k: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, k)] for k in keys}
 
 
-@pytest.mark.slow
+@pytest.mark.demo  # CI time: the fault suite's SIGTERM chains check the same (a bit-identical student) in CI
 def test_sigterm_then_resume_auto_equals_an_uninterrupted_run(tmp_path):
     env = offline_env(tmp_path)
     ref = _kdrun_popen([*ARGS, "tracking.experiment=ref", f"hydra.run.dir={tmp_path / 'ref'}"], tmp_path, env)

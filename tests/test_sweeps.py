@@ -348,7 +348,7 @@ def test_a_locked_sqlite_store_is_retried_not_lost():
         retry_locked(lambda: (_ for _ in ()).throw(ValueError("another error")))
 
 
-@pytest.mark.slow
+@pytest.mark.demo  # CI time: test_faults' joblib sweep stopped and resumed to FINISHED checks most of it in CI
 def test_a_sweep_stopped_by_sigterm_continues_with_resume_auto(tmp_path):
     """Pre-empted mid-sweep, then the same command with resume=auto: the stopped job continues its own MLflow run,
     the job that never ran starts, a finished job is not repeated, and the sweep keeps its one parent run."""

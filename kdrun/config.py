@@ -286,7 +286,10 @@ class TrackingConfig:
     uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else MLflow's default local store
     experiment: str = "kdrun"
     run_name: Optional[str] = None
-    log_student: bool = True  # log the student in Hugging Face format under artifacts student/
+    log_student: bool = True  # the student: output_dir/student/ and artifacts student/ (Hugging Face format, a model
+    # card), and the run's MLflow logged model "student" in the flavor that fits (kdrun.logged_model)
+    register_as: Optional[str] = None  # NAME: each run's logged student becomes a new version of NAME in the registry
+    system_metrics: bool = True  # MLflow's system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py)
     tags: Dict[str, str] = field(default_factory=dict)  # extra MLflow tags: +tracking.tags.team=search
     fallback: TrackingFallback = TrackingFallback.none  # local: log to ./mlflow.db when the store cannot be reached
 
@@ -549,6 +552,10 @@ def validate(cfg: Any) -> None:
     if out is not None and not out.strip():
         raise ConfigError("output_dir='' would write checkpoints and the student into the working directory; give a "
                           "directory (or leave output_dir out: Hydra's run directory)")
+    if cfg.tracking.register_as is not None and (not str(cfg.tracking.register_as).strip()
+                                                  or not cfg.tracking.log_student):
+        raise ConfigError(f"tracking.register_as={cfg.tracking.register_as!r} registers the run's logged student: give "
+                          "a model name, and keep tracking.log_student=true (the student is what gets registered)")
     t, s, tr, d = cfg.teacher, cfg.student, cfg.train, cfg.data
     for key in d:
         if OmegaConf.is_missing(d, key):

@@ -112,7 +112,8 @@ def open_tracker(cfg: DictConfig, rt):
     """The MLflow run's tracker: an unusable store fails here, before anything loads; under DDP rank 0 alone logs."""
     if not rt.is_main:
         return NullTracker()
-    return Tracker(cfg.tracking.uri, cfg.tracking.experiment, enum_value(cfg.tracking.fallback), cfg.output_dir)
+    return Tracker(cfg.tracking.uri, cfg.tracking.experiment, enum_value(cfg.tracking.fallback), cfg.output_dir,
+                   system_metrics=cfg.tracking.system_metrics)
 
 
 def load_data(cfg: DictConfig):
@@ -333,9 +334,20 @@ def begin(cfg: DictConfig, rt, tracker, found, b: Built, params: Dict[str, str],
         tracker.close_stale(marker.read_text().strip(), run_id)
     if rt.is_main:
         marker.write_text(run_id + "\n")
+    tracker.datasets(datasets(cfg, b))
     tracker.text(OmegaConf.to_yaml(redact(resolved)), "config.yaml")  # credentials never reach the store
     tracker.text("\n".join(redact_arg(o) for o in _overrides()) + "\n", "overrides.txt")
     return run_id, None
+
+
+def datasets(cfg: DictConfig, b: Built) -> list:
+    """The run's training and held-out data as MLflow dataset inputs (Tracker.datasets): kdrun's fingerprints."""
+    target = str(cfg.data.get("_target_", "data"))
+    name, source = target.split(".")[-2], str(getattr(b.data, "source", "") or target)
+    return [{"name": f"{name}-train", "digest": b.task.fingerprint(), "source": source, "rows": len(b.task.examples()),
+             "context": "training"},
+            {"name": f"{name}-heldout", "digest": b.task.eval_fingerprint(), "source": source,
+             "rows": b.task.eval_size(), "context": "evaluation"}]
 
 
 def _run(cfg: DictConfig, rt, phases) -> Dict[str, object]:
@@ -469,12 +481,14 @@ def record(cfg: DictConfig, rt, tracker, b: Built, found, run_id: str, loop_stat
             try:
                 out.mkdir(parents=True, exist_ok=True)
                 student.save(out)
+                write_card(cfg, out, b, params, before, after, teacher_eval)
             except checkpoint.WRITE_ERRORS as e:
                 last = checkpoint.latest_name(ckpt_dir)
                 raise KdrunError(f"could not save the trained student to {out} ({checkpoint.write_error(e, out)}); "
                                  "free space there (or set output_dir elsewhere) and run the same command with "
                                  "resume=auto" + (f": it continues from {last}" if last else "")) from None
-            tracker.artifacts(str(out), "student")
+            tracker.artifacts(str(out), "student")  # the plain folder: what from_pretrained users take
+            tracker.model(str(out), task.model_examples(), b.max_steps, cfg.tracking.register_as)
         tracker.end("FINISHED")
     except (KeyboardInterrupt, checkpoint.Interrupted, Stopped):  # resumable: resume=PATH continues this very run
         tracker.end("KILLED")
@@ -488,6 +502,19 @@ def record(cfg: DictConfig, rt, tracker, b: Built, found, run_id: str, loop_stat
     finally:
         signals.__exit__()  # (already done when training ended)
     return before, after, teacher_eval, latency
+
+
+def write_card(cfg: DictConfig, out: Path, b: Built, params: Dict[str, str], before, after, teacher_eval) -> None:
+    """The student's model card (kdrun.model_card) from this run."""
+    from importlib.metadata import version
+
+    from kdrun import logged_model, model_card
+    from kdrun.tracking import command_line, git_commit
+
+    target = str(cfg.data.get("_target_", "data"))
+    model_card.write(out, kind=logged_model.kind_of(out), params=params, data_name=target.split(".")[-2],
+                     data_source=str(getattr(b.data, "source", "") or target), before=before, after=after,
+                     teacher=teacher_eval, command=command_line(), version=version("kdrun"), commit=git_commit())
 
 
 def peak_rss_mb() -> float:

@@ -174,7 +174,8 @@ class Tracker:
     could never be sent ends in `<output_dir>/mlflow-unsent.jsonl` (named in the log; `kdrun-replay FILE` sends
     it later). Nothing is dropped silently."""
 
-    def __init__(self, uri: Optional[str], experiment: str, fallback: str = "none", output_dir: str = "."):
+    def __init__(self, uri: Optional[str], experiment: str, fallback: str = "none", output_dir: str = ".",
+                 system_metrics: bool = False):
         import mlflow
 
         self.mlflow = mlflow
@@ -188,6 +189,7 @@ class Tracker:
         self.down_since: Optional[float] = None
         self.last_try = 0.0
         self.unsent_file = Path(output_dir) / "mlflow-unsent.jsonl"
+        self.system_metrics = system_metrics  # MLflow samples them every 10 s in a thread while the run is active
 
     def start(self, run_name: Optional[str], params: Dict[str, str], tags: Dict[str, str],
               parent_run_id: Optional[str] = None) -> str:
@@ -196,7 +198,8 @@ class Tracker:
         if parent_run_id:
             tags = {**tags, "mlflow.parentRunId": parent_run_id}
         run = retry_locked(self.mlflow.start_run, experiment_id=self.experiment_id,
-                           run_name=redact_text(run_name) if run_name else run_name, tags=tags)
+                           run_name=redact_text(run_name) if run_name else run_name, tags=tags,
+                           log_system_metrics=self.system_metrics)
         self.run_id = run.info.run_id
         params = redact({k: str(v) for k, v in params.items()})
         items = list(params.items())
@@ -220,7 +223,7 @@ class Tracker:
         except Exception:
             raise KdrunError(f"resume: the checkpoint's MLflow run {run_id} is not in the store "
                              f"'{redact_text(self.uri)}': set tracking.uri to the store that run was logged to") from None
-        retry_locked(self.mlflow.start_run, run_id=run_id)
+        retry_locked(self.mlflow.start_run, run_id=run_id, log_system_metrics=self.system_metrics)
         self.run_id = run_id
         # per key: a run killed between two logging calls of one step (after its training metrics, before its
         # evaluation) holds some keys at that step and not others; those others are logged when the step is redone
@@ -318,6 +321,32 @@ class Tracker:
         self._call({"artifacts": str(Path(local_dir).resolve()), "artifact_path": artifact_path},
                    self.mlflow.log_artifacts, local_dir, artifact_path)
 
+    def datasets(self, rows: list) -> None:
+        """The run's data as MLflow dataset inputs: each {name, digest (kdrun's content fingerprint), source, rows,
+        context: training | evaluation}. MLflow keeps 36 characters of a digest: the fingerprint's first 32 hex."""
+        if self.run_id is not None:
+            self._call({"datasets": rows}, self.client.log_inputs, self.run_id, datasets=_dataset_inputs(rows))
+
+    def model(self, directory: str, examples: list, step: int, register_as: Optional[str] = None) -> Optional[str]:
+        """The saved student as the run's MLflow logged model at `step` (kdrun.logged_model), registered as
+        `register_as` when set; its model id, or None when the store could not take it (kept for kdrun-replay)."""
+        from kdrun import logged_model
+
+        self._flush(final=True)  # MLflow links the metrics the run holds at `step` to the model: send them first
+        what = {"model": str(Path(directory).resolve()), "examples": examples, "step": step, "register_as": register_as}
+        try:
+            if self.down_since is not None:
+                _check_reachable(self.uri, timeout=1.0)
+            info = logged_model.log(directory, examples=examples, step=step, register_as=register_as)
+        except Exception as e:  # noqa: BLE001 - the store (or its registry) refused: the files are on disk
+            log.warning("could not log the student as an MLflow model (%s): kept for %s",
+                        redact_text(str(e).splitlines()[0][:300]), self.unsent_file)
+            self.unsent.append(what)
+            return None
+        version = f", registered as {register_as} version {info.registered_model_version}" if register_as else ""
+        log.info("student logged as MLflow model %s (%s)%s", info.model_id, info.model_uri, version)
+        return info.model_id
+
     def end(self, status: str = "FINISHED") -> None:
         """Flush, then end the run; anything that could not be sent goes to the unsent file, named in the log."""
         if self.mlflow.active_run() is None:
@@ -352,7 +381,7 @@ class NullTracker:
     def metrics(self, *args, **kwargs) -> None:
         pass
 
-    text = artifacts = end = tags = resume = metrics
+    text = artifacts = end = tags = resume = datasets = model = metrics
 
     def logged(self, *args) -> Dict[str, float]:
         return {}
@@ -387,10 +416,35 @@ def replay(path: str, uri: Optional[str] = None) -> int:
                 client.log_text(run_id, r["text"], r["artifact_file"])
             elif "artifacts" in r:
                 client.log_artifacts(run_id, r["artifacts"], r["artifact_path"])
+            elif "model" in r:
+                _replay_model(client, run_id, r)
+            elif "datasets" in r:
+                client.log_inputs(run_id, datasets=_dataset_inputs(r["datasets"]))
         for r in mine:
             if "status" in r:
                 client.set_terminated(run_id, r["status"])
     return len(rows)
+
+
+def _dataset_inputs(rows: list) -> list:
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    return [DatasetInput(Dataset(r["name"], r["digest"][:32], "local", json.dumps({"uri": r["source"]}),
+                                 profile=json.dumps({"num_rows": r["rows"]})),
+                         tags=[InputTag("mlflow.data.context", r["context"])]) for r in rows]
+
+
+def _replay_model(client, run_id: str, r: Dict) -> None:
+    """A logged model the store could not take at the end of run `run_id`: logged to that run now (its status kept)."""
+    import mlflow
+
+    from kdrun import logged_model
+
+    status = client.get_run(run_id).info.status
+    mlflow.set_tracking_uri(client.tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        logged_model.log(r["model"], examples=r["examples"], step=r["step"], register_as=r.get("register_as"))
+    client.update_run(run_id, status=status)
 
 
 def replay_main(argv=None) -> None:

@@ -196,8 +196,22 @@ def versions() -> str:
         except PackageNotFoundError:
             return "not installed"
 
-    deps = ", ".join(f"{name} {v(name)}" for name in ("torch", "transformers", "hydra-core", "mlflow"))
-    return f"kdrun {v('kdrun')} ({deps})"
+    deps = ", ".join(f"{name} {v(name)}" for name in ("torch", "transformers", "hydra-core", "mlflow",
+                                                      "sentence-transformers"))
+    return f"kdrun {v('kdrun')} ({deps}, {_cuda()})"
+
+
+def _cuda() -> str:
+    """The CUDA torch was built with, and the GPUs it sees (imports torch: a second or two)."""
+    try:
+        import torch
+    except ImportError:
+        return "CUDA: torch not installed"
+    if torch.version.cuda is None:
+        return "CUDA: none (a CPU build of torch)"
+    n = torch.cuda.device_count()
+    gpus = f"{n} GPU{'s' * (n != 1)}: {torch.cuda.get_device_name(0)}" if n else "no GPU visible"
+    return f"CUDA {torch.version.cuda}, {gpus}"
 
 
 def _unknown_term_key(name: str, setting: Optional[str]) -> str:

@@ -281,7 +281,11 @@ def test_version_is_kdruns(tmp_path):
 
     r = _cli(["--version"], tmp_path)
     assert r.returncode == 0 and r.stdout.startswith(f"kdrun {version('kdrun')} (torch ")
-    assert f"hydra-core {version('hydra-core')}" in r.stdout and "NO_TORCH" in r.stdout
+    assert f"hydra-core {version('hydra-core')}" in r.stdout and f"mlflow {version('mlflow')}" in r.stdout
+    import torch  # the CUDA torch was built with, and what it sees (issue 21)
+
+    cuda = "CUDA: none (a CPU build of torch)" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, "
+    assert cuda in r.stdout and f"sentence-transformers {version('sentence-transformers')}" in r.stdout
 
 
 def test_cfg_job_says_how_to_resolve_and_resolve_works(tmp_path):

@@ -114,13 +114,16 @@ class Examples:
         self.train_q, self.train_p = np.asarray(self.train_q[index]), np.asarray(self.train_p[index])
 
     def fingerprint(self) -> str:
-        """SHA-256 of the training examples as a teacher sees them (the teacher-output cache's key)."""
+        """SHA-256 of the training examples as a teacher sees them (the teacher-output cache's key); hashed once."""
+        if getattr(self, "_fingerprint", None):
+            return self._fingerprint
         h = hashlib.sha256()
         for start in range(0, self.num_train, 50_000):
             qs, ps = self.batch_texts(range(start, min(start + 50_000, self.num_train)))
             for q, texts in zip(qs, ps):
                 h.update(("\x1f".join([q, *texts]) + "\x1e").encode())
-        return h.hexdigest()
+        self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
     def eval_pids(self, i: int) -> List[str]:
         return self.passages.ids(self.eval_rows[i])

@@ -2,6 +2,7 @@
 or, for a teacher with `top_k`, only its top-k log-probabilities per position."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Dict
 
@@ -30,8 +31,10 @@ class CausalLM(nn.Module):
         return topk_logprobs(logits, self.top_k)
 
     def save(self, directory: str | Path) -> None:
+        """Hugging Face format: AutoModelForCausalLM and AutoTokenizer load it back."""
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
+        (Path(directory) / "kdrun_scorer.json").write_text(json.dumps({"kind": "causal_lm"}))
 
 
 def topk_logprobs(logits: torch.Tensor, k: int) -> Dict[str, torch.Tensor]:

@@ -56,6 +56,13 @@ class Task(Protocol):
     def describe(self) -> str:
         """One line on the held-out data, for the run's printed summary."""
 
+    def eval_fingerprint(self) -> str:
+        """SHA-256 of the held-out data as a model sees it (the digest of the run's evaluation dataset in MLflow)."""
+
+    def model_examples(self) -> list:
+        """A few held-out inputs for the student's logged model's input example (kdrun.logged_model): (query,
+        passage) pairs for a ranking student, texts otherwise."""
+
 
 class Family:
     """A task family's description and builders. Subclasses set the attributes and override what they need."""

@@ -137,6 +137,14 @@ class CausalLMTask:
         """Held-out examples one evaluation goes through (for the per-example latency metric)."""
         return len(self.eval_blocks)
 
+    def eval_fingerprint(self) -> str:
+        """SHA-256 of the held-out token blocks."""
+        return hashlib.sha256(self.eval_blocks.numpy().tobytes()).hexdigest()
+
+    def model_examples(self) -> list:
+        """The logged model's input example: the start of a held-out text, as a prompt."""
+        return [" ".join(self.data.eval_texts[0].split()[:12])]
+
     def describe(self) -> str:
         return (f"held-out blocks: {len(self.eval_blocks)} x {self.data.block_size} tokens, "
                 f"training blocks: {len(self.train_blocks)}")

@@ -133,6 +133,17 @@ class ClassificationTask:
         """Held-out examples one evaluation goes through (for the per-example latency metric)."""
         return len(self.data.eval_texts)
 
+    def eval_fingerprint(self) -> str:
+        """SHA-256 of the held-out texts and labels, in order."""
+        h = hashlib.sha256()
+        for t, y in zip(self.data.eval_texts, self.data.eval_labels):
+            h.update(f"{t}\x1f{y}\x1e".encode())
+        return h.hexdigest()
+
+    def model_examples(self) -> list:
+        """The logged model's input example: held-out texts."""
+        return list(self.data.eval_texts[:2])
+
     def describe(self) -> str:
         return (f"held-out texts: {len(self.data.eval_texts)}, classes: {len(self.data.label_names)} "
                 f"({', '.join(self.data.label_names)})")

@@ -201,6 +201,13 @@ class RankingTask:
         """Held-out examples one evaluation goes through (for the per-example latency metric)."""
         return len(self.data.eval_queries)
 
+    def eval_fingerprint(self) -> str:
+        return self.eval_digest()
+
+    def model_examples(self) -> list:
+        """The logged model's input example: held-out (query, passage) pairs, each query's first candidates."""
+        return [(q, t) for i, q in enumerate(self.data.eval_queries[:2]) for t in self.data.eval_texts(i)[:2]]
+
     def describe(self) -> str:
         return (f"held-out queries: {len(self.data.eval_queries)}, candidates per query: "
                 f"{self.data.stats['eval_candidates_per_query']:.0f}")

@@ -508,13 +508,16 @@ def write_card(cfg: DictConfig, out: Path, b: Built, params: Dict[str, str], bef
     """The student's model card (kdrun.model_card) from this run."""
     from importlib.metadata import version
 
+    import shlex
+
     from kdrun import logged_model, model_card
-    from kdrun.tracking import command_line, git_commit
+    from kdrun.tracking import git_commit
 
     target = str(cfg.data.get("_target_", "data"))
     model_card.write(out, kind=logged_model.kind_of(out), params=params, data_name=target.split(".")[-2],
                      data_source=str(getattr(b.data, "source", "") or target), before=before, after=after,
-                     teacher=teacher_eval, command=command_line(), version=version("kdrun"), commit=git_commit())
+                     teacher=teacher_eval, version=version("kdrun"), commit=git_commit(),
+                     command=shlex.join(["kdrun", *(redact_arg(o) for o in _overrides())]))  # this job's own command
 
 
 def peak_rss_mb() -> float:

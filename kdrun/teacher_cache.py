@@ -347,7 +347,7 @@ def _shards(task, teacher, entry: Path, n: int, info: CacheInfo, name: str, rank
     from its rank), each chunk's outputs written as a shard, renamed into place when whole; shards already there (a
     pass that was killed) are kept. A shard that cannot be written (a full disk) goes into `memory` when given (else
     the error is raised). Returns the seconds spent in the teacher."""
-    from tqdm.auto import tqdm
+    from kdrun import progress
 
     partial = _partial(entry)
     try:
@@ -362,8 +362,8 @@ def _shards(task, teacher, entry: Path, n: int, info: CacheInfo, name: str, rank
         log.info("teacher %s: %d of %d shards of an interrupted pass are reused (%s)", name, len(done), len(ranges),
                  partial)
     seconds = 0.0
-    bar = tqdm(total=sum(b - a for a, b in ranges), initial=sum(b - a for a, b in done), desc=f"teacher {name}",
-               unit="ex", dynamic_ncols=True, mininterval=1.0, disable=rank != 0)
+    bar = progress.bar(total=sum(b - a for a, b in ranges), initial=sum(b - a for a, b in done), desc=f"teacher {name}",
+                       unit="ex", show=rank == 0)
     for start, stop in ranges:
         if (start, stop) in done:
             continue

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, Optional
 
 import torch
-from tqdm.auto import tqdm
 
 import kdrun
+from kdrun import progress
 from kdrun.checkpoint import Interrupted, StopSignals
 from kdrun.data.tokens import token_counts
 from kdrun.errors import NonFiniteLossError
@@ -89,8 +89,7 @@ def train(student, teacher, loss_fn, batches: Iterator[Dict], optim: Optim, rt: 
     samples = real_tokens = tokens = 0  # counted on the host from the CPU batches
     first_step: Dict[str, float] = {}
     t0 = time.perf_counter()
-    bar = tqdm(total=max_steps, initial=resume["step"], desc=desc, dynamic_ncols=True, mininterval=1.0,
-               disable=not rt.is_main)
+    bar = progress.bar(total=max_steps, initial=resume["step"], desc=desc, show=rt.is_main, delay=0.0)
     for step in range(resume["step"] + 1, max_steps + 1):
         # ---- one optimizer step over grad_accum micro-batches ----
         terms: Dict[str, torch.Tensor] = {}

@@ -174,3 +174,29 @@ def test_model_card_base_model_follows_the_students_init():
         card = text(params={**params, "student.init": init}, **common)
         assert (f"base_model: {base}" in card) if base else ("base_model" not in card), (init, card[:300])
     assert "| accuracy | 0.1000 | 0.5000 | 0.7000 |" in card and "kd_kl (weight 1.0)" in card
+
+
+def test_progress_bars_show_on_a_terminal_only_unless_forced(monkeypatch, capsys):
+    """Bars (rate, ETA) on a terminal; none in a log file or CI; KDRUN_PROGRESS=1/0 forces either way."""
+    import io
+    import sys
+
+    from kdrun import progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("KDRUN_PROGRESS", raising=False)
+    monkeypatch.delenv("CI", raising=False)
+    for stream, env, shown in ((Tty(), {}, True), (io.StringIO(), {}, False), (Tty(), {"CI": "true"}, False),
+                               (io.StringIO(), {"KDRUN_PROGRESS": "1"}, True), (Tty(), {"KDRUN_PROGRESS": "0"}, False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        assert progress.enabled() is shown, (type(stream).__name__, env)
+        for _ in progress.bar(range(3), desc="evaluate", unit="batch", delay=0.0, file=stream):
+            pass
+        assert ("evaluate: 100%" in stream.getvalue()) is shown, (env, stream.getvalue())
+        for k in env:
+            monkeypatch.delenv(k)

@@ -108,11 +108,19 @@ def _locked(cache_file: Optional[str]):
     return contextlib.nullcontext() if cache_file is None else locked(Path(cache_file))
 
 
+def _bars(datasets) -> None:
+    """The `datasets` map's own progress bar (rate and ETA) where kdrun shows progress (kdrun.progress)."""
+    from kdrun import progress
+
+    datasets.enable_progress_bars() if progress.enabled() else datasets.disable_progress_bars()
+
+
 def _map(ds, tokenizer, max_length: int, cache_file: Optional[str], key: str, num_proc: Optional[int]):
     """(the texts' token ids as a `datasets` map written to cache_file, the file): where it cannot be written (a full
     disk), the map is made again in memory (None as the file), with a warning."""
     fn = lambda batch: {"input_ids": tokenizer(batch["text"], truncation=True, max_length=max_length)["input_ids"]}
-    args = dict(batched=True, batch_size=1000, remove_columns=ds.column_names, new_fingerprint=key, num_proc=num_proc)
+    args = dict(batched=True, batch_size=1000, remove_columns=ds.column_names, new_fingerprint=key, num_proc=num_proc,
+                desc="tokenise")
     try:
         return ds.map(fn, cache_file_name=cache_file, load_from_cache_file=True, **args), cache_file
     except OSError as e:
@@ -139,7 +147,7 @@ def pretokenize(tokenizer, texts: Sequence[str], max_length: int, cache_dir: Opt
     cache_file = None
     if cache_dir is not None and _usable(cache_dir):
         cache_file = str(Path(cache_dir) / f"tokens-{key}.arrow")
-    datasets.disable_progress_bars()
+    _bars(datasets)
     with _locked(cache_file):
         hit = _sound(cache_file)
         ds = datasets.Dataset.from_dict({"text": distinct})
@@ -183,7 +191,7 @@ def tokenize_column(tokenizer, column, max_length: int, cache_dir: Optional[Path
     with _locked(cache_file):
         if _sound(cache_file):  # the map's own Arrow stream, memory-mapped as it is
             return RowTokens(pa.ipc.open_stream(pa.memory_map(cache_file)).read_all()), True
-        datasets.disable_progress_bars()
+        _bars(datasets)
         ds, cache_file = _map(column.dataset(), tokenizer, max_length, cache_file, key,
                               num_proc if len(column) > 10_000 else None)
         _seal(cache_file)

@@ -10,6 +10,7 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
+from kdrun import progress
 from kdrun.errors import ModelLoadError
 from kdrun.runtime import to_device
 from kdrun.models.encoders import run_groups, tokenize, tokenize_groups
@@ -132,7 +133,7 @@ class SequenceClassifier(nn.Module):
         """[N, C] fp32 logits, in the order of `texts` (batched by length: little padding)."""
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = torch.empty(len(texts), self.num_labels)
-        for i in range(0, len(order), batch_size):
+        for i in progress.bar(range(0, len(order), batch_size), desc="evaluate", unit="batch"):
             idx = order[i:i + batch_size]
             feats = to_device(self.featurize([texts[j] for j in idx]), device)
             out[idx] = run_groups(lambda f: self.model(**f).logits.float(), feats).cpu()

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdrun import progress
 from kdrun.runtime import to_device
 
 Features = Dict[str, torch.Tensor]
@@ -162,7 +163,7 @@ class BiEncoder(Scorer):
         texts = sorted({t for ts in candidates for t in ts} | set(queries), key=len)  # length-sorted: little padding
         index = {t: i for i, t in enumerate(texts)}
         chunks = []
-        for i in range(0, len(texts), batch_size):
+        for i in progress.bar(range(0, len(texts), batch_size), desc="evaluate: encode", unit="batch"):
             chunks.append(self.embed(to_device(self.tokenize(texts[i:i + batch_size]), device)).float().cpu())
         emb = torch.cat(chunks)
         return [emb[[index[t] for t in ts]] @ emb[index[q]] for q, ts in zip(queries, candidates)]
@@ -226,7 +227,7 @@ class CrossEncoder(Scorer):
     def score_lists(self, queries: List[str], candidates: List[List[str]], batch_size: int, device) -> List[torch.Tensor]:
         pairs = [(q, t) for q, ts in zip(queries, candidates) for t in ts]
         scores = []
-        for i in range(0, len(pairs), batch_size):
+        for i in progress.bar(range(0, len(pairs), batch_size), desc="evaluate: score pairs", unit="batch"):
             qs, ts = zip(*pairs[i:i + batch_size])
             scores.append(self.logits(to_device(self.tokenize(qs, ts), device)).cpu())
         flat, out, start = torch.cat(scores), [], 0
@@ -302,7 +303,7 @@ class LateInteraction(Scorer):
         """Each distinct text is encoded once (length-sorted batches); its token vectors are kept without padding."""
         texts = sorted({t for ts in candidates for t in ts} | set(queries), key=len)
         vecs: Dict[str, torch.Tensor] = {}
-        for i in range(0, len(texts), batch_size):
+        for i in progress.bar(range(0, len(texts), batch_size), desc="evaluate: encode", unit="batch"):
             chunk = texts[i:i + batch_size]
             feats = {k: v.to(device) for k, v in tokenize(self.tokenizer, chunk, self.max_length).items()}
             v, mask = self._vectors(feats).cpu(), feats["attention_mask"].bool().cpu()

@@ -8,6 +8,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
+from kdrun import progress
 from kdrun.errors import DataError
 from kdrun.losses.functional import forward_kl
 from kdrun.tasks.causal_lm import FAMILY
@@ -114,7 +115,7 @@ class CausalLMTask:
         model.eval()
         nll = agree = kl = 0.0
         tokens = 0
-        for i in range(0, len(self.eval_blocks), self.eval_batch_size):
+        for i in progress.bar(range(0, len(self.eval_blocks), self.eval_batch_size), desc="evaluate", unit="batch"):
             ids = self.eval_blocks[i:i + self.eval_batch_size].to(self.rt.device)
             with self.rt.autocast():
                 logits = model.logits({"input_ids": ids}).float()

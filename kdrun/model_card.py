@@ -11,7 +11,7 @@ import yaml
 
 # per kind of student: (library that loads it, Hugging Face pipeline tag, task type in the model-index)
 KINDS = {"bi_encoder": ("sentence-transformers", "sentence-similarity", "retrieval"),
-         "late_interaction": ("kdrun", "sentence-similarity", "retrieval"),
+         "late_interaction": ("sentence-transformers", "sentence-similarity", "retrieval"),  # MultiVectorEncoder
          "cross_encoder": ("transformers", "text-ranking", "reranking"),
          "classifier": ("transformers", "text-classification", "text-classification"),
          "causal_lm": ("transformers", "text-generation", "text-generation")}
@@ -42,7 +42,9 @@ def text(*, kind: str, params: Dict[str, str], data_name: str, data_source: str,
         **({"base_model": base} if base else {}),
         "library_name": library,
         **({"pipeline_tag": pipeline_tag} if pipeline_tag else {}),
-        "tags": ["kdrun", "knowledge-distillation", *terms, *(["sentence-transformers"] if kind == "bi_encoder" else [])],
+        "tags": ["kdrun", "knowledge-distillation", *terms,
+                 *(["sentence-transformers"] if library == "sentence-transformers" else []),
+                 *(["ColBERT", "late-interaction"] if kind == "late_interaction" else [])],
         "datasets": [data_name],
         "metrics": sorted(after),
         "model-index": [{"name": f"kdrun student ({kind})", "results": [{

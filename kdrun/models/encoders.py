@@ -318,13 +318,27 @@ class LateInteraction(Scorer):
         return out
 
     def save(self, directory: str | Path) -> None:
-        """The encoder in Hugging Face format (AutoModel loads it), the projection in colbert_linear.safetensors."""
+        """The encoder in Hugging Face format (AutoModel loads it), the projection in colbert_linear.safetensors (kdrun's
+        load_scorer), and the same as a sentence-transformers MultiVectorEncoder (modules.json: Transformer, Dense
+        projection, MultiVectorMask without a skiplist, Normalize): MultiVectorEncoder(directory) scores as kdrun does
+        (no query expansion, no [Q]/[D] prefixes, every real token counted)."""
         from safetensors.torch import save_file
+        from sentence_transformers import MultiVectorEncoder
+        from sentence_transformers.base.modules import Normalize, Transformer
+        from sentence_transformers.base.modules.dense import Dense
+        from sentence_transformers.multi_vector_encoder.modules.multi_vector_mask import MultiVectorMask
 
         d = Path(directory)
         self.encoder.save_pretrained(d)
         self.tokenizer.save_pretrained(d)
-        save_file({"weight": self.linear.weight.detach().cpu().contiguous()}, str(d / "colbert_linear.safetensors"))
+        weight = self.linear.weight.detach().cpu().float().contiguous()
+        save_file({"weight": weight}, str(d / "colbert_linear.safetensors"))
+        dense = Dense(in_features=weight.shape[1], out_features=weight.shape[0], bias=False,
+                      activation_function=nn.Identity(), module_input_name="token_embeddings")
+        dense.linear.weight.data.copy_(weight)
+        MultiVectorEncoder(modules=[Transformer(str(d), max_seq_length=self.max_length), dense,
+                                    MultiVectorMask(skiplist_words=[]), Normalize(module_input_name="token_embeddings")],
+                           device="cpu").save(str(d))
         (d / "kdrun_scorer.json").write_text(json.dumps(
             {"kind": "late_interaction", "dim": self.linear.out_features, "max_length": self.max_length}, indent=2))
 

@@ -91,6 +91,14 @@ def test_each_ranking_student_is_a_registered_logged_model_that_scores_as_the_ru
             assert arch == "late_interaction" and "python_function" in info.flavors
             frame = pd.DataFrame({"query": [text[qid] for qid, _ in pairs], "passage": [text[pid] for _, pid in pairs]})
             got = mlflow.pyfunc.load_model(uri).predict(frame).tolist()
+            from sentence_transformers import MultiVectorEncoder  # the student/ folder, as the library people use
+
+            local = client.download_artifacts(run.info.run_id, "student", str(tmp / "colbert"))
+            mv = MultiVectorEncoder(local, device="cpu", local_files_only=True)
+            sim = mv.similarity(mv.encode_query([text[qid] for qid, _ in pairs]),
+                                mv.encode_document([text[pid] for _, pid in pairs]))
+            assert torch.allclose(torch.diagonal(torch.as_tensor(sim)).float(), torch.tensor([expected[k] for k in pairs]),
+                                  rtol=1e-4, atol=1e-4)
         want = [expected[k] for k in pairs]
         assert torch.allclose(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=1e-4), (arch, got[:4], want[:4])
 
@@ -123,7 +131,7 @@ def test_the_model_card_parses_and_names_the_runs_metrics(ranking_runs):
         values = {m["type"]: m["value"] for m in results["metrics"]}
         assert values["mrr_at_10"] == pytest.approx(run.data.metrics["eval/student/mrr_at_10"], abs=1e-6)
         assert front["datasets"] == ["chatterbot"] and "kdrun" in front["tags"] and "margin_mse" in front["tags"]
-        assert front["library_name"] == ("sentence-transformers" if arch == "bi_encoder" else "kdrun")
+        assert front["library_name"] == "sentence-transformers"  # ColBERT: its MultiVectorEncoder
         assert "base_model" not in front if arch == "bi_encoder" else front["base_model"]  # scratch: no base
         body = card.read_text()
         assert "## Held-out metrics" in body and "-m " not in body  # the job's own command, not the sweep's
@@ -200,3 +208,18 @@ def test_progress_bars_show_on_a_terminal_only_unless_forced(monkeypatch, capsys
         assert ("evaluate: 100%" in stream.getvalue()) is shown, (env, stream.getvalue())
         for k in env:
             monkeypatch.delenv(k)
+
+
+def test_shell_completion_completes_options_and_keys(tmp_path):
+    """Hydra's shell completion through kdrun (README: eval "$(kdrun -sc install=bash)")."""
+    import os
+    import subprocess
+    import sys
+
+    kdrun = str(Path(sys.executable).with_name("kdrun"))
+    script = subprocess.run([kdrun, "-sc", "install=bash"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert script.returncode == 0 and "complete" in script.stdout
+    for line, want in (("kdrun loss=margin", "loss=margin_mse_ce"), ("kdrun train.max_st", "train.max_steps=")):
+        r = subprocess.run([kdrun, "-sc", "query=bash"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "COMP_LINE": line, "COMP_POINT": str(len(line))})
+        assert want in r.stdout.split(), (line, r.stdout, r.stderr[-1000:])

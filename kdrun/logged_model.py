@@ -19,7 +19,9 @@ log = logging.getLogger(__name__)
 
 FLAVORS = {"bi_encoder": "sentence_transformers", "classifier": "transformers", "causal_lm": "transformers",
            "cross_encoder": "pyfunc", "late_interaction": "pyfunc"}
-NAME = "student"  # the logged model's name in the run (its files: the run's Logged models tab)
+# the logged model's name in the run: MLflow's convention. Not "student": MLflow resolves runs:/RUN/student (and a
+# listing of the run's student/ artifacts) to a logged model of that name, which shadows the plain folder
+NAME = "model"
 
 
 def kind_of(directory: str | Path) -> str:
@@ -73,7 +75,7 @@ def _pyfunc_class():
 def log(directory: str | Path, *, examples: Sequence, step: int, register_as: Optional[str] = None,
         run_id: Optional[str] = None):
     """Log the student saved in `directory` to the active MLflow run (or `run_id`) as a logged model named
-    "student" at `step`; `examples`: held-out inputs for the input example ((query, passage) pairs for a ranking
+    NAME at `step`; `examples`: held-out inputs for the input example ((query, passage) pairs for a ranking
     student, texts otherwise). Returns MLflow's ModelInfo (model_id, model_uri, registered_model_version)."""
     import mlflow
     import pandas as pd

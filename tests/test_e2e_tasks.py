@@ -159,7 +159,8 @@ def test_classification_precomputed_teacher_scratch_student_and_a_loadable_save(
 def test_causal_lm_topk_teacher_online_and_precomputed_and_a_loadable_save(tmp_path, kdrun_cache):
     for mode, save in (("online", "false"), ("precompute", "true")):
         r = run_kdrun([*LM, "teacher.top_k=16", f"teacher.mode={mode}", "loss=jsd", f"tracking.log_student={save}",
-                       f"tracking.experiment=lm_{mode}", f"hydra.run.dir={tmp_path / mode}"], cwd=tmp_path,
+                       f"tracking.experiment=lm_{mode}", f"hydra.run.dir={tmp_path / mode}",
+                       *(["tracking.register_as=kd-lm"] if save == "true" else [])], cwd=tmp_path,
                       env=offline_env(tmp_path, kdrun_cache))
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     client = _client(tmp_path)
@@ -173,6 +174,31 @@ def test_causal_lm_topk_teacher_online_and_precomputed_and_a_loadable_save(tmp_p
 
     local = client.download_artifacts(runs["precompute"].info.run_id, "student", str(tmp_path / "dl"))
     assert AutoModelForCausalLM.from_pretrained(local).config.num_hidden_layers == 2
+
+    # the registered logged model (transformers flavor, text-generation): its held-out perplexity is the run's
+    import math
+
+    import mlflow
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from kdrun import config, pipeline
+    from kdrun.tasks.causal_lm.task import pack
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    info = mlflow.models.get_model_info("models:/kd-lm/1")
+    assert "transformers" in info.flavors and info.signature is not None
+    parts = mlflow.transformers.load_model("models:/kd-lm/1", return_type="components")
+    assert parts["task"] == "text-generation"
+    config.register()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[a for a in LM if a.startswith(("experiment=", "data."))])
+    _, data = pipeline.load_data(cfg)
+    blocks = pack(data.eval_texts, parts["tokenizer"], data.block_size, data.max_eval_blocks)
+    with torch.inference_mode():
+        logits = parts["model"](input_ids=blocks).logits[:, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1)).item()
+    assert math.exp(nll) == pytest.approx(runs["precompute"].data.metrics["eval/student/perplexity"], rel=1e-4)
 
 
 @pytest.mark.slow

@@ -73,7 +73,7 @@ def test_each_ranking_student_is_a_registered_logged_model_that_scores_as_the_ru
     for arch, run in runs.items():
         [output] = run.outputs.model_outputs
         model = client.get_logged_model(output.model_id)
-        assert str(model.status).endswith("READY") and model.name == "student" and output.step == 4
+        assert str(model.status).endswith("READY") and model.name == "model" and output.step == 4
         linked = {m.key: m.value for m in model.metrics}
         assert linked["eval/student/mrr_at_10"] == run.data.metrics["eval/student/mrr_at_10"]  # metrics linked
         info = mlflow.models.get_model_info(f"models:/{model.model_id}")

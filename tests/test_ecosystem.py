@@ -26,7 +26,18 @@ def _compose(overrides):
         return compose("config", overrides=overrides)
 
 
-def _trec(path: Path) -> dict:
+def held_out_texts(overrides) -> dict:
+    """{qid or pid: text} of the held-out ranking data these overrides give."""
+    from kdrun import pipeline
+
+    _, data = pipeline.load_data(_compose(overrides))
+    text = {qid: q for qid, q in zip(data.eval_qids, data.eval_queries)}
+    for i in range(len(data.eval_rows)):
+        text.update(zip(data.eval_pids(i), data.eval_texts(i)))
+    return text
+
+
+def trec_scores(path: Path) -> dict:
     """{(qid, pid): score} of a TREC run file."""
     out = {}
     for line in Path(path).read_text().splitlines():
@@ -60,16 +71,11 @@ def test_each_ranking_student_is_a_registered_logged_model_that_scores_as_the_ru
     import pandas as pd
     import torch
 
-    from kdrun import pipeline
-
     tmp, env, client, runs = ranking_runs
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     versions = {v.run_id: v.version for v in client.search_model_versions("name='kd-rank'")}
     assert sorted(map(int, versions.values())) == [1, 2]  # a new version per run
-    _, data = pipeline.load_data(_compose(RANK))
-    text = {qid: q for qid, q in zip(data.eval_qids, data.eval_queries)}
-    for i in range(len(data.eval_rows)):
-        text.update(zip(data.eval_pids(i), data.eval_texts(i)))
+    text = held_out_texts(RANK)
     for arch, run in runs.items():
         [output] = run.outputs.model_outputs
         model = client.get_logged_model(output.model_id)
@@ -78,7 +84,7 @@ def test_each_ranking_student_is_a_registered_logged_model_that_scores_as_the_ru
         assert linked["eval/student/mrr_at_10"] == run.data.metrics["eval/student/mrr_at_10"]  # metrics linked
         info = mlflow.models.get_model_info(f"models:/{model.model_id}")
         assert info.signature is not None and info.saved_input_example_info is not None
-        expected = _trec(client.download_artifacts(run.info.run_id, "eval/run.student.trec", str(tmp / arch)))
+        expected = trec_scores(client.download_artifacts(run.info.run_id, "eval/run.student.trec", str(tmp / arch)))
         pairs = sorted(expected)
         uri = f"models:/kd-rank/{versions[run.info.run_id]}"
         if arch == "bi_encoder":  # sentence-transformers flavor: encode, then the student's dot product

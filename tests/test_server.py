@@ -26,7 +26,8 @@ def server(tmp_path_factory):
 def test_a_run_and_a_sweep_log_to_a_real_tracking_server(server):
     tmp, url = server
     env = {**offline_env(tmp), "MLFLOW_TRACKING_URI": ""}
-    r = run_kdrun(SMALL + [f"tracking.uri={url}", f"hydra.run.dir={tmp / 'one'}"], cwd=tmp, env=env)
+    r = run_kdrun(SMALL + [f"tracking.uri={url}", f"hydra.run.dir={tmp / 'one'}", "tracking.register_as=kd-served"],
+                  cwd=tmp, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert f"{url}/#/experiments/" in r.stdout  # the run's address in the UI
     r = run_kdrun(["-m", *SMALL, "tracking.log_student=false", f"tracking.uri={url}", "optimizer.lr=1e-4,3e-4",
@@ -50,5 +51,19 @@ def test_a_run_and_a_sweep_log_to_a_real_tracking_server(server):
     local = client.download_artifacts(single.info.run_id, "student", str(tmp / "dl"))
     assert (Path(local) / "model.safetensors").is_file()
     assert (tmp / "artifacts").is_dir()  # the server stored them, proxied over HTTP
+    # the logged student, registered through the server and loaded back by its models:/ URI: the run's scores
+    import mlflow
+    import torch
+
+    from test_ecosystem import held_out_texts, trec_scores
+
+    mlflow.set_tracking_uri(url)
+    assert [v.run_id for v in client.search_model_versions("name='kd-served'")] == [single.info.run_id]
+    st = mlflow.sentence_transformers.load_model("models:/kd-served/1")
+    expected = trec_scores(client.download_artifacts(single.info.run_id, "eval/run.student.trec", str(tmp / "ev")))
+    text, pairs = held_out_texts([a for a in SMALL if a.startswith("data.")]), sorted(expected)
+    q = st.encode([text[qid] for qid, _ in pairs], convert_to_tensor=True)
+    p = st.encode([text[pid] for _, pid in pairs], convert_to_tensor=True)
+    assert torch.allclose((q * p).sum(-1), torch.tensor([expected[k] for k in pairs]), rtol=1e-4, atol=1e-4)
     summary = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
     assert "summary/summary.csv" in summary and "summary/pareto.png" in summary

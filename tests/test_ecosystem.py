@@ -229,3 +229,21 @@ def test_shell_completion_completes_options_and_keys(tmp_path):
         r = subprocess.run([kdrun, "-sc", "query=bash"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                            env={**os.environ, "COMP_LINE": line, "COMP_POINT": str(len(line))})
         assert want in r.stdout.split(), (line, r.stdout, r.stderr[-1000:])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not any(__import__("shutil").which(b) for b in ("chromium", "chromium-browser", "google-chrome")),
+                    reason="scripts/ui_check drives headless Chromium, which is not installed here "
+                           "(Debian: apt-get install chromium)")
+def test_the_ui_shows_the_run_its_datasets_and_its_logged_model(ranking_runs):
+    """scripts/ui_check against MLflow's UI as `make ui` serves it (rendered DOM text in headless Chromium)."""
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    tmp, env, _, _ = ranking_runs
+    r = subprocess.run([sys.executable, str(CONF.parent / "scripts" / "ui_check"), "--store",
+                        env["MLFLOW_TRACKING_URI"], "--experiment", "logged", "--port", str(free_port())],
+                       cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "all checks hold" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -479,6 +480,8 @@ def record(cfg: DictConfig, rt, tracker, b: Built, found, run_id: str, loop_stat
         if cfg.tracking.log_student and rt.is_main:
             out = Path(cfg.output_dir) / "student"
             try:
+                if out.is_dir():  # a save cut short before a resume: written again whole, in the space it took
+                    shutil.rmtree(out)
                 out.mkdir(parents=True, exist_ok=True)
                 student.save(out)
                 write_card(cfg, out, b, params, before, after, teacher_eval)

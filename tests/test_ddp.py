@@ -52,7 +52,7 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path)
     assert keys and max((w1[k] - w2[k]).abs().max().item() for k in keys) <= 3 * 3e-5  # 3 steps x lr at most
 
 
-@pytest.mark.slow
+@pytest.mark.demo  # CI time (34 s); the two-process training equality above stays in CI
 def test_the_teacher_pass_is_split_over_the_ranks_and_gives_one_process_outputs(tmp_path):
     """Under torchrun each rank runs the teacher over every 2nd shard; rank 0 publishes the entry, which holds what
     one process computes."""

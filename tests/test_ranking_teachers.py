@@ -270,7 +270,7 @@ def test_code_search_names_a_source_that_is_not_installed():
     assert std.licence == "PSF-2.0" and std.version == sys.version.split()[0]
 
 
-@pytest.mark.slow
+@pytest.mark.demo  # CI time (48 s): builds the full code_search data; the quick reproduction test uses it small
 def test_the_default_code_search_data_has_over_10000_queries_split_by_source_unit(kdrun_cache, monkeypatch):
     """The data set as the config builds it from this machine's Python (counts in README, "Data"); its extraction
     stays in the session's cache for the reproduction test (tests/test_sweeps.py)."""

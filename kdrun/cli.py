@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from kdrun.errors import KdrunError, Stopped, on_stop_signals
+from kdrun.errors import KdrunError, Stopped, held_signals, on_stop_signals
 
 
 def _stop_while_starting(signum, frame):
@@ -46,7 +46,8 @@ _ARGV_ENV = "KDRUN_ARGV"
 def _main(cfg: DictConfig):
     try:
         config.validate(cfg)
-        from kdrun import pipeline  # heavy imports start here, after validation
+        with held_signals():  # a signal inside torch's import would abort the interpreter: raised after it
+            from kdrun import pipeline  # heavy imports start here, after validation
 
         result = pipeline.score(cfg) if config.enum_value(cfg.mode) == "score" else pipeline.run(cfg)
     except Stopped as e:  # SIGTERM/SIGINT outside the training loop

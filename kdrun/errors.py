@@ -49,6 +49,30 @@ def on_stop_signals(handler, command: bool = False) -> dict:
     return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
 
 
+class held_signals:
+    """SIGTERM/SIGINT recorded, not raised, inside this block; on leaving it a recorded one raises Stopped. For
+    imports of C++ extensions (torch): an exception raised from a signal handler while pybind11 runs Python code
+    ends in std::terminate (status -6; found by the fault suite)."""
+
+    def __enter__(self):
+        self.signum = 0
+
+        def record(signum, frame):
+            self.signum = self.signum or signum
+
+        self._old = on_stop_signals(record)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        if self.signum and exc[0] is None:
+            raise Stopped(self.signum)
+        return False
+
+
 def work_done() -> bool:
     """A single run of the kdrun command has finished and recorded its result: SIGTERM and SIGINT are ignored from
     here to the exit, which is only Hydra's bookkeeping and the interpreter's shutdown. A scheduler's signal now could

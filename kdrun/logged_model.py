@@ -10,15 +10,10 @@ when the store was down at the end of the run.
 from __future__ import annotations
 
 import json
-import logging
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-log = logging.getLogger(__name__)
-
-FLAVORS = {"bi_encoder": "sentence_transformers", "classifier": "transformers", "causal_lm": "transformers",
-           "cross_encoder": "pyfunc", "late_interaction": "pyfunc"}
 # the logged model's name in the run: MLflow's convention. Not "student": MLflow resolves runs:/RUN/student (and a
 # listing of the run's student/ artifacts) to a logged model of that name, which shadows the plain folder
 NAME = "model"

@@ -341,10 +341,15 @@ def begin(cfg: DictConfig, rt, tracker, found, b: Built, params: Dict[str, str],
     return run_id, None
 
 
+def _data_name_source(cfg: DictConfig, b: Built) -> Tuple[str, str]:
+    """(the data's name: its loader's module, e.g. chatterbot; where it came from: the loader's own description)."""
+    target = str(cfg.data.get("_target_", "data"))
+    return target.split(".")[-2], str(getattr(b.data, "source", "") or target)
+
+
 def datasets(cfg: DictConfig, b: Built) -> list:
     """The run's training and held-out data as MLflow dataset inputs (Tracker.datasets): kdrun's fingerprints."""
-    target = str(cfg.data.get("_target_", "data"))
-    name, source = target.split(".")[-2], str(getattr(b.data, "source", "") or target)
+    name, source = _data_name_source(cfg, b)
     return [{"name": f"{name}-train", "digest": b.task.fingerprint(), "source": source, "rows": len(b.task.examples()),
              "context": "training"},
             {"name": f"{name}-heldout", "digest": b.task.eval_fingerprint(), "source": source,
@@ -516,9 +521,9 @@ def write_card(cfg: DictConfig, out: Path, b: Built, params: Dict[str, str], bef
     from kdrun import logged_model, model_card
     from kdrun.tracking import git_commit
 
-    target = str(cfg.data.get("_target_", "data"))
-    model_card.write(out, kind=logged_model.kind_of(out), params=params, data_name=target.split(".")[-2],
-                     data_source=str(getattr(b.data, "source", "") or target), before=before, after=after,
+    name, source = _data_name_source(cfg, b)
+    model_card.write(out, kind=logged_model.kind_of(out), params=params, data_name=name, data_source=source,
+                     before=before, after=after,
                      teacher=teacher_eval, version=version("kdrun"), commit=git_commit(),
                      command=shlex.join(["kdrun", *(redact_arg(o) for o in _overrides())]))  # this job's own command
 

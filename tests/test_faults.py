@@ -130,7 +130,7 @@ def test_every_preset_passes_the_range_checks():
         config.validate(_compose([f"experiment={name}"]))
 
 
-@pytest.mark.slow
+@pytest.mark.demo  # CI time; the fault suite SIGTERMs evaluations in CI
 def test_sigterm_during_the_final_evaluation_ends_killed_and_the_resumed_run_logs_it(tmp_path):
     """The outside pass's repro of defects 1 and 2: SIGTERM once the last checkpoint is written (the final evaluation
     runs). The run ends KILLED (not RUNNING, no traceback) with a resume hint; resumed with that hint it ends FINISHED
@@ -387,7 +387,7 @@ def test_a_token_cache_on_a_full_disk_tokenises_in_memory(tmp_path, monkeypatch,
     assert "No space left on device" in caplog.text and not list((tmp_path / "tokens").glob("*.sha256"))
 
 
-@pytest.mark.slow
+@pytest.mark.demo  # CI time; the fault suite and tests/test_secrets.py check planted secrets in CI
 def test_no_planted_secret_on_screen_or_disk_with_an_http_store_a_sweep_and_a_failure(tmp_path):
     """Defect 7: MLflow's "View run ... at: http://user:PASSWORD@..." line, Hydra's "Error executing job with
     overrides" and launcher lines, .hydra/*.yaml and multirun.yaml carried planted secrets in clear."""

@@ -94,7 +94,7 @@ def test_fallback_local_logs_to_the_local_store_and_says_where(tmp_path):
     assert run.info.status == "FINISHED" and "train/loss" in run.data.metrics
 
 
-@pytest.mark.slow
+@pytest.mark.demo  # CI time; test_fallback_local_logs_to_the_local_store_and_says_where runs in CI
 def test_fallback_local_takes_a_sweep_parent_along_with_its_jobs(tmp_path):
     """The sweep's parent run reaches the store the way its jobs do (one way in: kdrun.tracking.open_store), so with
     a dead server and tracking.fallback=local parent and jobs land together in the local store."""

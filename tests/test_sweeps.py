@@ -222,7 +222,7 @@ def test_optuna_direction_is_one_optuna_accepts(overrides, direction):
     assert direction_of(cfg) == direction
 
 
-@pytest.mark.slow
+@pytest.mark.demo  # CI time; the named-objective Optuna test runs in CI
 def test_optuna_sweeper_with_no_objective_optimises_the_primary_metric(tmp_path):
     r = run_kdrun(["-m", *SMALL, "train.max_steps=1", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
                    "optimizer.lr=tag(log,interval(1e-5,1e-3))", "tracking.experiment=optuna_default",

@@ -252,6 +252,7 @@ class HardwareConfig:
     pad_to_multiple_of: int = 8  # sequence lengths padded up to a multiple of this (8/16 suit tensor cores)
     length_groups: int = 4  # a ranking student's texts in a batch, split into up to N length groups, each padded apart
     distributed: bool = False  # true (multi_gpu): refuse to run unless launched by torchrun
+    threads: int = 0  # CPU threads of torch's operators (0: torch's default, one per core); 1 for parallel sweep jobs
 
 
 @dataclass
@@ -537,6 +538,14 @@ def check_numbers(cfg: Any) -> None:
                               f"values up to {_MLFLOW_TAG_VALUE} characters (this one: {len(str(k))} and {len(str(v))})")
 
 
+def teacher_keeps(cfg: Any) -> frozenset:
+    """What a precomputed teacher's cache entry keeps beyond its scores: one bi-encoder ranking teacher keeps its
+    embeddings, which give the in-batch scores (in_batch_kl) of any batch."""
+    t = cfg.teacher
+    one_bi_encoder = str(cfg.data.task) == "ranking" and not cfg.teachers and enum_value(t.kind) == "bi_encoder"
+    return frozenset({"in_batch_scores"}) if enum_value(t.mode) == "precompute" and one_bi_encoder else frozenset()
+
+
 def validate(cfg: Any) -> None:
     """Cross-field checks the schema cannot express; the task family's own checks; every loss term against its spec.
     Raises ConfigError naming the key and the fix."""
@@ -598,6 +607,8 @@ def validate(cfg: Any) -> None:
     for key in ("pad_to_multiple_of", "length_groups"):
         if hw[key] < 1:
             raise ConfigError(f"hardware.{key}={hw[key]} must be >= 1")
+    if hw.threads < 0:
+        raise ConfigError(f"hardware.threads={hw.threads} must be >= 0 (0: torch's default, one per core)")
     if hw.num_workers < 0:
         raise ConfigError(f"hardware.num_workers={hw.num_workers} must be >= 0")
     if tr.checkpoint_every < 0 or tr.keep_checkpoints < 1:
@@ -609,7 +620,7 @@ def validate(cfg: Any) -> None:
         raise ConfigError("set train.max_steps > 0 or train.epochs > 0")
     if tr.eval_every < 0:
         raise ConfigError(f"train.eval_every={tr.eval_every} must be >= 0 (0: only before and after training)")
-    specs.parse(cfg.loss.terms, task, ["teacher", *cfg.teachers], online=mode == "online")
+    specs.parse(cfg.loss.terms, task, ["teacher", *cfg.teachers], online=mode == "online", cached=teacher_keeps(cfg))
     objective = cfg.sweep.objective
     if objective:
         known = [f"eval/{who}/{m}" for who in ("student", "teacher") for m in (*fam.run_metrics(cfg.data), "ms_per_example")]

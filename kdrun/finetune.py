@@ -48,16 +48,24 @@ def cached(family: str, source: str, data_digest: str, settings: Dict, cache_dir
     """(directory of the fine-tuned teacher, its metrics): `train()` -> (model with .save(dir), metrics) runs on a
     cache miss only. Metrics: teacher/finetune_cache_hit, teacher/finetune_seconds and the training's own (its
     first and last loss), which a cache hit reads back from the entry."""
-    from kdrun.models.hub import cache_root, publish, staging_dir
+    from kdrun.models.hub import cache_root
     from kdrun.models.hub import cached as is_cached
+    from kdrun.teacher_cache import locked
 
     root = Path(cache_dir).expanduser() if cache_dir else cache_root() / "teachers"
     out = root / key_of(family, source, data_digest, settings)
-    if is_cached(out):
-        log.info("teacher: fine-tuned %s from the cache: %s", what, out)
-        saved = _read_info(out)
-        return str(out), {**saved.get("metrics", {}), "teacher/finetune_cache_hit": 1.0,
-                          "teacher/finetune_seconds": 0.0}
+    if not is_cached(out):
+        with locked(out):  # parallel sweep jobs that miss the entry: one fine-tunes, the others wait and read it
+            if not is_cached(out):
+                return _train_and_publish(family, source, settings, out, train, what)
+    log.info("teacher: fine-tuned %s from the cache: %s", what, out)
+    saved = _read_info(out)
+    return str(out), {**saved.get("metrics", {}), "teacher/finetune_cache_hit": 1.0, "teacher/finetune_seconds": 0.0}
+
+
+def _train_and_publish(family: str, source: str, settings: Dict, out: Path, train, what: str):
+    from kdrun.models.hub import publish, staging_dir
+
     t0 = time.perf_counter()
     log.info("teacher: fine-tuning %s from %s for %d steps (cached afterwards in %s)", what, source,
              settings.get("steps", 0), out)

@@ -100,10 +100,11 @@ def runtime(cfg: DictConfig):
 def settings(cfg: DictConfig):
     """(loss term specs, the resolved config as logged, the flattened params): every loss setting in effect, with
     credentials redacted."""
+    from kdrun.config import teacher_keeps
     from kdrun.losses import specs
 
     terms = specs.parse(cfg.loss.terms, str(cfg.data.task), ["teacher", *cfg.teachers],
-                        online=enum_value(cfg.teacher.mode) == "online")
+                        online=enum_value(cfg.teacher.mode) == "online", cached=teacher_keeps(cfg))
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     resolved["loss"]["terms"] = {name: spec.as_config() for name, spec in terms.items()}
     return terms, resolved, flatten(redact(resolved))
@@ -287,6 +288,20 @@ class Built:
     counter: Any  # the teachers' forward calls on training data (None without a teacher model)
 
 
+def student_threads(cfg: DictConfig, build: bool = False) -> None:
+    """hardware.threads=N: torch's CPU threads for training and evaluations. The build (`build`: teacher fine-tune,
+    teacher pass) takes every core this process may use: parallel sweep jobs wait on the one job that fills a cache
+    entry (scripts/reproduce_margin_mse: 2 jobs of 1 thread on 2 cores; joblib's workers start with 1 thread)."""
+    threads = _node(cfg.hardware)["threads"]
+    if threads:
+        import os
+
+        import torch
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(cores if build else threads)
+
+
 def build_all(cfg: DictConfig, terms, rt) -> Built:
     """Everything the run trains with, each step from the ones before."""
     from kdrun import train as loop
@@ -365,7 +380,9 @@ def _run(cfg: DictConfig, rt, phases) -> Dict[str, object]:
     found = resume_point(cfg, params)  # (checkpoint dir, its meta.json) or None; a bad resume= fails here
     tracker = open_tracker(cfg, rt)
     phases.phase = "while loading the data, the models and the teacher's outputs (before its MLflow run started)"
+    student_threads(cfg, build=True)
     b = build_all(cfg, terms, rt)
+    student_threads(cfg)
     run_id, loop_state = begin(cfg, rt, tracker, found, b, params, resolved)
     log.info("MLflow %s", tracker.run_url())
     before, after, teacher_eval, latency = record(cfg, rt, tracker, b, found, run_id, loop_state, params, phases)

@@ -66,6 +66,8 @@ def describe(teacher, data_fingerprint: str, runtime) -> Dict[str, str]:
     """What a teacher's training outputs depend on: the description its cache key is made from."""
     settings = {k: getattr(teacher, k) for k in ("pooling", "similarity", "label_index", "max_length", "top_k")
                 if hasattr(teacher, k)}
+    if getattr(teacher, "outputs", None):  # what the loss asked for beyond scores (in-batch: the embeddings too)
+        settings["outputs"] = sorted(teacher.outputs)
     return {"format": str(FORMAT), "wrapper": type(teacher).__name__, "source": str(teacher.source),
             "settings": json.dumps(settings, sort_keys=True), "weights": weights_fingerprint(teacher),
             "tokenizer": tokenizer_fingerprint(teacher.tokenizer), "data": data_fingerprint,

@@ -108,7 +108,7 @@ def test_the_reproduction_presets_sweep_students_losses_and_seeds(data):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[f"experiment=reproduce_{data}"], return_hydra_config=True)
     params = dict(cfg.hydra.sweeper.params)
-    losses = ("ce", "pointwise_mse", "margin_mse", "margin_mse_ce", "listwise_kl")
+    losses = ("ce", "pointwise_mse", "margin_mse", "listwise_kl", "in_batch_kl_ce")
     assert params == {"student": "teacher_slice,colbert", "loss": ",".join(losses), "train.seed": "1,2,3"}
     assert swept_keys([f"experiment=reproduce_{data}"], cfg) == ["student", "loss", "train.seed"]
     assert swept_keys(["train.seed=1", "optimizer.lr=1e-4,2e-4"], cfg) == ["optimizer.lr", "student", "loss"]
@@ -123,6 +123,16 @@ def test_design_card_command_composes():
     assert cfg.teacher.kind == "cross_encoder"
     assert cfg.student.name == "huawei-noah/TinyBERT_General_4L_312D"
     assert list(cfg.loss.terms) == ["margin_mse"]
+
+
+def test_a_precomputed_bi_encoder_teacher_gives_in_batch_terms_their_scores():
+    """in_batch_kl and tas_b read the teacher's in-batch scores: a precomputed bi-encoder teacher keeps its embeddings
+    (kdrun.models.encoders.in_batch_from_embeddings), so they need no online teacher."""
+    for loss in ("in_batch_kl", "tas_b"):
+        cfg = _compose([f"loss={loss}", "teacher.mode=precompute"])
+        config.validate(cfg)
+        assert config.teacher_keeps(cfg) == {"in_batch_scores"}
+    assert config.teacher_keeps(_compose(["teacher.mode=online"])) == frozenset()
 
 
 def test_default_is_offline_minilm_teaching_its_two_layer_slice(minilm_dir):
@@ -146,7 +156,9 @@ def test_default_is_offline_minilm_teaching_its_two_layer_slice(minilm_dir):
     (["experiment=causal_lm_demo", "loss=hidden_mse"], "hidden_mse is a classification loss"),
     (["data=fortunes"], "teacher.kind=bi_encoder is a ranking teacher but data.task=classification"),
     (["experiment=classification_demo", "teacher.mode=precompute", "loss=tinybert"], "teacher.mode=online"),
-    (["loss=in_batch_kl", "teacher.mode=precompute"], "in_batch_kl reads the teacher's internals"),
+    (["loss=in_batch_kl", "teacher=minilm_cross_encoder", "teacher.mode=precompute"],
+     r"in_batch_kl reads the teacher's internals.*a bi-encoder teacher, whose cached embeddings"),
+    (["loss=tas_b", "teacher=minilm_cross_encoder"], "in_batch_kl reads the teacher's internals"),
     (["experiment=causal_lm_demo", "teacher.mode=precompute"], "teacher.top_k"),
     (["teacher.top_k=8"], "a ranking teacher gives its full outputs"),
     (["experiment=classification_demo", "loss=jsd", "loss.terms.jsd.beta=1.0"], "loss.terms.jsd.beta=1.0"),

@@ -89,6 +89,22 @@ def test_out_of_fold_teachers_never_score_a_query_they_trained_on(minilm_dir, tm
         want = teacher.folds[fold_of(q, 2)].score_lists([q], [cands], 4, torch.device("cpu"))[0]
         assert torch.allclose(row, want, rtol=1e-5, atol=1e-5)  # (batched otherwise: padding may differ)
     assert teacher.finetune_info["teacher/finetune_folds"] == 2.0
+    # in-batch scores from the cached embeddings (in_batch_kl, teacher.mode=precompute): query b against every passage
+    # of the batch, as its own fold's teacher scores them
+    from kdrun.models.encoders import in_batch_from_embeddings
+    from kdrun.tasks.ranking.task import precompute_teacher_embeddings
+
+    q, p, fold = teacher.embed_lists(queries, lists, 4, torch.device("cpu"))
+    assert p.shape[:3] == (len(queries), 2, 2) and fold.tolist() == [fold_of(x, 2) for x in queries]
+    rows = [0, 3, 5, 8]
+    in_batch = in_batch_from_embeddings(q[rows], p[rows], fold[rows])
+    flat = [t for i in rows for t in lists[i]]
+    for r, i in enumerate(rows):
+        want = teacher.folds[fold_of(queries[i], 2)].score_lists([queries[i]], [flat], 4, torch.device("cpu"))[0]
+        assert torch.allclose(in_batch[r], want, rtol=1e-4, atol=1e-4)
+    out = precompute_teacher_embeddings(teacher, data, 4, Runtime(torch.device("cpu"), "fp32"), 0, data.num_train,
+                                        chunk=5)  # in chunks, as a sharded teacher pass computes it
+    assert torch.allclose(out["scores"], torch.stack(got), rtol=1e-4, atol=1e-4)  # the own lists: the same scores
     from kdrun.pipeline import flops_per_token
 
     assert flops_per_token(teacher) == flops_per_token(teacher.folds[0])  # one fold's model runs per query

@@ -405,14 +405,14 @@ def test_the_quick_reproduction_sweeps_leave_the_results_tables(tmp_path, kdrun_
 
     env = offline_env(tmp_path, cache=kdrun_cache)
     script = Path(__file__).resolve().parent.parent / "scripts" / "reproduce_margin_mse"
-    r = subprocess.run([str(script), "--quick", "loss=ce,margin_mse_ce", "train.max_steps=3", "train.batch_size=4",
+    r = subprocess.run([str(script), "--quick", "loss=ce,in_batch_kl_ce", "train.max_steps=3", "train.batch_size=4",
                         "teacher.finetune.steps=3",
                         "data.max_train_queries=32", "data.max_eval_queries=8", f"hydra.sweep.dir={tmp_path / 'sw'}"],
                        cwd=tmp_path, env={**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"},
                        capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-    losses = ("ce", "margin_mse_ce")  # of the 5 (tests/test_config.py checks the presets sweep all 5)
+    losses = ("ce", "in_batch_kl_ce")  # of the 5 (tests/test_config.py checks the presets sweep all 5)
     for data in ("chatterbot", "code_search"):
         runs = client.search_runs([client.get_experiment_by_name(f"reproduce_{data}").experiment_id])
         parent = next(x for x in runs if x.data.tags.get("kdrun.sweep_parent") == "1")
@@ -432,4 +432,4 @@ def test_the_quick_reproduction_sweeps_leave_the_results_tables(tmp_path, kdrun_
         flops = {row[1]: float(row[-2]) for row in rows[1:]}
         assert flops["teacher_slice"] == pytest.approx(1 / 3, abs=1e-3)  # 2 of the teacher's 6 layers
         assert 1 / 3 < flops["colbert"] < 0.36  # and ColBERT's projection to 128 dimensions
-        assert lines[0] in r.stdout and "| student | colbert | margin_mse_ce | 1 |" in r.stdout  # printed at the end
+        assert lines[0] in r.stdout and "| student | colbert | in_batch_kl_ce | 1 |" in r.stdout  # printed at the end

@@ -114,7 +114,8 @@ class PointwiseMSE(TermSpec):
 @term("in_batch_kl")
 @dataclass
 class InBatchKL(_Tempered):
-    """TAS-Balanced's in-batch KD (Hofstaetter et al. 2021): T^2 KL over every passage of the batch, per query."""
+    """TAS-Balanced's in-batch KD (Hofstaetter et al. 2021): T^2 KL over every passage of the batch, per query. Online,
+    or precomputed from a bi-encoder teacher (its embeddings are cached; out-of-fold teachers included)."""
     tasks, reads, target = RANKING, "in_batch_scores", "kdrun.losses.functional.in_batch_kl"
     needs, online_teacher = frozenset({"in_batch_scores"}), True
 
@@ -360,10 +361,12 @@ def _custom(key: str, node: Dict[str, Any], where: str) -> CustomSpec:
     return spec
 
 
-def parse(terms: Any, task: str, teachers: List[str], online: bool, where: str = "loss.terms") -> Dict[str, TermSpec]:
+def parse(terms: Any, task: str, teachers: List[str], online: bool, where: str = "loss.terms",
+          cached: FrozenSet[str] = frozenset()) -> Dict[str, TermSpec]:
     """{name: spec} from the config's terms (a mapping of name -> settings), every setting checked: known to the term,
     of its type and range; the term fits the task, has the outputs it reads (`online`: the teacher runs on each
-    batch) and names a teacher that exists (`teachers`)."""
+    batch; `cached`: what a precomputed teacher keeps beyond scores, e.g. a bi-encoder's embeddings give
+    "in_batch_scores") and names a teacher that exists (`teachers`)."""
     from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import ConfigKeyError, ValidationError
 
@@ -400,9 +403,11 @@ def parse(terms: Any, task: str, teachers: List[str], online: bool, where: str =
             raise ConfigError(f"{here} is a {'/'.join(spec.tasks)} loss, but data.task={task}; losses for {task}: "
                               f"{fits}")
         spec.check_task(here, task)
-        if spec.online_teacher and not online:
+        if spec.online_teacher and not online and not (spec.needs and spec.needs <= cached):
+            hint = (" (or teacher.mode=precompute with a bi-encoder teacher, whose cached embeddings give the in-batch "
+                    "scores)") if spec.needs == {"in_batch_scores"} else ""
             raise ConfigError(f"{here} reads the teacher's internals, which a precomputed teacher does not keep; "
-                              "set teacher.mode=online")
+                              f"set teacher.mode=online{hint}")
         if spec.online_teacher and len(teachers) > 1:
             raise ConfigError(f"{here} reads one teacher's internals; it does not work with several teachers "
                               "(teachers.*)")

@@ -93,6 +93,15 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
+def in_batch_from_embeddings(q: torch.Tensor, p: torch.Tensor, fold: torch.Tensor) -> torch.Tensor:
+    """A bi-encoder teacher's [B, B*n] in-batch scores from its cached embeddings (no teacher forward per step): query
+    b (q [B, H]) against every candidate of the batch (p [B, k, n, H], one row per fold teacher) as encoded by its own
+    teacher `fold[b]`, in the order of the student's in-batch scores (query b's own list in columns b*n .. b*n+n-1)."""
+    b, n = q.shape[0], p.shape[2]
+    every = torch.einsum("bh,cknh->bkcn", q.float(), p.float())  # [B, k, B, n]: each fold teacher's scores
+    return every[torch.arange(b), fold.long()].reshape(b, b * n)
+
+
 def own_scores(in_batch: torch.Tensor, n: int) -> torch.Tensor:
     """[B, B*n] in-batch scores -> [B, n]: each query's own passages (columns b*n .. b*n+n-1)."""
     b = in_batch.shape[0]
@@ -159,14 +168,30 @@ class BiEncoder(Scorer):
         return {"scores": torch.einsum("bh,bnh->bn", q, p.view(q.shape[0], -1, p.shape[-1]))}
 
     @torch.inference_mode()
+    def embed_texts(self, texts: Sequence[str], batch_size: int, device, desc: str = "evaluate: encode"):
+        """({text: row}, [D, H] fp32 embeddings on the CPU) of the distinct texts, each encoded once, in batches of
+        similar length (little padding)."""
+        distinct = sorted(set(texts), key=len)
+        chunks = [torch.zeros(0, 0)]
+        for i in progress.bar(range(0, len(distinct), batch_size), desc=desc, unit="batch"):
+            chunks.append(self.embed(to_device(self.tokenize(distinct[i:i + batch_size]), device)).float().cpu())
+        return {t: i for i, t in enumerate(distinct)}, torch.cat(chunks[1:]) if len(chunks) > 1 else chunks[0]
+
+    @torch.inference_mode()
     def score_lists(self, queries: List[str], candidates: List[List[str]], batch_size: int, device) -> List[torch.Tensor]:
-        texts = sorted({t for ts in candidates for t in ts} | set(queries), key=len)  # length-sorted: little padding
-        index = {t: i for i, t in enumerate(texts)}
-        chunks = []
-        for i in progress.bar(range(0, len(texts), batch_size), desc="evaluate: encode", unit="batch"):
-            chunks.append(self.embed(to_device(self.tokenize(texts[i:i + batch_size]), device)).float().cpu())
-        emb = torch.cat(chunks)
+        index, emb = self.embed_texts([*queries, *(t for ts in candidates for t in ts)], batch_size, device)
         return [emb[[index[t] for t in ts]] @ emb[index[q]] for q, ts in zip(queries, candidates)]
+
+    @torch.inference_mode()
+    def embed_lists(self, queries: List[str], candidates: List[List[str]], batch_size: int, device):
+        """A precomputed teacher's in-batch scores (teacher.mode=precompute with in_batch_kl): (queries [B, H],
+        candidates [B, 1, n, H], fold [B] of zeros), for `in_batch_from_embeddings` (kdrun.models.ensemble.OutOfFold
+        gives one candidate row per fold)."""
+        index, emb = self.embed_texts([*queries, *(t for ts in candidates for t in ts)], batch_size, device,
+                                      desc="teacher: encode")
+        q = emb[[index[t] for t in queries]]
+        p = emb[[index[t] for ts in candidates for t in ts]].view(len(queries), 1, -1, emb.shape[-1])
+        return q, p, torch.zeros(len(queries), dtype=torch.int64)
 
     def save(self, directory: str | Path) -> None:
         """Hugging Face format (AutoModel/AutoTokenizer load it) plus a sentence-transformers pooling config."""

@@ -104,6 +104,25 @@ class OutOfFold(nn.Module):
                     out[i] = r
         return out
 
+    @property
+    def outputs(self) -> set:  # what the loss asked of the teachers (their cache key holds it)
+        return self.folds[0].outputs
+
+    @torch.inference_mode()
+    def embed_lists(self, queries: List[str], candidates: List[List[str]], batch_size: int, device):
+        """Bi-encoder folds, for in-batch scores (kdrun.models.encoders.in_batch_from_embeddings): (queries [B, H],
+        each by its own fold's teacher; candidates [B, k, n, H], by every fold's teacher, since another query of the
+        batch may be scored against them; fold [B])."""
+        k = len(self.folds)
+        mine = torch.tensor([fold_of(q, k) for q in queries], dtype=torch.int64)
+        q_out, p_out = None, []
+        for f, model in enumerate(self.folds):
+            q, p, _ = model.embed_lists(queries, candidates, batch_size, device)
+            q_out = q.clone() if q_out is None else q_out
+            q_out[mine == f] = q[mine == f]
+            p_out.append(p)
+        return q_out, torch.cat(p_out, dim=1), mine
+
     def featurize(self, *args):
         raise NotImplementedError("out-of-fold teachers score precomputed lists only (teacher.mode=precompute)")
 

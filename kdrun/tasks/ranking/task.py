@@ -7,6 +7,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
+from kdrun.models.encoders import in_batch_from_embeddings
 from kdrun.tasks.ranking import FAMILY
 from kdrun.tasks.ranking.metrics import as_run, fast_metrics, library_metrics, write_qrels, write_run
 
@@ -16,7 +17,8 @@ class Collate:
 
     The student's texts come as token ids from its row token tables (tokenised once) where it has them, else as texts.
     With precomputed `outputs` ({"scores": [N, n]}, and each teacher's "scores@<name>"), their rows are batched into
-    "teacher_out"; online, the teacher's features are built from the texts.
+    "teacher_out" (a bi-encoder teacher's cached embeddings as the batch's in-batch scores); online, the teacher's
+    features are built from the texts.
     """
 
     def __init__(self, task, online: bool):
@@ -34,8 +36,12 @@ class Collate:
             features = self.student.featurize(*texts)
         batch = {"student": features, "size": len(index)}
         if self.teacher is None:  # every precomputed output: "scores" (and each teacher's "scores@<name>")
-            batch["teacher_out"] = {k: torch.as_tensor(np.asarray(v[index])) if isinstance(v, np.ndarray) else v[index]
-                                    for k, v in self.task.outputs.items()}
+            out = {k: torch.as_tensor(np.asarray(v[index])) if isinstance(v, np.ndarray) else v[index]
+                   for k, v in self.task.outputs.items()}
+            if "query_emb" in out:  # a bi-encoder teacher's cached embeddings: its in-batch scores of this batch
+                out["in_batch_scores"] = in_batch_from_embeddings(out.pop("query_emb"), out.pop("passage_emb"),
+                                                                  out.pop("fold"))
+            batch["teacher_out"] = out
         else:
             batch["teacher"] = self.teacher.featurize(*(texts or self.data.batch_texts(index)))
         return batch
@@ -62,6 +68,23 @@ def precompute_teacher_scores(teacher, data, batch_size: int, runtime, start: in
             rows = teacher.score_lists(queries, passages, batch_size, runtime.device)
         out[lo - start:lo - start + len(rows)] = torch.stack(rows).float().cpu()
     return out
+
+
+def precompute_teacher_embeddings(teacher, data, batch_size: int, runtime, start: int, stop: int,
+                                  chunk: int = 50_000) -> Dict[str, torch.Tensor]:
+    """A bi-encoder teacher's outputs for in-batch terms (in_batch_kl) over training examples [start, stop): its
+    scores [N, n], query embeddings [N, H], candidate embeddings [N, k, n, H] (k: fold teachers, 1 for one teacher)
+    and each query's fold [N]; the collate turns a batch's rows into its [B, B*n] in-batch scores."""
+    parts: Dict[str, List[torch.Tensor]] = {"query_emb": [], "passage_emb": [], "fold": []}
+    for lo in range(start, stop, chunk):
+        queries, passages = data.batch_texts(range(lo, min(lo + chunk, stop)))
+        with runtime.autocast():
+            q, p, fold = teacher.embed_lists(queries, passages, batch_size, runtime.device)
+        for key, value in zip(parts, (q.float(), p.float(), fold)):
+            parts[key].append(value.cpu())
+    out = {key: torch.cat(v) for key, v in parts.items()}
+    own = out["passage_emb"][torch.arange(len(out["fold"])), out["fold"]]  # [N, n, H]: each query's own teacher
+    return {"scores": torch.einsum("bh,bnh->bn", out["query_emb"], own), **out}
 
 
 def ranking_metrics(scores: Sequence[torch.Tensor], labels: Sequence[Sequence[int]], k: int = 10) -> Dict[str, float]:
@@ -132,7 +155,9 @@ class RankingTask:
         return self.teacher_outputs_range(teacher, 0, self.data.num_train)
 
     def teacher_outputs_range(self, teacher, start: int, stop: int) -> Dict[str, torch.Tensor]:
-        """The teacher's scores of training examples [start, stop)."""
+        """The teacher's scores of training examples [start, stop) (and its embeddings, for in-batch terms)."""
+        if "in_batch_scores" in getattr(teacher, "outputs", ()):
+            return precompute_teacher_embeddings(teacher, self.data, self.eval_batch_size, self.rt, start, stop)
         return {"scores": precompute_teacher_scores(teacher, self.data, self.eval_batch_size, self.rt, start, stop)}
 
     def attach(self, outputs: Dict[str, torch.Tensor]):

@@ -228,6 +228,7 @@ def _cli(args, tmp_path):
     (["data=fortunes_lm", "data.block_size=big"], ["block_size", "big"]),
     (["hardware=multi_gpu"], ["torchrun --nproc_per_node", "hardware=gpu"]),  # DDP needs a launcher
     (["hardware.length_groups=0"], ["hardware.length_groups=0", ">= 1"]),
+    (["hardware.threads=-1"], ["hardware.threads=-1", ">= 0"]),
     (["hardware=tpu"], ["hardware=tpu", "gpu_fp16", "multi_gpu"]),
     (["student.dropout=1.5"], ["student.dropout", "[0, 1)"]),
 ])

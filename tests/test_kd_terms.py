@@ -105,6 +105,23 @@ def test_in_batch_kl_and_own_scores():
     assert own_scores(m, 2).tolist() == [[0.0, 1.0], [8.0, 9.0], [16.0, 17.0]]
 
 
+def test_in_batch_scores_from_cached_embeddings_use_each_querys_own_fold_teacher():
+    """kdrun.models.encoders.in_batch_from_embeddings: query b against every candidate of the batch, each candidate as
+    query b's fold teacher encoded it, laid out like the student's in-batch scores (own list at b*n .. b*n+n-1)."""
+    from kdrun.models.encoders import in_batch_from_embeddings
+
+    q = torch.tensor([[1.0, 0.0], [0.0, 2.0]])  # 2 queries, H = 2
+    p = torch.tensor([[[[1.0, 1.0], [2.0, 0.0]], [[3.0, 0.0], [0.0, 3.0]]],  # query 0's 2 candidates: fold 0, fold 1
+                      [[[0.0, 1.0], [1.0, 0.0]], [[0.0, 5.0], [5.0, 5.0]]]])  # query 1's: fold 0, fold 1  [B, k, n, H]
+    got = in_batch_from_embeddings(q, p, torch.tensor([0, 1]))
+    # query 0 (fold 0): fold 0's vectors of every candidate; query 1 (fold 1): fold 1's
+    assert got.tolist() == [[1.0, 2.0, 0.0, 1.0], [0.0, 6.0, 10.0, 10.0]]
+    assert in_batch_from_embeddings(q, p, torch.tensor([1, 1]))[0].tolist() == [3.0, 0.0, 0.0, 5.0]
+    one = p[:, :1]  # a single teacher (k = 1): its own-list columns are the plain dot products
+    assert own_scores(in_batch_from_embeddings(q, one, torch.zeros(2, dtype=torch.long)), 2).tolist() == \
+        torch.einsum("bh,bnh->bn", q, one[:, 0]).tolist()
+
+
 def _taid_ts(losses, alpha=0.3):
     term = Taid(t_start=0.4, t_end=1.0, taid_alpha=alpha, taid_beta=0.5, total_batches=10)
     ts = []

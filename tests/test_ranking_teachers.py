@@ -110,6 +110,38 @@ def test_out_of_fold_teachers_never_score_a_query_they_trained_on(minilm_dir, tm
     assert flops_per_token(teacher) == flops_per_token(teacher.folds[0])  # one fold's model runs per query
 
 
+def test_parallel_jobs_that_miss_a_fine_tuned_teacher_train_it_once(tmp_path):
+    """Two sweep jobs at once (joblib) used to fine-tune the same teacher twice: now one trains under the entry's
+    lock, the other waits and reads its entry (a cache hit with the first one's metrics)."""
+    import threading
+    import time
+
+    from kdrun import finetune
+
+    calls = []
+
+    class Saved:
+        def save(self, d):
+            Path(d).mkdir(parents=True, exist_ok=True)
+            (Path(d) / "weights").write_text("w")
+
+    def train():
+        calls.append(threading.get_ident())
+        time.sleep(0.5)  # long enough for the other job to arrive while this one trains
+        return Saved(), {"teacher/finetune_last_loss": 1.5}
+
+    results = []
+    jobs = [threading.Thread(target=lambda: results.append(finetune.cached(
+        "ranking", "base", "data", {"steps": 3}, str(tmp_path), train, "bi-encoder"))) for _ in range(2)]
+    for j in jobs:
+        j.start()
+    for j in jobs:
+        j.join()
+    assert len(calls) == 1 and len({path for path, _ in results}) == 1
+    hits = sorted(info["teacher/finetune_cache_hit"] for _, info in results)
+    assert hits == [0.0, 1.0] and all(info["teacher/finetune_last_loss"] == 1.5 for _, info in results)
+
+
 def test_the_fine_tuned_cross_encoder_loads_as_a_teacher_and_scores_with_its_trained_head(minilm_dir, tmp_path):
     from kdrun.errors import ConfigError
     from kdrun.runtime import Runtime

@@ -172,10 +172,9 @@ class BiEncoder(Scorer):
         """({text: row}, [D, H] fp32 embeddings on the CPU) of the distinct texts, each encoded once, in batches of
         similar length (little padding)."""
         distinct = sorted(set(texts), key=len)
-        chunks = [torch.zeros(0, 0)]
-        for i in progress.bar(range(0, len(distinct), batch_size), desc=desc, unit="batch"):
-            chunks.append(self.embed(to_device(self.tokenize(distinct[i:i + batch_size]), device)).float().cpu())
-        return {t: i for i, t in enumerate(distinct)}, torch.cat(chunks[1:]) if len(chunks) > 1 else chunks[0]
+        chunks = [self.embed(to_device(self.tokenize(distinct[i:i + batch_size]), device)).float().cpu()
+                  for i in progress.bar(range(0, len(distinct), batch_size), desc=desc, unit="batch")]
+        return {t: i for i, t in enumerate(distinct)}, torch.cat(chunks)
 
     @torch.inference_mode()
     def score_lists(self, queries: List[str], candidates: List[List[str]], batch_size: int, device) -> List[torch.Tensor]:

@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from kdrun.errors import ConfigError, KdrunError
+from kdrun.errors import ConfigError, KdrunError, StopHandlers
 from kdrun.teacher_cache import file_sha256
 
 log = logging.getLogger(__name__)
@@ -299,30 +299,7 @@ def restore_rng(path: Path, rank: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- signals
 
-class _Handlers:
-    """A context that puts `_handle` on SIGTERM and SIGINT and gives the handlers it replaced back on exit."""
-
-    def __enter__(self):
-        from kdrun.errors import on_stop_signals
-
-        self._old = on_stop_signals(self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        raise NotImplementedError
-
-    def release(self) -> None:
-        """Give nothing back on exit: whoever calls this has set the handlers that stay."""
-        self._old = {}
-
-    def __exit__(self, *exc):
-        for s, old in getattr(self, "_old", {}).items():  # (idempotent: a second call finds nothing to restore)
-            signal.signal(s, old)
-        self._old = {}
-        return False
-
-
-class PhaseSignals(_Handlers):
+class PhaseSignals(StopHandlers):
     """Outside the training loop (loading, the teacher pass, evaluations, saving): SIGTERM or SIGINT raises
     errors.Stopped at once, naming the phase and the newest checkpoint, so the run ends KILLED with a resume hint
     instead of dying where it stands (SIGTERM's default) or with a KeyboardInterrupt traceback. The loop's own
@@ -340,7 +317,7 @@ class PhaseSignals(_Handlers):
         raise Stopped(signum, self.phase, last)
 
 
-class StopSignals(_Handlers):
+class StopSignals(StopHandlers):
     """While training: SIGTERM or SIGINT asks the loop to checkpoint at the end of the step and stop (a second SIGINT
     stops at once). Under DDP the ranks agree on the step (one tiny all-reduce per step)."""
 

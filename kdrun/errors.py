@@ -49,25 +49,43 @@ def on_stop_signals(handler, command: bool = False) -> dict:
     return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
 
 
-class held_signals:
+class StopHandlers:
+    """A context that puts `_handle` on SIGTERM and SIGINT and gives the handlers it replaced back on exit."""
+
+    def __enter__(self):
+        self._old = on_stop_signals(self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Give nothing back on exit: whoever calls this has set the handlers that stay."""
+        self._old = {}
+
+    def __exit__(self, *exc):
+        import signal
+
+        for s, old in getattr(self, "_old", {}).items():  # (idempotent: a second call finds nothing to restore)
+            signal.signal(s, old)
+        self._old = {}
+        return False
+
+
+class held_signals(StopHandlers):
     """SIGTERM/SIGINT recorded, not raised, inside this block; on leaving it a recorded one raises Stopped. For
     imports of C++ extensions (torch): an exception raised from a signal handler while pybind11 runs Python code
     ends in std::terminate (status -6; found by the fault suite)."""
 
     def __enter__(self):
         self.signum = 0
+        return super().__enter__()
 
-        def record(signum, frame):
-            self.signum = self.signum or signum
-
-        self._old = on_stop_signals(record)
-        return self
+    def _handle(self, signum, frame):
+        self.signum = self.signum or signum
 
     def __exit__(self, *exc):
-        import signal
-
-        for s, old in self._old.items():
-            signal.signal(s, old)
+        super().__exit__(*exc)
         if self.signum and exc[0] is None:
             raise Stopped(self.signum)
         return False

@@ -294,8 +294,6 @@ def student_threads(cfg: DictConfig, build: bool = False) -> None:
     entry (scripts/reproduce_margin_mse: 2 jobs of 1 thread on 2 cores; joblib's workers start with 1 thread)."""
     threads = _node(cfg.hardware)["threads"]
     if threads:
-        import os
-
         import torch
 
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -90,6 +90,7 @@ class FinetuneConfig:
     cache_dir: Optional[str] = None  # None: $KDRUN_CACHE/teachers (KDRUN_CACHE defaults to ~/.cache/kdrun)
     in_batch: Optional[bool] = None  # ranking: other queries' passages as negatives too (None: bi-encoder yes, cross-encoder no)
     folds: int = 1  # ranking: > 1 fine-tunes one teacher per fold of the training queries, each scoring its held-out fold
+    negatives: Optional[int] = None  # ranking: the first N of each example's mined negatives (None: all of them)
 
 
 @dataclass
@@ -644,6 +645,14 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"{name}.finetune.folds={tc.finetune.folds}: out-of-fold teachers are fine-tuned ranking "
                               "teachers whose scores are precomputed: set teacher.finetune.steps > 0 and "
                               "teacher.mode=precompute, with ranking data (or folds=1)")
+        if tc.finetune.negatives is not None and (task != "ranking" or tc.finetune.negatives < 0):
+            raise ConfigError(f"{name}.finetune.negatives={tc.finetune.negatives}: how many of each example's mined "
+                              "negatives a ranking teacher fine-tunes on; give a number >= 0 with ranking data (or "
+                              "remove it: all of them)")
+        if (tc.finetune.negatives == 0 and tc.finetune.in_batch is False) or (
+                tc.finetune.negatives == 0 and tc.finetune.in_batch is None and enum_value(tc.kind) == "cross_encoder"):
+            raise ConfigError(f"{name}.finetune.negatives=0 without in-batch negatives leaves each positive nothing to "
+                              f"rank against; set {name}.finetune.in_batch=true or negatives >= 1")
         if tc.finetune.in_batch is not None and task != "ranking":
             raise ConfigError(f"{name}.finetune.in_batch={tc.finetune.in_batch}: in-batch negatives are a ranking "
                               f"setting; a {task} teacher fine-tunes on its labels (remove it)")

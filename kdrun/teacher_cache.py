@@ -62,12 +62,14 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256((text + extra).encode()).hexdigest()
 
 
-def describe(teacher, data_fingerprint: str, runtime) -> Dict[str, str]:
-    """What a teacher's training outputs depend on: the description its cache key is made from."""
+def describe(teacher, data_fingerprint: str, runtime, outputs=None) -> Dict[str, str]:
+    """What a teacher's training outputs depend on: the description its cache key is made from (`outputs`: as if
+    the loss had asked for these, default what it asked for)."""
     settings = {k: getattr(teacher, k) for k in ("pooling", "similarity", "label_index", "max_length", "top_k")
                 if hasattr(teacher, k)}
-    if getattr(teacher, "outputs", None):  # what the loss asked for beyond scores (in-batch: the embeddings too)
-        settings["outputs"] = sorted(teacher.outputs)
+    outputs = getattr(teacher, "outputs", None) if outputs is None else outputs
+    if outputs:  # what the loss asked for beyond scores (in-batch: the embeddings too)
+        settings["outputs"] = sorted(outputs)
     return {"format": str(FORMAT), "wrapper": type(teacher).__name__, "source": str(teacher.source),
             "settings": json.dumps(settings, sort_keys=True), "weights": weights_fingerprint(teacher),
             "tokenizer": tokenizer_fingerprint(teacher.tokenizer), "data": data_fingerprint,
@@ -198,6 +200,11 @@ def teacher_outputs(task, teacher, runtime, cache_dir: Optional[str], use_cache:
     entry = Path(cache_dir or cache_root() / "teacher_outputs").expanduser() / task.name / key
     outputs, why = read(entry, key, description, n)
     info.entries[name] = str(entry)
+    if outputs is None:
+        wider = _wider(task, teacher, runtime, cache_dir, n)
+        if wider is not None:
+            entry, outputs = wider
+            info.entries[name] = str(entry)
     if outputs is None and runtime.distributed and hasattr(task, "teacher_outputs_range"):
         info.cache_seconds += time.perf_counter() - t0
         return _for(task, _fill_together(task, teacher, entry, key, description, why, info, name, n, runtime))
@@ -218,6 +225,22 @@ def teacher_outputs(task, teacher, runtime, cache_dir: Optional[str], use_cache:
     info.hits += 1
     log.info("teacher %s: outputs for %d training examples read from the cache (%s)", name, n, entry)
     return _for(task, outputs)
+
+
+def _wider(task, teacher, runtime, cache_dir: Optional[str], n: int):
+    """(entry, its outputs that were asked for) of an entry made for more outputs than this run asks of the teacher
+    (a bi-encoder's pass for an in-batch loss keeps its scores beside its embeddings, so the other losses of a sweep
+    read them there instead of running the teacher again), or None."""
+    more = set(getattr(teacher, "optional_outputs", ()))
+    if getattr(teacher, "outputs", None) or not more:  # (asked for scores alone: the only case so far)
+        return None
+    description = describe(teacher, task.fingerprint(), runtime, outputs=more)
+    key = key_of(description)
+    entry = Path(cache_dir or cache_root() / "teacher_outputs").expanduser() / task.name / key
+    outputs, _ = read(entry, key, description, n)
+    if outputs is None:
+        return None
+    return (entry, {"scores": outputs["scores"]}) if "scores" in outputs else None
 
 
 def _for(task, outputs: Dict[str, np.ndarray]) -> Dict[str, "np.ndarray | torch.Tensor"]:

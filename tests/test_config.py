@@ -108,7 +108,7 @@ def test_the_reproduction_presets_sweep_students_losses_and_seeds(data):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[f"experiment=reproduce_{data}"], return_hydra_config=True)
     params = dict(cfg.hydra.sweeper.params)
-    losses = ("ce", "pointwise_mse", "margin_mse", "listwise_kl", "in_batch_kl_ce")
+    losses = ("in_batch_kl_ce", "ce", "pointwise_mse", "margin_mse", "listwise_kl")  # (the embeddings' pass first)
     assert params == {"student": "teacher_slice,colbert", "loss": ",".join(losses), "train.seed": "1,2,3"}
     assert swept_keys([f"experiment=reproduce_{data}"], cfg) == ["student", "loss", "train.seed"]
     assert swept_keys(["train.seed=1", "optimizer.lr=1e-4,2e-4"], cfg) == ["optimizer.lr", "student", "loss"]
@@ -185,6 +185,10 @@ def test_default_is_offline_minilm_teaching_its_two_layer_slice(minilm_dir):
      "kdrun fine-tunes classifier and ranking teachers, not causal_lm teachers"),
     (["experiment=classification_demo", "teacher.finetune.in_batch=true"],
      "teacher.finetune.in_batch=True: in-batch negatives are a ranking setting"),
+    (["experiment=classification_demo", "teacher.finetune.negatives=2"], "teacher.finetune.negatives=2: how many"),
+    (["teacher=minilm_finetuned", "teacher.finetune.negatives=-1"], "give a number >= 0 with ranking data"),
+    (["teacher=minilm_finetuned", "teacher.finetune.negatives=0", "teacher.finetune.in_batch=false"],
+     "leaves each positive nothing to rank against"),
 ])
 def test_cross_field_validation_names_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):

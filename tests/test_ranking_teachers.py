@@ -110,6 +110,36 @@ def test_out_of_fold_teachers_never_score_a_query_they_trained_on(minilm_dir, tm
     assert flops_per_token(teacher) == flops_per_token(teacher.folds[0])  # one fold's model runs per query
 
 
+def test_a_fine_tune_on_fewer_negatives_reads_the_first_ones_and_has_its_own_key(tmp_path, monkeypatch):
+    """teacher.finetune.negatives=N: each example's positive and its first N mined negatives (a cheaper step); the
+    data the students train on keeps all of them."""
+    from kdrun.data.ranking import RankingData
+    from kdrun.tasks.ranking import finetune as ft
+
+    facts = _tiny_data().train
+    train = [(q, [ps[0], f"negative {i} a", f"negative {i} b"]) for i, (q, ps) in enumerate(facts)]
+    data = RankingData(train, ["which colour is the sky"], [["the sky is blue", "grass is green"]], [[1, 0]])
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(source, part, **kw):
+        seen.append((part.batch_texts(range(part.num_train)), part.fingerprint()))
+        raise Stop
+
+    monkeypatch.setattr(ft, "_train", fake_train)
+    for negatives in (1, None):
+        with pytest.raises(Stop):
+            ft.finetuned_teacher("base", data, kind="bi_encoder", pooling="mean", similarity="dot", max_length=32,
+                                 runtime=None, steps=3, lr=1e-4, batch_size=4, warmup_ratio=0.0, seed=0,
+                                 cache_dir=str(tmp_path), negatives=negatives)
+    (queries, lists), key = seen[0]
+    assert lists == [ps[:2] for _, ps in train] and queries == [q for q, _ in train]
+    assert seen[1][0][1] == [ps for _, ps in train] and seen[1][1] != key  # all of them: another key
+    assert data.train_p.shape == (len(train), 3) and data.fingerprint() == seen[1][1]  # the data itself is untouched
+
+
 def test_parallel_jobs_that_miss_a_fine_tuned_teacher_train_it_once(tmp_path):
     """Two sweep jobs at once (joblib) used to fine-tune the same teacher twice: now one trains under the entry's
     lock, the other waits and reads its entry (a cache hit with the first one's metrics)."""

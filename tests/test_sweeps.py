@@ -405,7 +405,7 @@ def test_the_quick_reproduction_sweeps_leave_the_results_tables(tmp_path, kdrun_
 
     env = offline_env(tmp_path, cache=kdrun_cache)
     script = Path(__file__).resolve().parent.parent / "scripts" / "reproduce_margin_mse"
-    r = subprocess.run([str(script), "--quick", "loss=ce,in_batch_kl_ce", "train.max_steps=3", "train.batch_size=4",
+    r = subprocess.run([str(script), "--quick", "loss=in_batch_kl_ce,ce", "train.max_steps=3", "train.batch_size=4",
                         "teacher.finetune.steps=3",
                         "data.max_train_queries=32", "data.max_eval_queries=8", f"hydra.sweep.dir={tmp_path / 'sw'}"],
                        cwd=tmp_path, env={**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"},
@@ -419,6 +419,8 @@ def test_the_quick_reproduction_sweeps_leave_the_results_tables(tmp_path, kdrun_
         assert len(runs) == 5 and all(x.info.status == "FINISHED" for x in runs)
         child = next(x for x in runs if x is not parent)
         assert child.data.params["data.negatives_per_query"] == "4" and "teacher/finetune_first_loss" in child.data.metrics
+        # one teacher pass per data set: in_batch_kl_ce's keeps the embeddings and the scores that ce reads
+        assert sum(x.data.metrics["teacher/cache_misses"] for x in runs if x is not parent) == 1
         assert (tmp_path / "sw" / data / "summary" / "results.md").is_file()
         local = Path(client.download_artifacts(parent.info.run_id, "summary/results.md", str(tmp_path / data)))
         lines = local.read_text().splitlines()

@@ -131,6 +131,34 @@ def test_cache_fills_then_hits_with_identical_outputs(teacher, tmp_path):
     assert first.teacher_seconds > 0 and second.teacher_seconds == 0
 
 
+def test_scores_alone_are_read_from_an_entry_that_kept_the_embeddings_too(teacher, tmp_path):
+    """A sweep's in-batch loss keeps the teacher's embeddings beside its scores; its other losses read the scores
+    there instead of running the teacher again."""
+    task = _task(teacher)
+    want = np.array(teacher_cache.teacher_outputs(task, teacher, task.rt, None, False, teacher_cache.CacheInfo())["scores"])
+    wide, scores_only = teacher_cache.CacheInfo(), teacher_cache.CacheInfo()
+    teacher.request({"in_batch_scores"})
+    try:
+        full = teacher_cache.teacher_outputs(task, teacher, task.rt, str(tmp_path), True, wide)
+    finally:
+        teacher.request(set())
+    got = teacher_cache.teacher_outputs(task, teacher, task.rt, str(tmp_path), True, scores_only)
+    assert {"scores", "query_emb", "passage_emb", "fold"} <= set(full) and set(got) == {"scores"}
+    assert (wide.misses, scores_only.hits, scores_only.misses, scores_only.teacher_seconds) == (1, 1, 0, 0)
+    assert scores_only.entries["teacher"] == wide.entries["teacher"]
+    assert f32_close(np.array(got["scores"]), want)
+    # the other way round stays a miss: an entry of scores alone holds no embeddings
+    other = str(tmp_path / "other")
+    teacher_cache.teacher_outputs(task, teacher, task.rt, other, True, teacher_cache.CacheInfo())
+    teacher.request({"in_batch_scores"})
+    try:
+        info = teacher_cache.CacheInfo()
+        assert "query_emb" in teacher_cache.teacher_outputs(task, teacher, task.rt, other, True, info)
+    finally:
+        teacher.request(set())
+    assert (info.hits, info.misses) == (0, 1)
+
+
 def test_a_killed_teacher_pass_goes_on_from_its_finished_shards(teacher, tmp_path, monkeypatch):
     task = _task(teacher)
     task.teacher_chunk = 2  # 3 shards of 2 examples

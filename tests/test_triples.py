@@ -94,6 +94,12 @@ def test_bm25_candidates_rank_like_the_hand_written_bm25(tmp_path, monkeypatch):
     # (bm25s refused either: its empty token has no scores)
     again = search(iter(docs), len(docs), [queries[0] + " neverseen", "neverseen zzz", "the of and"], 50, "test-key")
     assert again[0] == found[0] and again[1:] == [[], []]
+    # the same queries again (a sweep's next job): read back from the cache, without searching
+    import kdrun.data.bm25 as bm25_module
+
+    monkeypatch.setattr(bm25_module, "_search", lambda *a: pytest.fail("searched again"))
+    assert search(iter(()), len(docs), queries, 50, "test-key") == found
+    assert len(list((tmp_path / "bm25").glob("*-found-*"))) == 2
 
 
 def test_a_run_file_gives_the_eval_candidates_to_its_depth_in_rank_order(files, tmp_path):

@@ -112,6 +112,7 @@ class Examples:
         """Keep only these training examples (e.g. those a score file scores)."""
         index = np.asarray(index, dtype=np.int64)
         self.train_q, self.train_p = np.asarray(self.train_q[index]), np.asarray(self.train_p[index])
+        self._fingerprint = None  # (of the examples before)
 
     def fingerprint(self) -> str:
         """SHA-256 of the training examples as a teacher sees them (the teacher-output cache's key); hashed once."""

@@ -132,6 +132,7 @@ class Scorer(nn.Module):
 
 class BiEncoder(Scorer):
     """Query and passage encoded separately by one transformer; score = dot or cosine of pooled vectors."""
+    optional_outputs = frozenset({"in_batch_scores"})  # what its precomputed pass can keep beside the scores
 
     def __init__(self, encoder: nn.Module, tokenizer, pooling: str, similarity: str, max_length: int):
         super().__init__()

@@ -108,6 +108,10 @@ class OutOfFold(nn.Module):
     def outputs(self) -> set:  # what the loss asked of the teachers (their cache key holds it)
         return self.folds[0].outputs
 
+    @property
+    def optional_outputs(self) -> frozenset:
+        return getattr(self.folds[0], "optional_outputs", frozenset())
+
     @torch.inference_mode()
     def embed_lists(self, queries: List[str], candidates: List[List[str]], batch_size: int, device):
         """Bi-encoder folds, for in-batch scores (kdrun.models.encoders.in_batch_from_embeddings): (queries [B, H],

@@ -18,12 +18,20 @@ log = logging.getLogger(__name__)
 
 def finetuned_teacher(source: str, data, *, kind: str, pooling: str, similarity: str, max_length: int, runtime,
                       steps: int, lr: float, batch_size: int, warmup_ratio: float, seed: int, cache_dir,
-                      in_batch=None, hardware=None):
+                      in_batch=None, hardware=None, negatives=None):
     """(directory of the fine-tuned teacher, info metrics). Trains on a cache miss, else reuses. `hardware`: the
     profile's padding (pad_to_multiple_of, length_groups), as the students train; it does not change the result's
-    key (padding does not change what is learned, up to float rounding)."""
+    key (padding does not change what is learned, up to float rounding). `negatives`: train on the first N of each
+    example's mined negatives (fewer texts a step: a cheaper fine-tune; the key hashes the examples as trained)."""
+    import copy
+
+    import numpy as np
+
     from kdrun import finetune
 
+    if negatives is not None and negatives + 1 < data.train_p.shape[1]:
+        data = copy.copy(data)  # (the text columns are shared)
+        data.train_p, data._fingerprint = np.asarray(data.train_p[:, :negatives + 1]), None
     in_batch = (kind == "bi_encoder") if in_batch is None else bool(in_batch)
     settings = dict(kind=kind, max_length=max_length, steps=steps, lr=lr, batch_size=batch_size,
                     warmup_ratio=warmup_ratio, seed=seed, in_batch=in_batch,

@@ -241,6 +241,52 @@ class FortunesLMData(DataConfig):
 
 
 @dataclass
+class LMData(DataConfig):
+    """Causal-LM data from a user's file, a save_to_disk folder or a hub dataset (kdrun/data/lm.py): plain text
+    (packed into blocks), prompt/completion pairs or chat `messages` (the student's chat template; loss on the
+    completion or the assistant's turns only)."""
+    _target_: str = "kdrun.data.lm.load"
+    task: str = "causal_lm"
+    name: Optional[str] = None  # hub dataset name
+    path: Optional[str] = None  # a file (csv, tsv, json, jsonl, parquet) or a save_to_disk folder; wins over name
+    format: str = "auto"  # auto | text | prompt_completion | messages (auto: from the columns)
+    text_field: str = "text"  # format=text: the documents' column
+    train_split: str = "train"
+    eval_split: Optional[str] = None  # None: hold out eval_fraction of train by a hash of each row
+    block_size: int = 128  # format=text: tokens per packed block
+    max_length: int = 256  # prompt/completion and messages: tokens per example (longer ones are cut at the end)
+    max_train: Optional[int] = None  # rows (documents or conversations) kept for training; None: all
+    max_eval: Optional[int] = None
+    max_train_blocks: Optional[int] = None  # format=text
+    max_eval_blocks: Optional[int] = None
+
+
+@dataclass
+class ChatterbotChatData(LMData):
+    """chatterbot-corpus conversations as chat data (kdrun/data/chatterbot.py: load_chat), through data=lm's loader."""
+    _target_: str = "kdrun.data.chatterbot.load_chat"
+    language: str = "english"
+    format: str = "messages"
+
+
+@dataclass
+class RankingColumnsData(DataConfig):
+    """Ranking data in sentence-transformers' column layout (kdrun/data/ranking_columns.py): (anchor | query,
+    positive[, negative | negative_1..k][, score | scores | margin | label]) rows from a file, a folder or the hub."""
+    _target_: str = "kdrun.data.ranking_columns.load"
+    task: str = "ranking"
+    name: Optional[str] = None
+    path: Optional[str] = None
+    train_split: str = "train"
+    eval_split: Optional[str] = None  # None: hold out eval_fraction of the queries by hash
+    negatives_per_query: int = 1  # per training example: the row's negatives first, then BM25's from the positives
+    mine_depth: int = 30
+    eval_candidates: int = 50  # per held-out query: its positives and BM25's top from every positive of the data
+    max_train_queries: Optional[int] = None
+    max_eval_queries: Optional[int] = None
+
+
+@dataclass
 class HardwareConfig:
     """A machine profile (conf/hardware/). Several processes (torchrun: WORLD_SIZE > 1) train with DDP, whatever
     the profile; `multi_gpu` is the profile meant for that."""
@@ -268,6 +314,16 @@ class OptimizerConfig:
 
 
 @dataclass
+class OnPolicyConfig:
+    """Causal LM, GKD-style (Agarwal et al. 2024): the student writes the continuations it trains on."""
+    fraction: float = 0.0  # lambda: the share of each batch's prompts the student continues (0: off-policy, the data's)
+    temperature: float = 1.0  # sampling temperature of the student's continuations
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+    eval_samples: int = 8  # held-out prompts the student continues at each evaluation, for the KL on its own samples (0: none)
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = -1  # > 0 wins over epochs
     epochs: float = 1.0
@@ -281,6 +337,7 @@ class TrainConfig:
     max_nonfinite_skips: int = 0  # > 0: skip up to N steps with a non-finite loss or gradient (else: stop the run)
     checkpoint_every: int = 500  # steps between checkpoints in <output_dir>/checkpoints (0: only on SIGTERM/SIGINT)
     keep_checkpoints: int = 2  # the newest N are kept
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)  # causal LM: the student's own samples
 
 
 @dataclass
@@ -340,7 +397,8 @@ class KdrunConfig:
 
 
 DATA_SCHEMAS = {"chatterbot": ChatterbotData, "code_search": CodeSearchData, "triples": TriplesData, "fortunes": FortunesData,
-                "text_classification": TextClassificationData, "fortunes_lm": FortunesLMData}
+                "text_classification": TextClassificationData, "fortunes_lm": FortunesLMData, "lm": LMData,
+                "chatterbot_chat": ChatterbotChatData, "ranking_columns": RankingColumnsData}
 
 
 def package_dir(package: str, subdir: str = "") -> str:
@@ -572,7 +630,7 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"data.{key} has no value; set it, e.g. data.{key}=/path/to/file (see conf/data/)")
     task, mode = str(d.task), enum_value(t.mode)
     fam = tasks.family(task)
-    _validate_teacher(t, "teacher", fam)
+    _validate_teacher(t, "teacher", fam, str(d.get("_target_", "")))
     _validate_teachers(cfg, fam, mode)
     if enum_value(cfg.mode) == "score" and (not fam.scores_file or mode == "scores_file"):
         raise ConfigError("mode=score writes a teacher's scores of the training triples to a file: it needs data of "
@@ -658,6 +716,9 @@ def validate(cfg: Any) -> None:
                               f"setting; a {task} teacher fine-tunes on its labels (remove it)")
     if not 0.0 < d.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be between 0 and 1")
+    if cfg.train.on_policy.fraction and task != "causal_lm":
+        raise ConfigError(f"train.on_policy.fraction={cfg.train.on_policy.fraction}: on-policy distillation trains a "
+                          f"causal LM on its own samples; a {task} run has none (remove it)")
     fam.check(cfg)
     if not 0.0 <= cfg.optimizer.warmup_ratio < 1.0:
         raise ConfigError(f"optimizer.warmup_ratio={cfg.optimizer.warmup_ratio} must be in [0, 1)")
@@ -665,7 +726,10 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"optimizer.lr={cfg.optimizer.lr} must be > 0")
 
 
-def _validate_teacher(t: Any, where: str, fam: Any) -> None:
+SCORED_DATA = ("kdrun.data.ranking_columns.load",)  # data options whose rows may carry the teacher's scores
+
+
+def _validate_teacher(t: Any, where: str, fam: Any, data_target: str = "") -> None:
     from kdrun import tasks
 
     mode = enum_value(t.mode)
@@ -673,9 +737,10 @@ def _validate_teacher(t: Any, where: str, fam: Any) -> None:
         if not fam.scores_file:
             raise ConfigError(f"{where}.mode=scores_file reads ranking scores (score_pos score_neg query_id pos_id "
                               f"neg_id); data.task={fam.name} needs a teacher model (mode=online or precompute)")
-        if not t.scores_file:
+        if not t.scores_file and data_target not in SCORED_DATA:
             raise ConfigError(f"{where}.mode=scores_file: set {where}.scores_file=FILE (tab-separated score_pos "
-                              "score_neg query_id pos_id neg_id, as written by `kdrun mode=score`)")
+                              "score_neg query_id pos_id neg_id, as written by `kdrun mode=score`), or use "
+                              "data=ranking_columns with a score column")
     elif not t.name and not t.path:
         raise ConfigError(f"{where}: set {where}.name (a hub name) or {where}.path=/local/dir")
     if not 0.0 <= t.max_missing_fraction < 1.0:

@@ -162,6 +162,13 @@ def join_scores_file(cfg: DictConfig, data):
     data: examples without a score are left out (and counted)."""
     if enum_value(cfg.teacher.mode) != "scores_file":
         return None, {}
+    if not cfg.teacher.scores_file:  # the data's own score column (data=ranking_columns)
+        import torch
+
+        if getattr(data, "teacher_scores", None) is None:
+            raise DataError(f"teacher.mode=scores_file without teacher.scores_file: {data.source} has no score "
+                            "column (scores, margin or label); add one, or give teacher.scores_file=FILE")
+        return torch.from_numpy(data.teacher_scores), {"teacher/scores_missing": 0}
     scores, missing = scores_file.join(data, cfg.teacher.scores_file, cfg.teacher.max_missing_fraction)
     if missing:
         log.warning("teacher.scores_file: %d training examples have no score and were left out", missing)
@@ -286,6 +293,7 @@ class Built:
     max_steps: int
     setup: Dict[str, float]  # metrics of the build (teacher cache, tokenising, scores missing, fine-tune)
     counter: Any  # the teachers' forward calls on training data (None without a teacher model)
+    step_hook: Any = None  # run on each batch before the models (causal LM: on-policy generation)
 
 
 def student_threads(cfg: DictConfig, build: bool = False) -> None:
@@ -317,7 +325,8 @@ def build_all(cfg: DictConfig, terms, rt) -> Built:
     setup.update(cache_metrics, **finetune_metrics(teacher))
     sampler, loader = batches(cfg, task, examples, rt)
     optim = loop.make_optim([student, loss_fn], rt, max_steps, **_node(cfg.optimizer))
-    return Built(family, data, teacher, student, task, loss_fn, sampler, loader, optim, max_steps, setup, counter)
+    hook = family.step_hook(task, cfg.train, rt)
+    return Built(family, data, teacher, student, task, loss_fn, sampler, loader, optim, max_steps, setup, counter, hook)
 
 
 def begin(cfg: DictConfig, rt, tracker, found, b: Built, params: Dict[str, str], resolved: dict) -> Tuple[str, Any]:
@@ -486,7 +495,7 @@ def record(cfg: DictConfig, rt, tracker, b: Built, found, run_id: str, loop_stat
                    grad_accum=tr.grad_accum, log_every=tr.log_every or log_interval(b.max_steps),
                    eval_every=tr.eval_every, log=tracker.metrics, evaluate=periodic_eval,
                    max_nonfinite_skips=tr.max_nonfinite_skips, checkpoint=save_checkpoint,
-                   checkpoint_every=tr.checkpoint_every, signals=signals, resume=loop_state)
+                   checkpoint_every=tr.checkpoint_every, signals=signals, resume=loop_state, on_policy=b.step_hook)
         signals.__exit__()  # from here a signal stops the run at once (PhaseSignals): KILLED, resumable from a checkpoint
         phases.phase = f"after training (step {b.max_steps}), during the final evaluation or the student's save"
         if counter is not None:  # precompute: 0 when every output came from the cache

@@ -462,9 +462,43 @@ def plot_losses(client, runs: Sequence, path: Path) -> Optional[Path]:
     return path
 
 
+GAP = ("eval/student/kl_to_teacher", "eval/student/kl_to_teacher_on_samples")
+
+
+def plot_teacher_gap(client, runs: Sequence, path: Path) -> Optional[Path]:
+    """Causal-LM runs: the student's KL to the teacher on held-out data (solid) and on its own samples of held-out
+    prompts (dashed) at each evaluation, per run. A student that matches the teacher on the data but drifts from it
+    on its own outputs is the "teacher hacking" of off-policy distillation; on-policy training narrows the gap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with_gap = [r for r in runs if all(k in r.data.metrics for k in GAP)]
+    if not with_gap:
+        return None
+    params = varied_params(with_gap)
+    colours = _colours(plt, with_gap)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for r in with_gap:
+        for key, style, what in ((GAP[0], "-", "held-out data"), (GAP[1], "--", "own samples")):
+            hist = sorted(client.get_metric_history(r.info.run_id, key), key=lambda m: m.step)
+            ax.plot([m.step for m in hist], [m.value for m in hist], style, marker=".", color=colours[r.info.run_id],
+                    label=f"{_label(r, params)} ({what})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("KL(teacher || student) per token")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("student vs teacher: on held-out data (solid) and on the student's own samples (dashed)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_report(client, runs: Sequence, out_dir: Path) -> Dict[str, Path]:
-    """summary.csv, summary.md, results.csv, results.md, pareto.png, loss_curves.png in out_dir (plots only when
-    there is data)."""
+    """summary.csv, summary.md, results.csv, results.md, pareto.png, loss_curves.png, and for causal-LM runs
+    teacher_gap.png, in out_dir (plots only when there is data)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     before = starting_values(client, runs)  # each student's held-out metrics before training
     columns, rows = table(runs, before)
@@ -477,7 +511,8 @@ def write_report(client, runs: Sequence, out_dir: Path) -> Dict[str, Path]:
         files["results.csv"].write_text(to_csv(csv_columns, csv_rows))
         files["results.md"].write_text(results_markdown(md_columns, md_rows))
     for name, made in (("pareto.png", plot_pareto(runs, out_dir / "pareto.png", before, latency_noise(client, runs))),
-                       ("loss_curves.png", plot_losses(client, runs, out_dir / "loss_curves.png"))):
+                       ("loss_curves.png", plot_losses(client, runs, out_dir / "loss_curves.png")),
+                       ("teacher_gap.png", plot_teacher_gap(client, runs, out_dir / "teacher_gap.png"))):
         if made:
             files[name] = made
     return files

@@ -74,12 +74,15 @@ def train(student, teacher, loss_fn, batches: Iterator[Dict], optim: Optim, rt: 
           grad_accum: int, log_every: int, eval_every: int, log: Callable[[Dict[str, float], int], None],
           evaluate: Callable[[int], Dict[str, float]], desc: str = "distil", max_nonfinite_skips: int = 0,
           checkpoint: Optional[Callable[[int, Dict], object]] = None, checkpoint_every: int = 0,
-          signals: Optional[StopSignals] = None, resume: Optional[Dict] = None) -> int:
+          signals: Optional[StopSignals] = None, resume: Optional[Dict] = None,
+          on_policy: Optional[Callable] = None) -> int:
     """Train `student` (DDP-wrapped when distributed) to match `teacher` for `max_steps` optimizer steps. A step whose
     loss or gradient is not finite stops the run (found at the next log step, naming it), or with
     max_nonfinite_skips > 0 is skipped, up to that many times (then each step is checked: one host sync).
     `checkpoint(step, loop_state)` runs every `checkpoint_every` steps and when `signals` caught SIGTERM/SIGINT
-    (then the loop stops: Interrupted); `resume` is a checkpoint's loop state to continue from."""
+    (then the loop stops: Interrupted); `resume` is a checkpoint's loop state to continue from. `on_policy(student,
+    batch, step, micro)` (causal LM, kdrun/tasks/causal_lm/on_policy.py) may replace rows of each batch by the
+    student's own continuations before the models run; its logs() join the training logs."""
     student.train()
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]  # e.g. TinyBERT's projections
     resume = resume or {"step": 0, "window": {}, "window_steps": 0, "skipped": 0}
@@ -95,6 +98,8 @@ def train(student, teacher, loss_fn, batches: Iterator[Dict], optim: Optim, rt: 
         terms: Dict[str, torch.Tensor] = {}
         for micro in range(grad_accum):
             batch = next(batches)
+            if on_policy is not None:  # causal LM: the student continues a share of the prompts (GKD)
+                batch = on_policy(student, batch, step, micro)
             real, padded = token_counts(batch["student"])  # attention masks, still on the CPU
             batch = to_device(batch, rt.device)
             teacher_out = batch.get("teacher_out")  # precomputed teacher outputs, when there are any
@@ -147,6 +152,7 @@ def train(student, teacher, loss_fn, batches: Iterator[Dict], optim: Optim, rt: 
             samples_all, real_all, padded_all = (float(counts[k]) * rt.world_size for k in ("samples", "real", "padded"))
             values.update(lr=lr, samples_per_s=samples_all / elapsed, tokens_per_s=real_all / elapsed,  # real tokens
                           real_token_fraction=real_all / max(padded_all, 1.0), **loss_fn.logs(),
+                          **(on_policy.logs() if on_policy is not None else {}),
                           **({"nonfinite_skips": skipped} if max_nonfinite_skips else {}))
             if rt.is_main:
                 log({**{f"train/{k}": v for k, v in values.items()}, **first_step}, step)

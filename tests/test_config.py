@@ -186,6 +186,11 @@ def test_default_is_offline_minilm_teaching_its_two_layer_slice(minilm_dir):
     (["experiment=classification_demo", "teacher.finetune.in_batch=true"],
      "teacher.finetune.in_batch=True: in-batch negatives are a ranking setting"),
     (["experiment=classification_demo", "teacher.finetune.negatives=2"], "teacher.finetune.negatives=2: how many"),
+    (["experiment=classification_demo", "train.on_policy.fraction=0.5"], "trains a causal LM on its own samples"),
+    (["experiment=causal_lm_gkd", "train.on_policy.fraction=1.5"], r"fraction=1.5 must be in \[0, 1\]"),
+    (["experiment=causal_lm_gkd", "teacher.mode=precompute", "teacher.top_k=8"],
+     "the teacher scores the student's own samples, so it must run online"),
+    (["experiment=causal_lm_gkd", "train.on_policy.top_p=0"], r"top_p=0.0 must be in \(0, 1\]"),
     (["teacher=minilm_finetuned", "teacher.finetune.negatives=-1"], "give a number >= 0 with ranking data"),
     (["teacher=minilm_finetuned", "teacher.finetune.negatives=0", "teacher.finetune.in_batch=false"],
      "leaves each positive nothing to rank against"),
@@ -328,7 +333,8 @@ def test_console_script_help_lists_groups(tmp_path):
     for group in ["teacher:", "student:", "loss:", "data:", "hardware:", "optimizer:", "experiment:"]:
         assert group in r.stdout
     # the data options only: their typed schemas live in their own group, not among the choices
-    assert "data: chatterbot, code_search, fortunes, fortunes_lm, text_classification, triples\n" in r.stdout
+    assert ("data: chatterbot, chatterbot_chat, code_search, fortunes, fortunes_lm, lm, ranking_columns, "
+            "text_classification, triples\n") in r.stdout
 
 
 def test_python_dash_m_kdrun_works(tmp_path):

@@ -28,7 +28,7 @@ STEPS = ["train.max_steps=2", "train.log_every=1", "tracking.log_student=false"]
 CLS = ["experiment=classification_demo", "teacher.finetune.steps=4", "teacher.max_length=32",
        "student.max_length=32", "data.max_train=48", "data.max_eval=24", "train.batch_size=8", *STEPS]
 LM = ["experiment=causal_lm_demo", "data.block_size=24", "data.max_train_blocks=8", "data.max_eval_blocks=2",
-      "train.batch_size=2", "student.layers=[0,29]", *STEPS]
+      "train.batch_size=2", "student.layers=[0,29]", "train.on_policy.eval_samples=0", *STEPS]
 
 
 def _client(tmp):

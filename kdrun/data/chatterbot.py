@@ -46,10 +46,7 @@ def read_pairs(directory: Path) -> Tuple[List[Tuple[str, str]], int]:
 def load(*, language: str, eval_fraction: float, split_salt: str, negatives_per_query: int, examples_per_pair: int,
          mine_depth: int, eval_candidates: int, max_train_queries: Optional[int], max_eval_queries: Optional[int],
          seed: int) -> ranking.RankingData:
-    directory = Path(package_dir("chatterbot_corpus", "data")) / language
-    if not directory.is_dir():
-        langs = sorted(p.name for p in directory.parent.iterdir() if p.is_dir())
-        raise DataError(f"data.language={language}: chatterbot-corpus has no such language; choose one of {langs}")
+    directory = _language_dir(language)
     pairs, skipped = read_pairs(directory)
     if skipped:
         log.info("chatterbot-corpus/%s: skipped %d entries that are not conversations", language, skipped)
@@ -60,3 +57,50 @@ def load(*, language: str, eval_fraction: float, split_salt: str, negatives_per_
                          seed=seed, source=f"chatterbot-corpus/{language}")
     data.stats["skipped_entries"] = skipped
     return data
+
+
+def chat_file(language: str) -> Path:
+    """Every conversation of the language as a chat-data file (JSON lines, one {"messages": [...]} each: the turns
+    alternate user / assistant), written once under kdrun's cache: the file `data=chatterbot_chat` trains on, in
+    the layout a user's own chat data has (kdrun/data/lm.py)."""
+    import hashlib
+    import json
+
+    from kdrun.models.hub import cache_root, cached, publish, staging_dir
+
+    directory = _language_dir(language)
+    files = sorted(directory.glob("*.yml"))
+    digest = hashlib.sha256(b"chat-v1" + b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+    out = cache_root() / "data" / "chatterbot_chat" / f"{language}-{digest}"
+    if not cached(out):
+        lines = []
+        for f in files:
+            doc = yaml.safe_load(f.read_text(encoding="utf-8"))
+            for conv in doc.get("conversations") or []:
+                turns = [str(t).strip() for t in conv] if isinstance(conv, list) else []
+                if len(turns) >= 2 and all(turns):
+                    msgs = [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)]
+                    lines.append(json.dumps({"messages": msgs}))
+        stage = staging_dir(out)
+        stage.mkdir(parents=True, exist_ok=True)
+        (stage / "chats.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        publish(stage, out, f"chatterbot-corpus/{language} as chat data\n")
+    return out / "chats.jsonl"
+
+
+def load_chat(*, language: str, name=None, path=None, format: str = "messages", **settings):
+    """chatterbot-corpus conversations as causal-LM chat data (the loss on the assistant's turns), read through the
+    same loader as a user's chat file (`data=lm data.path=chats.jsonl`)."""
+    from kdrun.data import lm
+
+    if name or path:
+        raise DataError("data=chatterbot_chat reads chatterbot-corpus; for your own file use data=lm data.path=FILE")
+    return lm.load(name=None, path=str(chat_file(language)), format="messages", **settings)
+
+
+def _language_dir(language: str) -> Path:
+    directory = Path(package_dir("chatterbot_corpus", "data")) / language
+    if not directory.is_dir():
+        langs = sorted(p.name for p in directory.parent.iterdir() if p.is_dir())
+        raise DataError(f"data.language={language}: chatterbot-corpus has no such language; choose one of {langs}")
+    return directory

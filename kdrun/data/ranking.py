@@ -219,13 +219,14 @@ def _fill_drawn(picked: List[int], n_total: int, exclude: set, need: int, rng: r
 def build(pairs: Sequence[Tuple[str, str]], *, eval_fraction: float, split_salt: str, negatives_per_query: int,
           examples_per_pair: int, mine_depth: int, eval_candidates: int, max_train_queries: Optional[int],
           max_eval_queries: Optional[int], seed: int, source: str, split_key: Optional[Callable[[str], str]] = None,
-          search: str = "python") -> RankingData:
+          search: str = "python", held_out: Optional[Callable[[str], bool]] = None) -> RankingData:
     """Training examples and held-out candidate lists from (query, relevant passage) pairs.
 
     split_key: what the held-out hash reads of a query (default the query itself; code search: its source unit, so
     a package's near-duplicates stay on one side). search: "python" ranks with `BM25` above and breaks score ties by
     a seeded random draw (chatterbot); "bm25s" ranks a larger collection with bm25s (`bm25.search`: the same scores,
-    ties in index order), mining and evaluation candidates alike."""
+    ties in index order), mining and evaluation candidates alike. held_out: which queries are held out (a data set's
+    own eval split), in place of the hash."""
     qrels: Dict[str, List[int]] = {}
     passages: List[str] = []
     pid: Dict[str, int] = {}
@@ -239,7 +240,10 @@ def build(pairs: Sequence[Tuple[str, str]], *, eval_fraction: float, split_salt:
     if len(passages) < negatives_per_query + 1:
         raise DataError(f"{source}: only {len(passages)} distinct passages; need more than data.negatives_per_query")
 
-    train_q, eval_q = hash_split(list(qrels), split_salt, eval_fraction, text=split_key or (lambda q: q))
+    if held_out is not None:
+        train_q, eval_q = [q for q in qrels if not held_out(q)], [q for q in qrels if held_out(q)]
+    else:
+        train_q, eval_q = hash_split(list(qrels), split_salt, eval_fraction, text=split_key or (lambda q: q))
     if max_train_queries:
         train_q = train_q[:max_train_queries]
     if max_eval_queries:

@@ -22,7 +22,10 @@ class ClassificationData:
 
 @dataclass
 class CorpusData:
-    """Documents for a causal LM; the task tokenises them with the teacher's tokenizer and packs them."""
+    """Documents for a causal LM; the task tokenises them with the teacher's tokenizer and packs them. Or, with
+    `train_chats`, conversations: each a dict {"prompt": str, "completion": str} (joined as they are, loss on the
+    completion and EOS) or {"messages": [{"role", "content"}, ...], "train_from": i} (the chat template's rendering,
+    loss on the assistant's messages from index i), one example each of at most `max_length` tokens."""
     train_texts: List[str]
     eval_texts: List[str]
     block_size: int
@@ -30,6 +33,9 @@ class CorpusData:
     max_eval_blocks: Optional[int] = None
     source: str = ""
     stats: Dict[str, float] = field(default_factory=dict)
+    train_chats: Optional[List[dict]] = None
+    eval_chats: Optional[List[dict]] = None
+    max_length: int = 256
 
 
 def split_labelled(items: Sequence[Tuple[str, int]], label_names: List[str], *, eval_fraction: float, split_salt: str,

@@ -21,8 +21,8 @@ class CausalLM(nn.Module):
         """Loss terms read logits (or the teacher's top-k) only: nothing extra to produce."""
 
     def logits(self, features: Features) -> torch.Tensor:
-        """[B, L-1, V]: position i predicts token i+1 of each block."""
-        return self.model(input_ids=features["input_ids"]).logits[:, :-1]
+        """[B, L-1, V]: position i predicts token i+1 of each block (right-padded rows carry an attention mask)."""
+        return self.model(input_ids=features["input_ids"], attention_mask=features.get("attention_mask")).logits[:, :-1]
 
     def forward(self, features: Features) -> Dict[str, torch.Tensor]:
         logits = self.logits(features)

@@ -88,6 +88,11 @@ class Family:
     def task(self, data, teacher, student, runtime, eval_batch_size: int) -> Task:
         return _load(self.task_class)(data, teacher, student, runtime, eval_batch_size)
 
+    def step_hook(self, task, train: Any, runtime) -> Optional[Any]:
+        """What the training step runs on each batch before the models (causal LM: the student's own continuations,
+        train.on_policy), or None."""
+        return None
+
     def build_teacher(self, *, data=None, runtime=None, hardware=None, **node):
         """A frozen teacher from its config node (teacher.*): loaded by kind."""
         from kdrun.models import load_teacher

@@ -5,6 +5,7 @@ columns 1..n-1 negatives. Every function returns a 0-dim mean over the batch.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -232,6 +233,61 @@ def dkd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torc
     tckd = _kl_from_logprobs(binary(log_t), binary(log_s))
     nckd = _kl_from_logprobs(others(teacher_logits), others(student_logits))
     return (alpha * tckd + beta * nckd).mean() * temperature**2
+
+
+def sinkhorn_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                temperature: float = 2.0, epsilon: float = 0.1, iterations: int = 20) -> torch.Tensor:
+    """SinKD (Cui et al. 2024, "SinKD: Sinkhorn Distance Minimization for Knowledge Distillation"), in the paper's
+    batch-wise form: the batch's N student distributions p_s and N teacher distributions p_t (softmax at T of each
+    row of logits [..., C]; masked positions left out) are two sets of points of equal mass 1/N; the cost of moving
+    mass from student row i to teacher row j is C_ij = ||p_s,i - p_t,j||_1, and the loss is the entropic optimal
+    transport cost
+
+        L = <P, C>,   P = argmin_{P 1 = 1/N, P^T 1 = 1/N} <P, C> - epsilon H(P)
+
+    with P found by `iterations` Sinkhorn scalings of exp(-C / epsilon) (rows, then columns), in the log domain, in
+    fp32 (finite under fp16/bf16 autocast; no exp(-C/eps) underflow). Gradients flow through P and C, as in the
+    paper's code, whose loss is this one x N x 0.002 (it scales rows and columns to 1, then weights the term)."""
+    s, t = student_logits.float(), teacher_logits.float()
+    s, t = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
+    if mask is not None:
+        keep = mask.reshape(-1).bool()
+        s, t = s[keep], t[keep]
+    n = s.shape[0]
+    if n == 0:
+        return student_logits.float().sum() * 0.0
+    p_s, p_t = torch.softmax(s / temperature, dim=-1), torch.softmax(t / temperature, dim=-1)
+    cost = torch.cdist(p_s, p_t, p=1)  # [N, N]
+    log_k = -cost / epsilon
+    log_mass = -math.log(n)
+    f = torch.zeros(n, device=cost.device)
+    g = torch.zeros(n, device=cost.device)
+    for _ in range(iterations):
+        f = log_mass - torch.logsumexp(log_k + g[None, :], dim=1)
+        g = log_mass - torch.logsumexp(log_k + f[:, None], dim=0)
+    plan = torch.exp(f[:, None] + log_k + g[None, :])
+    return (plan * cost).sum()
+
+
+def pld(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+        temperature: float = 1.0) -> torch.Tensor:
+    """Plackett-Luce distillation (PLD, Bassam, Zhu and Bian 2025, "PLD: A Choice-Theoretic List-Wise Knowledge
+    Distillation"): the
+    teacher's ranking of the classes as a Plackett-Luce target for the student, the true label first, then the other
+    classes by the teacher's confidence, each choice weighted by the teacher's probability of that class:
+
+        pi = [y, the other classes by p_t descending],   p_t = softmax(t / T)
+        L = - mean_b sum_k p_t(pi_k) [ z_pi_k - log sum_{j >= k} exp z_pi_j ]
+
+    z the student's logits (fp32). One loss, no separate cross-entropy and KD weights: the first choice is the
+    label's cross-entropy weighted by p_t(y), the rest teach the teacher's order."""
+    z, t = student_logits.float(), teacher_logits.float()
+    p_t = torch.softmax(t / temperature, dim=-1)
+    y = labels.long().unsqueeze(-1)
+    by_teacher = p_t.scatter(-1, y, float("inf")).argsort(dim=-1, descending=True)  # the label first
+    z_pi, w = z.gather(-1, by_teacher), p_t.gather(-1, by_teacher)
+    suffix = torch.logcumsumexp(z_pi.flip(-1), dim=-1).flip(-1)  # log sum_{j >= k} exp z_pi_j
+    return -(w * (z_pi - suffix)).sum(-1).mean()
 
 
 def topk_distributions(student_logits: torch.Tensor, teacher_topk_logprobs: torch.Tensor,

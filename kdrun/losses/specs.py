@@ -237,6 +237,45 @@ class DKD(_Tempered):
             raise ConfigError(f"{where}: alpha={self.alpha} and beta={self.beta} must be >= 0")
 
 
+@term("sinkd")
+@dataclass
+class SinKD(_Tempered):
+    """SinKD (Cui et al. 2024): the entropic optimal-transport (Sinkhorn) cost between the batch's student and
+    teacher distributions, batch-wise, in the log domain."""
+    temperature: float = 2.0
+    epsilon: float = 0.1  # the entropic regularisation (the paper's 0.1)
+    iterations: int = 20  # Sinkhorn scalings
+    tasks, target = DISTRIBUTIONS, "kdrun.losses.functional.sinkhorn_kd"
+
+    def check(self, where: str) -> None:
+        super().check(where)
+        _positive(where, "epsilon", self.epsilon)
+        if self.iterations < 1:
+            raise ConfigError(f"{where}.iterations={self.iterations} must be >= 1")
+
+
+@term("pld")
+@dataclass
+class PLD(_Tempered):
+    """PLD (Bassam, Zhu and Bian 2025, "A Choice-Theoretic List-Wise Knowledge Distillation"): the label first, then the teacher's order of the other
+    classes, each choice weighted by the teacher's probability; no separate CE/KD weights."""
+    tasks, reads, target = ("classification",), "labelled", "kdrun.losses.functional.pld"
+
+
+@term("pskd")
+@dataclass
+class PSKDSpec(TermSpec):
+    """PS-KD (Kim et al. 2021): self-distillation, targets mixing the labels with the student's own previous-epoch
+    predictions, alpha growing linearly to alpha_T over the run. Reads no teacher."""
+    alpha_T: float = 0.8  # the final share of the student's own predictions (the paper's 0.8)
+    tasks, reads, target = ("classification",), "module", "kdrun.losses.terms.PSKD"
+
+    def check(self, where: str) -> None:
+        super().check(where)
+        if not 0.0 <= self.alpha_T <= 1.0:
+            raise ConfigError(f"{where}.alpha_T={self.alpha_T} must be in [0, 1]")
+
+
 # ---- representations (classification): hidden states, attentions, features ----
 
 @dataclass

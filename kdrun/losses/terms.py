@@ -159,6 +159,59 @@ class Taid(Term):
         self.calls, self.t, self.prev, self.momentum = state["calls"], state["t"], state["prev"], state["momentum"]
 
 
+class PSKD(Term):
+    """PS-KD (Kim et al. 2021, "Self-Knowledge Distillation with Progressive Refinement of Targets"), classification:
+    the student is its own teacher. Each example's target mixes its label with the student's own prediction the
+    last time it saw that example (the previous epoch's), the mixture growing over training:
+
+        target = (1 - alpha_t) y + alpha_t p_prev(x),   alpha_t = alpha_T * progress (0 -> 1 over the run)
+        L = - mean_b sum_c target_c log softmax(z)_c
+
+    An example seen for the first time gets its label alone. Predictions are kept per example (keyed by its token
+    ids), in fp16 on the CPU, and travel in checkpoints (extra state), so a resumed run goes on with them."""
+
+    def __init__(self, alpha_T: float, total_batches: int):
+        super().__init__()
+        self.alpha_T, self.total, self.calls = alpha_T, max(1, total_batches), 0
+        self.memory: Dict[bytes, torch.Tensor] = {}
+
+    @classmethod
+    def from_spec(cls, spec, ctx: "Context") -> "PSKD":
+        return cls(spec.alpha_T, ctx.total_batches)
+
+    @staticmethod
+    def keys(features: Dict) -> List[bytes]:
+        ids, mask = features["input_ids"].cpu(), features.get("attention_mask")
+        mask = mask.cpu().bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        return [row[m].numpy().tobytes() for row, m in zip(ids, mask)]
+
+    def alpha(self) -> float:
+        return self.alpha_T * min(1.0, self.calls / self.total)
+
+    def forward(self, s: Dict, t: Dict, batch: Dict) -> torch.Tensor:
+        log_p = torch.log_softmax(s["logits"].float(), dim=-1)
+        labels = torch.nn.functional.one_hot(batch["labels"].long(), log_p.shape[-1]).float()
+        keys = self.keys(batch["student"])
+        prev = torch.stack([self.memory[k].float().to(log_p.device) if k in self.memory else labels[i]
+                            for i, k in enumerate(keys)])
+        alpha = self.alpha()
+        loss = -(((1 - alpha) * labels + alpha * prev) * log_p).sum(-1).mean()
+        if self.training:
+            for k, p in zip(keys, log_p.detach().exp().half().cpu()):
+                self.memory[k] = p
+            self.calls += 1
+        return loss
+
+    def logs(self) -> Dict[str, float]:
+        return {"pskd_alpha": self.alpha()}
+
+    def get_extra_state(self) -> Dict:
+        return {"calls": self.calls, "memory": self.memory}
+
+    def set_extra_state(self, state: Dict) -> None:
+        self.calls, self.memory = state["calls"], dict(state["memory"])
+
+
 def _projection(d_in: int, d_out: int) -> nn.Module:
     return nn.Identity() if d_in == d_out else nn.Linear(d_in, d_out)
 

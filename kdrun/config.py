@@ -599,10 +599,11 @@ def check_numbers(cfg: Any) -> None:
 
 def teacher_keeps(cfg: Any) -> frozenset:
     """What a precomputed teacher's cache entry keeps beyond its scores: one bi-encoder ranking teacher keeps its
-    embeddings, which give the in-batch scores (in_batch_kl) of any batch."""
+    embeddings, which give the in-batch scores (in_batch_kl) of any batch and the embeddings (embedding_align)."""
     t = cfg.teacher
     one_bi_encoder = str(cfg.data.task) == "ranking" and not cfg.teachers and enum_value(t.kind) == "bi_encoder"
-    return frozenset({"in_batch_scores"}) if enum_value(t.mode) == "precompute" and one_bi_encoder else frozenset()
+    kept = frozenset({"in_batch_scores", "embeddings"})
+    return kept if enum_value(t.mode) == "precompute" and one_bi_encoder else frozenset()
 
 
 def validate(cfg: Any) -> None:

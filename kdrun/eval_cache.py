@@ -36,6 +36,9 @@ def key_of(task, model, runtime, batch_size: int) -> Optional[str]:
                    "weights": weights_fingerprint(model), "ensemble": getattr(model, "weights", None),
                    "eval": task.eval_digest(), "device": runtime.device.type, "precision": runtime.precision,
                    "batch_size": batch_size}
+    variant = task.eval_variant() if hasattr(task, "eval_variant") else ""
+    if variant:  # (e.g. ranking's asymmetric evaluation; absent otherwise, so other keys stay as they were)
+        description["variant"] = variant
     return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 

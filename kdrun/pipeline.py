@@ -320,6 +320,8 @@ def build_all(cfg: DictConfig, terms, rt) -> Built:
     setup.update(task.prepare_student(student, _node(cfg.hardware)))
     max_steps = plan_steps(cfg, task, data, rt)
     loss_fn = build_loss(cfg, terms, task, student, teacher, max_steps, rt)
+    if hasattr(task, "use_loss"):  # (ranking: an embedding-alignment term adds the asymmetric evaluation)
+        task.use_loss(loss_fn)
     counter = _forward_counter(teacher) if teacher is not None else None  # counts from here: the teacher pass too
     examples, cache_metrics = training_examples(cfg, task, teacher, file_scores, rt)
     setup.update(cache_metrics, **finetune_metrics(teacher))
@@ -448,7 +450,8 @@ def record(cfg: DictConfig, rt, tracker, b: Built, found, run_id: str, loop_stat
             if key:
                 tracker.metrics({f"eval_cache/{who}_hit": float(bool(hit))}, step=step)
             tracker.metrics({f"eval/{who}/ms_per_example": latency[who]}, step=step)
-            tracker.metrics({f"eval/{who}/{k}": v for k, v in metrics.items()}, step=step)
+            tracker.metrics({(f"eval/{k}" if k.startswith("asymmetric/") else f"eval/{who}/{k}"): v
+                             for k, v in metrics.items()}, step=step)  # (asymmetric: eval/asymmetric/<metric>)
             return metrics
 
         if found:  # evaluated before the interruption: read back from the run

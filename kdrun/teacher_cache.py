@@ -68,8 +68,8 @@ def describe(teacher, data_fingerprint: str, runtime, outputs=None) -> Dict[str,
     settings = {k: getattr(teacher, k) for k in ("pooling", "similarity", "label_index", "max_length", "top_k")
                 if hasattr(teacher, k)}
     outputs = getattr(teacher, "outputs", None) if outputs is None else outputs
-    if outputs:  # what the loss asked for beyond scores (in-batch: the embeddings too)
-        settings["outputs"] = sorted(outputs)
+    if outputs:  # what the loss asked for beyond scores (in-batch: the embeddings too, which serve "embeddings")
+        settings["outputs"] = sorted({"in_batch_scores" if o == "embeddings" else o for o in outputs})
     return {"format": str(FORMAT), "wrapper": type(teacher).__name__, "source": str(teacher.source),
             "settings": json.dumps(settings, sort_keys=True), "weights": weights_fingerprint(teacher),
             "tokenizer": tokenizer_fingerprint(teacher.tokenizer), "data": data_fingerprint,

@@ -262,6 +262,22 @@ class PLD(_Tempered):
     tasks, reads, target = ("classification",), "labelled", "kdrun.losses.functional.pld"
 
 
+@term("embedding_align")
+@dataclass
+class EmbeddingAlignSpec(TermSpec):
+    """Embedding alignment (LEAF / DSE-style): the student's embeddings regress onto the teacher's (MSE or cosine,
+    a projection when widths differ); no labels or negatives. Bi-encoder student and teacher (online, or one
+    precomputed bi-encoder teacher: its cached embeddings)."""
+    form: str = "mse"  # mse | cosine
+    tasks, reads, target = RANKING, "module", "kdrun.losses.terms.EmbeddingAlign"
+    needs, online_teacher = frozenset({"embeddings"}), True
+
+    def check(self, where: str) -> None:
+        super().check(where)
+        if self.form not in ("mse", "cosine"):
+            raise ConfigError(f"{where}.form={self.form}: choose mse or cosine")
+
+
 @term("pskd")
 @dataclass
 class PSKDSpec(TermSpec):

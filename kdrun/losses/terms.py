@@ -159,6 +159,38 @@ class Taid(Term):
         self.calls, self.t, self.prev, self.momentum = state["calls"], state["t"], state["prev"], state["momentum"]
 
 
+class EmbeddingAlign(Term):
+    """Embedding alignment (LEAF, Vujanic & Rueckstiess 2025; DSE-style distillation of an embedding space), ranking:
+    the student's query and passage embeddings regress onto the teacher's, through a learned linear projection when
+    the widths differ; no relevance labels or negatives are read (every passage of the example is aligned alike):
+
+        form=mse:     mean ||W e_s - e_t||^2 / H_t          form=cosine:  mean (1 - cos(W e_s, e_t))
+
+    After it the student's queries can be scored against passages the teacher encoded (kdrun evaluates that too:
+    eval/asymmetric/*), with `query_projection`."""
+    needs = frozenset({"embeddings"})
+
+    def __init__(self, ctx: Context, form: str):
+        super().__init__()
+        self.form = form
+        self.proj = _projection(ctx.student_hidden, ctx.teacher_hidden)
+
+    @classmethod
+    def from_spec(cls, spec, ctx: "Context") -> "EmbeddingAlign":
+        return cls(ctx, spec.form)
+
+    def query_projection(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.proj(emb.float())
+
+    def forward(self, s: Dict, t: Dict, batch: Dict) -> torch.Tensor:
+        hs = torch.cat([s["query_emb"].unsqueeze(1), s["passage_emb"]], dim=1).float()  # [B, 1 + n, H_s]
+        ht = torch.cat([t["query_emb"].unsqueeze(1), t["passage_emb"]], dim=1).float()  # [B, 1 + n, H_t]
+        hs = self.proj(hs)
+        if self.form == "cosine":
+            return (1 - torch.nn.functional.cosine_similarity(hs, ht, dim=-1)).mean()
+        return (hs - ht).pow(2).mean()
+
+
 class PSKD(Term):
     """PS-KD (Kim et al. 2021, "Self-Knowledge Distillation with Progressive Refinement of Targets"), classification:
     the student is its own teacher. Each example's target mixes its label with the student's own prediction the

@@ -118,8 +118,9 @@ class Scorer(nn.Module):
     max_groups: int = 1
 
     def request(self, outputs: set) -> None:
-        """Extra outputs for the loss terms: "in_batch_scores"."""
-        self.outputs = set(outputs) & {"in_batch_scores"}
+        """Extra outputs for the loss terms: "in_batch_scores", "embeddings" (a bi-encoder's query_emb [B, H] and
+        passage_emb [B, n, H])."""
+        self.outputs = set(outputs) & {"in_batch_scores", "embeddings"}
 
     def featurize_ids(self, query_ids: List[List[int]], passage_ids: List[List[int]]) -> Dict:
         """Features from token ids tokenised once (kdrun.data.tokens), each column split into up to `max_groups`
@@ -133,6 +134,7 @@ class Scorer(nn.Module):
 class BiEncoder(Scorer):
     """Query and passage encoded separately by one transformer; score = dot or cosine of pooled vectors."""
     optional_outputs = frozenset({"in_batch_scores"})  # what its precomputed pass can keep beside the scores
+    # (a precomputed pass that keeps them keeps the embeddings, which serve "embeddings" too: teacher_cache.describe)
 
     def __init__(self, encoder: nn.Module, tokenizer, pooling: str, similarity: str, max_length: int):
         super().__init__()
@@ -163,10 +165,12 @@ class BiEncoder(Scorer):
     def forward(self, features: Dict[str, Features]) -> Dict[str, torch.Tensor]:
         q = self.embed(features["query"]).float()  # [B, H]
         p = self.embed(features["passage"]).float()  # [B*n, H]
+        extra = {"query_emb": q, "passage_emb": p.view(q.shape[0], -1, p.shape[-1])} \
+            if "embeddings" in self.outputs else {}
         if "in_batch_scores" in self.outputs:
             in_batch = q @ p.T  # [B, B*n]
-            return {"scores": own_scores(in_batch, p.shape[0] // q.shape[0]), "in_batch_scores": in_batch}
-        return {"scores": torch.einsum("bh,bnh->bn", q, p.view(q.shape[0], -1, p.shape[-1]))}
+            return {"scores": own_scores(in_batch, p.shape[0] // q.shape[0]), "in_batch_scores": in_batch, **extra}
+        return {"scores": torch.einsum("bh,bnh->bn", q, p.view(q.shape[0], -1, p.shape[-1])), **extra}
 
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str], batch_size: int, device, desc: str = "evaluate: encode"):

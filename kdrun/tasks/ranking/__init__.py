@@ -40,6 +40,11 @@ class Ranking(Family):
             raise ConfigError(f"data.eval_depth={d.eval_depth} must be >= 1 (the candidates re-ranked per held-out query)")
         if cfg.student.dim < 1:
             raise ConfigError(f"student.dim={cfg.student.dim} must be >= 1")
+        if "embedding_align" in (cfg.loss.terms or {}):
+            arch, kind = str(getattr(cfg.student.arch, "value", cfg.student.arch)), str(getattr(cfg.teacher.kind, "value", cfg.teacher.kind))
+            if arch != "bi_encoder" or kind != "bi_encoder":
+                raise ConfigError(f"loss.terms.embedding_align aligns a bi-encoder student's embeddings with a "
+                                  f"bi-encoder teacher's; here student.arch={arch} and teacher.kind={kind}")
 
     def build_teacher(self, *, data=None, runtime=None, hardware=None, finetune: dict, **node):
         """A frozen bi-encoder or cross-encoder teacher; with teacher.finetune.steps > 0 first fine-tuned on the training

@@ -39,8 +39,9 @@ class Collate:
             out = {k: torch.as_tensor(np.asarray(v[index])) if isinstance(v, np.ndarray) else v[index]
                    for k, v in self.task.outputs.items()}
             if "query_emb" in out:  # a bi-encoder teacher's cached embeddings: its in-batch scores of this batch
-                out["in_batch_scores"] = in_batch_from_embeddings(out.pop("query_emb"), out.pop("passage_emb"),
-                                                                  out.pop("fold"))
+                fold = out.pop("fold")
+                out["in_batch_scores"] = in_batch_from_embeddings(out["query_emb"], out["passage_emb"], fold)
+                out["passage_emb"] = out["passage_emb"][torch.arange(len(fold)), fold.long()]  # [B, n, H]: its own
             batch["teacher_out"] = out
         else:
             batch["teacher"] = self.teacher.featurize(*(texts or self.data.batch_texts(index)))
@@ -114,6 +115,12 @@ class RankingTask:
         self.runs: Dict[str, Dict[str, Dict[str, float]]] = {}  # who -> the last reported evaluation's run
         self.tokens = None  # the student's row token tables {"query", "passage"} (prepare_student)
         self.outputs = None  # precomputed teacher outputs (attach)
+        self.align = None  # an embedding-alignment term: the student is also evaluated against the teacher's passages
+        self._teacher_passages = None  # (text -> row, [D, H]) of the held-out candidates, encoded once
+
+    def use_loss(self, loss_fn) -> None:
+        """An embedding-alignment term in the loss adds the asymmetric evaluation (eval/asymmetric/*)."""
+        self.align = next((t for t in getattr(loss_fn, "terms", ()) if hasattr(t, "query_projection")), None)
 
     def prepare_student(self, student, hardware: Dict) -> Dict[str, float]:
         """Padding to a multiple of 8/16; the student's query and passage columns tokenised once (cached) and, per
@@ -156,7 +163,7 @@ class RankingTask:
 
     def teacher_outputs_range(self, teacher, start: int, stop: int) -> Dict[str, torch.Tensor]:
         """The teacher's scores of training examples [start, stop) (and its embeddings, for in-batch terms)."""
-        if "in_batch_scores" in getattr(teacher, "outputs", ()):
+        if {"in_batch_scores", "embeddings"} & set(getattr(teacher, "outputs", ())):
             return precompute_teacher_embeddings(teacher, self.data, self.eval_batch_size, self.rt, start, stop)
         return {"scores": precompute_teacher_scores(teacher, self.data, self.eval_batch_size, self.rt, start, stop)}
 
@@ -184,12 +191,50 @@ class RankingTask:
             scores += score_lists(model, d.eval_queries[start:stop], cands, self.eval_batch_size, self.rt)
             start = stop
         pids = [d.eval_pids(i) for i in range(len(d.eval_rows))]
+        extra = {}
+        if who == "student" and self.align is not None:
+            asym = self.asymmetric_scores(model)
+            judged = [list(d.qrels.get(q, {}).values()) for q in d.eval_qids]
+            extra = {f"asymmetric/{k}": v for k, v in fast_metrics(asym, d.eval_labels, pids=pids, judged=judged,
+                                                                     depth=d.eval_depth).items()}
         if not final:
             judged = [list(d.qrels.get(q, {}).values()) for q in d.eval_qids]
-            return fast_metrics(scores, d.eval_labels, pids=pids, judged=judged, depth=d.eval_depth)
+            return {**fast_metrics(scores, d.eval_labels, pids=pids, judged=judged, depth=d.eval_depth), **extra}
         run = as_run(d.eval_qids, pids, scores)
         self.runs[who] = run
-        return library_metrics(run, d.qrels, depth=d.eval_depth)
+        return {**library_metrics(run, d.qrels, depth=d.eval_depth), **extra}
+
+    def eval_variant(self) -> str:
+        """What else an evaluation's result depends on (the evaluation cache's key): the asymmetric evaluation and
+        its projection's weights."""
+        if self.align is None:
+            return ""
+        from kdrun.teacher_cache import weights_fingerprint
+
+        return "asymmetric:" + weights_fingerprint(self.align)
+
+    @torch.inference_mode()
+    def asymmetric_scores(self, model) -> List[torch.Tensor]:
+        """Each held-out query encoded by the student (and projected into the teacher's space), its candidates by
+        the teacher (encoded once per run: the teacher is frozen): the scores of a student that serves queries
+        against an index the teacher built."""
+        d, teacher = self.data, getattr(self.teacher, "main", self.teacher)  # (out-of-fold: the first fold's)
+        if self._teacher_passages is None:
+            flat = [t for i in range(len(d.eval_rows)) for t in d.eval_texts(i)]
+            with self.rt.autocast():
+                self._teacher_passages = teacher.embed_texts(flat, self.eval_batch_size, self.rt.device,
+                                                             desc="evaluate: teacher passages")
+        index, passages = self._teacher_passages
+        was_training = model.training
+        model.eval()
+        with self.rt.autocast():
+            q_index, q_emb = model.embed_texts(d.eval_queries, self.eval_batch_size, self.rt.device)
+        model.train(was_training)
+        q = self.align.query_projection(q_emb.to(next(self.align.parameters(), q_emb).device)).float().cpu()
+        if teacher.similarity == "cos":
+            q = torch.nn.functional.normalize(q, dim=-1)
+        return [passages[[index[t] for t in d.eval_texts(i)]] @ q[q_index[query]]
+                for i, query in enumerate(d.eval_queries)]
 
     def eval_digest(self) -> str:
         """SHA-256 of the held-out evaluation as a model sees it: each query's id and text, its candidates' ids and

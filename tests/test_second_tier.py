@@ -179,5 +179,5 @@ def test_embedding_alignment_trains_through_kdrun_and_logs_the_asymmetric_evalua
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "eval/asymmetric/mrr_at_10")]
     assert steps == [0, 2] and "eval/student/mrr_at_10" in run.data.metrics
     assert run.data.metrics["train/loss"] > 0
-    if mode == "precompute":  # the teacher's cached embeddings, not a forward per step
-        assert run.data.metrics["teacher/train_forward_calls"] == 0 or run.data.metrics["teacher/cache_misses"] == 1
+    if mode == "precompute":  # from the cache entry of the teacher's embeddings (one pass, no forward per step)
+        assert run.data.metrics["teacher/cache_hits"] + run.data.metrics["teacher/cache_misses"] == 1

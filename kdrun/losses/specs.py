@@ -459,8 +459,8 @@ def parse(terms: Any, task: str, teachers: List[str], online: bool, where: str =
                               f"{fits}")
         spec.check_task(here, task)
         if spec.online_teacher and not online and not (spec.needs and spec.needs <= cached):
-            hint = (" (or teacher.mode=precompute with a bi-encoder teacher, whose cached embeddings give the in-batch "
-                    "scores)") if spec.needs == {"in_batch_scores"} else ""
+            hint = (" (or teacher.mode=precompute with one bi-encoder teacher, whose cached embeddings give the in-batch "
+                    "scores and the embeddings)") if spec.needs in ({"in_batch_scores"}, {"embeddings"}) else ""
             raise ConfigError(f"{here} reads the teacher's internals, which a precomputed teacher does not keep; "
                               f"set teacher.mode=online{hint}")
         if spec.online_teacher and len(teachers) > 1:

@@ -209,7 +209,10 @@ def build_loss(cfg: DictConfig, terms, task, student, teacher, max_steps: int, r
         raise ConfigError("loss terms on hidden states or attentions compare teacher and student token by token, so "
                           "both must tokenize alike: the same tokenizer and teacher.max_length == student.max_length "
                           f"(now {cfg.teacher.max_length} and {cfg.student.max_length})")
-    student.request(loss_fn.student_needs)  # hidden states, attentions, features, in-batch scores
+    student.request(loss_fn.student_needs)  # hidden states, attentions, features, in-batch scores, a second head
+    for term in loss_fn.terms:  # (loss=dual_head: the mixing weight of the student's two heads)
+        if hasattr(term, "configure_student"):
+            term.configure_student(student)
     if teacher is not None:
         teacher.request(loss_fn.needs)
     return loss_fn

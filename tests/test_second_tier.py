@@ -1,5 +1,6 @@
 """The seeds' second tier of losses (issue 23): SinKD and Plackett-Luce distillation, on known values and
 properties; their end-to-end runs are in test_e2e_tasks.py (every loss yaml that fits a family trains there)."""
+import json
 import math
 
 import numpy as np
@@ -181,3 +182,39 @@ def test_embedding_alignment_trains_through_kdrun_and_logs_the_asymmetric_evalua
     assert run.data.metrics["train/loss"] > 0
     if mode == "precompute":  # from the cache entry of the teacher's embeddings (one pass, no forward per step)
         assert run.data.metrics["teacher/cache_hits"] + run.data.metrics["teacher/cache_misses"] == 1
+
+
+def test_a_dual_head_student_mixes_its_heads_and_the_term_trains_each_on_its_own_signal(minilm_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from kdrun.losses.terms import DualHead
+    from kdrun.models.classifier import SequenceClassifier, mix_heads
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_dir, num_labels=3)
+    student = SequenceClassifier(model, AutoTokenizer.from_pretrained(minilm_dir), 32)
+    student.request({"dual_head"})  # what loss=dual_head asks for: a second head, a copy of the first
+    term = DualHead(label_weight=0.25, temperature=2.0, alpha=0.7)
+    term.configure_student(student)
+    assert student.dual_head == 0.7 and torch.equal(student.kd_head.weight, model.classifier.weight)
+    with torch.no_grad():
+        student.kd_head.weight.add_(torch.randn_like(student.kd_head.weight))
+    student.eval()
+    texts = ["cats drink milk", "the market fell today"]
+    out = student(student.featurize(texts))
+    want = torch.log(0.7 * torch.softmax(out["logits_label"], -1) + 0.3 * torch.softmax(out["logits_kd"], -1))
+    assert torch.allclose(out["logits"], want, atol=1e-5)
+    assert torch.allclose(student.predict_logits(texts, 2, torch.device("cpu")), out["logits"], atol=1e-5)
+    assert torch.allclose(mix_heads(out["logits_label"], out["logits_kd"], 1.0),
+                          torch.log_softmax(out["logits_label"], -1), atol=1e-6)  # alpha 1: the label head alone
+    teacher, labels = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]]), torch.tensor([0, 2])
+    loss = term(out, {"logits": teacher}, {"labels": labels})
+    ce = torch.nn.functional.cross_entropy(out["logits_label"], labels)
+    kl = F.forward_kl(out["logits_kd"], teacher, temperature=2.0)
+    assert loss.item() == pytest.approx((0.25 * ce + 0.75 * kl).item(), rel=1e-6)
+    student.train()
+    term(student(student.featurize(texts)), {"logits": teacher}, {"labels": labels}).backward()
+    assert student.kd_head.weight.grad.abs().sum() > 0 and model.classifier.weight.grad.abs().sum() > 0
+    student.save(tmp_path / "s")
+    assert (tmp_path / "s" / "kdrun_kd_head.pt").is_file()
+    assert json.loads((tmp_path / "s" / "kdrun_scorer.json").read_text())["dual_head"] == 0.7

@@ -278,6 +278,24 @@ class EmbeddingAlignSpec(TermSpec):
             raise ConfigError(f"{where}.form={self.form}: choose mse or cosine")
 
 
+@term("dual_head")
+@dataclass
+class DualHeadSpec(_Tempered):
+    """Dual-head KD (DHO, Kang et al. 2025): CE on the student's label head, KD on a second head it adds to the
+    student; the student predicts with both (alpha: the label head's share)."""
+    label_weight: float = 0.5  # w: the label head's share of the loss
+    temperature: float = 2.0
+    alpha: float = 0.5  # the label head's share of the student's predictions (inference)
+    tasks, reads, target = ("classification",), "module", "kdrun.losses.terms.DualHead"
+    student_needs = frozenset({"dual_head"})
+
+    def check(self, where: str) -> None:
+        super().check(where)
+        for key in ("label_weight", "alpha"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"{where}.{key}={getattr(self, key)} must be in [0, 1]")
+
+
 @term("pskd")
 @dataclass
 class PSKDSpec(TermSpec):

@@ -191,6 +191,34 @@ class EmbeddingAlign(Term):
         return (hs - ht).pow(2).mean()
 
 
+class DualHead(Term):
+    """Dual-head KD (DHO, Kang et al. 2025), classification with a dual-head student (student.dual_head): its label
+    head learns from the labels, its second head from the teacher, so the two signals do not pull one head apart:
+
+        L = w CE(z_label, y) + (1 - w) T^2 KL(p_t^T || p_kd^T)
+
+    The student gets its second head from this term (a copy of its head) and predicts with both: alpha p_label +
+    (1 - alpha) p_kd."""
+
+    student_needs = frozenset({"dual_head"})
+
+    def __init__(self, label_weight: float, temperature: float, alpha: float):
+        super().__init__()
+        self.w, self.t, self.alpha = label_weight, temperature, alpha
+
+    @classmethod
+    def from_spec(cls, spec, ctx: "Context") -> "DualHead":
+        return cls(spec.label_weight, spec.temperature, spec.alpha)
+
+    def configure_student(self, student) -> None:
+        """The label head's share of the student's predictions."""
+        student.dual_head = self.alpha
+
+    def forward(self, s: Dict, t: Dict, batch: Dict) -> torch.Tensor:
+        ce = F.cross_entropy(s["logits_label"], batch["labels"])
+        return self.w * ce + (1 - self.w) * F.forward_kl(s["logits_kd"], t["logits"], temperature=self.t)
+
+
 class PSKD(Term):
     """PS-KD (Kim et al. 2021, "Self-Knowledge Distillation with Progressive Refinement of Targets"), classification:
     the student is its own teacher. Each example's target mixes its label with the student's own prediction the

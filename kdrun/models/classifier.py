@@ -3,9 +3,11 @@ outputs: logits always; hidden states, attentions and the classifier's input fea
 terms ask for them (`outputs`)."""
 from __future__ import annotations
 
+import copy
 import json
+import math
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -67,23 +69,48 @@ def no_attention_dropout(model: nn.Module) -> int:
     return changed
 
 
+def mix_heads(label_logits: torch.Tensor, kd_logits: torch.Tensor, alpha: float) -> torch.Tensor:
+    """A dual-head student's prediction, as logits (log-probabilities): log(alpha p_label + (1 - alpha) p_kd)."""
+    parts = [torch.log_softmax(label_logits.float(), -1) + math.log(alpha) if alpha > 0 else None,
+             torch.log_softmax(kd_logits.float(), -1) + math.log(1 - alpha) if alpha < 1 else None]
+    return torch.logsumexp(torch.stack([p for p in parts if p is not None]), dim=0)
+
+
 class SequenceClassifier(nn.Module):
-    def __init__(self, model: nn.Module, tokenizer, max_length: int):
+    """`dual_head` (DHO, Kang et al. 2025, "Simple Semi-supervised Knowledge Distillation from Vision-Language
+    Models via Dual-Head Optimization"): a second linear head on the same features (made when a loss term asks for
+    "dual_head": loss=dual_head, which sets the share) learns from the teacher while the model's own head learns
+    from the labels; the prediction mixes the two heads' probabilities with the label head's share `dual_head`
+    (outputs "logits" = that mixture as log-probabilities, "logits_label", "logits_kd")."""
+
+    def __init__(self, model: nn.Module, tokenizer, max_length: int, dual_head: Optional[float] = None):
         super().__init__()
         self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
         self.outputs: set = set()  # extra outputs: "hidden_states", "attentions", "features"
         self._features = None
-        classifier_head(model).register_forward_pre_hook(self._keep_features)
+        head = classifier_head(model)
+        head.register_forward_pre_hook(self._keep_features)
+        self.dual_head = dual_head
+        self.kd_head = copy.deepcopy(head) if dual_head is not None else None  # starts as the label head
 
     def _keep_features(self, module, args):
-        if "features" in self.outputs:
+        if "features" in self.outputs or self.kd_head is not None:
             self._features = args[0]
+
+    def _logits(self, features: Features) -> torch.Tensor:
+        logits = self.model(**features).logits.float()
+        if self.kd_head is None:
+            return logits
+        return mix_heads(logits, self.kd_head(self._features).float(), self.dual_head)
 
     def request(self, outputs: set) -> None:
         """Ask for extra outputs. Attention maps need eager attention (SDPA does not return them), and no attention
         dropout: transformers returns the probabilities after it, so a training student's rows would be noise that
         no longer sums to 1, compared against the teacher's clean rows. Hidden-state dropout stays."""
         self.outputs = set(outputs) & {"hidden_states", "attentions", "attention_scores", "features"}
+        if "dual_head" in outputs and self.kd_head is None:  # loss=dual_head: a second head, a copy of the first
+            self.kd_head = copy.deepcopy(classifier_head(self.model))
+            self.dual_head = 0.5 if self.dual_head is None else self.dual_head
         if {"attentions", "attention_scores"} <= self.outputs:
             raise ValueError("attention probabilities and raw attention scores cannot both be distilled in one run")
         if "attention_scores" in self.outputs:  # returned as "attentions", raw
@@ -120,6 +147,10 @@ class SequenceClassifier(nn.Module):
         maps = bool({"attentions", "attention_scores"} & self.outputs)
         out = self.model(**features, output_hidden_states="hidden_states" in self.outputs, output_attentions=maps)
         result = {"logits": out.logits.float()}
+        if self.kd_head is not None:
+            kd = self.kd_head(self._features).float()
+            result.update(logits_label=result["logits"], logits_kd=kd,
+                          logits=mix_heads(result["logits"], kd, self.dual_head))
         if "hidden_states" in self.outputs:
             result["hidden_states"] = out.hidden_states
         if maps:
@@ -136,7 +167,7 @@ class SequenceClassifier(nn.Module):
         for i in progress.bar(range(0, len(order), batch_size), desc="evaluate", unit="batch"):
             idx = order[i:i + batch_size]
             feats = to_device(self.featurize([texts[j] for j in idx]), device)
-            out[idx] = run_groups(lambda f: self.model(**f).logits.float(), feats).cpu()
+            out[idx] = run_groups(self._logits, feats).cpu()
         return out
 
     def save(self, directory: str | Path) -> None:
@@ -145,4 +176,8 @@ class SequenceClassifier(nn.Module):
         d = Path(directory)
         self.model.save_pretrained(d)
         self.tokenizer.save_pretrained(d)
-        (d / "kdrun_scorer.json").write_text(json.dumps({"kind": "classifier", "max_length": self.max_length}))
+        info = {"kind": "classifier", "max_length": self.max_length}
+        if self.kd_head is not None:  # the Hugging Face model holds the label head; the teacher's head goes beside it
+            torch.save(self.kd_head.state_dict(), d / "kdrun_kd_head.pt")
+            info["dual_head"] = self.dual_head
+        (d / "kdrun_scorer.json").write_text(json.dumps(info))

@@ -49,7 +49,12 @@ def _main(cfg: DictConfig):
         with held_signals():  # a signal inside torch's import would abort the interpreter: raised after it
             from kdrun import pipeline  # heavy imports start here, after validation
 
-        result = pipeline.score(cfg) if config.enum_value(cfg.mode) == "score" else pipeline.run(cfg)
+        if cfg.stages:  # a chain of runs under one parent run (kdrun/stages.py)
+            from kdrun import stages
+
+            result = stages.run(cfg)
+        else:
+            result = pipeline.score(cfg) if config.enum_value(cfg.mode) == "score" else pipeline.run(cfg)
     except Stopped as e:  # SIGTERM/SIGINT outside the training loop
         _stopped(e)
     except KdrunError as e:

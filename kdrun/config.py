@@ -379,6 +379,13 @@ class OptunaSweeperConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a staged run (kdrun/stages.py): a name and the overrides it adds to the command's config."""
+    name: str = MISSING
+    overrides: List[str] = field(default_factory=list)
+
+
+@dataclass
 class KdrunConfig:
     teacher: TeacherConfig = MISSING
     teachers: Dict[str, TeacherConfig] = field(default_factory=dict)  # more teachers: +teacher@teachers.NAME=OPTION
@@ -394,6 +401,7 @@ class KdrunConfig:
     mode: RunMode = RunMode.train
     scores_out: str = "${output_dir}/teacher_scores.tsv"  # mode=score: where the scores go
     resume: Optional[str] = None  # auto: the newest checkpoint in output_dir, if any; PATH: a checkpoint or output dir
+    stages: List[StageConfig] = field(default_factory=list)  # a chain of runs, each from the last one's student
 
 
 DATA_SCHEMAS = {"chatterbot": ChatterbotData, "code_search": CodeSearchData, "triples": TriplesData, "fortunes": FortunesData,

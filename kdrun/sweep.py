@@ -125,10 +125,12 @@ def job_number() -> Optional[int]:
 
 
 def parent_run_id() -> Optional[str]:
-    """The parent run of this job when it is part of a kdrun sweep, else None."""
+    """The parent run of this job when it is part of a kdrun sweep (or a stage of a staged run), else None."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    if os.environ.get("KDRUN_STAGES_PARENT"):  # (kdrun/stages.py: ENV)
+        return os.environ["KDRUN_STAGES_PARENT"]
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
     if os.environ.get(ENV):

@@ -218,3 +218,32 @@ def test_a_dual_head_student_mixes_its_heads_and_the_term_trains_each_on_its_own
     student.save(tmp_path / "s")
     assert (tmp_path / "s" / "kdrun_kd_head.pt").is_file()
     assert json.loads((tmp_path / "s" / "kdrun_scorer.json").read_text())["dual_head"] == 0.7
+
+
+def test_a_staged_run_chains_child_runs_hands_the_student_over_and_resumes_as_a_whole(tmp_path, kdrun_cache):
+    from mlflow.tracking import MlflowClient
+
+    from conftest import offline_env, run_kdrun
+
+    args = ["experiment=staged_tinybert", "teacher.finetune.steps=4", "teacher.max_length=32", "student.max_length=32",
+            "data.max_train=48", "data.max_eval=24", "train.batch_size=8", "train.max_steps=2", "train.log_every=1",
+            f"hydra.run.dir={tmp_path / 'chain'}"]
+    env = offline_env(tmp_path, kdrun_cache)
+    r = run_kdrun(args, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("staged_tinybert").experiment_id
+    runs = client.search_runs([exp])
+    parent = next(x for x in runs if x.data.tags.get("kdrun.stages_parent") == "1")
+    children = {x.info.run_name: x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"stage1_general", "stage2_task"} and parent.info.status == "FINISHED"
+    general, task = children["stage1_general"], children["stage2_task"]
+    assert "train/hidden_mse" in general.data.metrics and "train/attention_mse" in general.data.metrics
+    assert "train/kd_kl" in task.data.metrics and "train/hidden_mse" not in task.data.metrics
+    assert task.data.params["student.path"] == str(tmp_path / "chain" / "stage1_general" / "student")
+    assert task.data.params["student.init"] == "pretrained"
+    assert parent.data.metrics["eval/student/accuracy"] == task.data.metrics["eval/student/accuracy"]
+    # the same command again: both stages are read back, under the same parent run
+    again = run_kdrun([*args, "resume=auto"], cwd=tmp_path, env=env)
+    assert again.returncode == 0 and again.stdout.count("resume=auto has nothing to do") == 2, again.stderr[-2000:]
+    assert len(client.search_runs([exp])) == 3

@@ -293,22 +293,18 @@ LM_SMALL = ["experiment=causal_lm_demo", "data=lm", "data.max_length=48", "stude
 
 
 def test_causal_lm_trains_on_chat_data_and_on_the_students_own_samples(tmp_path, kdrun_cache):
-    """Chat messages from a jsonl file: off-policy (λ=0) and on-policy (λ=1: every row is the student's sample);
-    both log the KL to the teacher on held-out data and on the student's own samples."""
+    """Chat messages from a jsonl file, on-policy (λ=1: every row is the student's own sample; λ=0 leaving the batch
+    as it is, is test_lambda_zero_leaves_the_batch_and_the_random_state_alone): the generation is logged apart, and
+    every evaluation logs the KL to the teacher on held-out data and on the student's own samples."""
     path = _source(tmp_path, "jsonl", [{"messages": c} for c in _chats(24)])
-    client, off = _kdrun(tmp_path, kdrun_cache, [*LM_SMALL, f"data.path={path}", "train.on_policy.fraction=0"], "lm_off")
-    _, on = _kdrun(tmp_path, kdrun_cache, [*LM_SMALL, f"data.path={path}", "train.on_policy.fraction=1"], "lm_on")
-    for run in (off, on):
-        assert run.data.params["data/format_messages"] == "1" and run.data.params["train.on_policy.max_new_tokens"] == "8"
-        assert {"eval/student/kl_to_teacher", "eval/student/kl_to_teacher_on_samples"} <= set(run.data.metrics)
-    assert "train/generate_seconds" not in off.data.metrics
+    client, on = _kdrun(tmp_path, kdrun_cache, [*LM_SMALL, f"data.path={path}", "train.on_policy.fraction=1"], "lm_on")
+    assert on.data.params["data/format_messages"] == "1" and on.data.params["train.on_policy.max_new_tokens"] == "8"
+    assert {"eval/student/kl_to_teacher", "eval/student/kl_to_teacher_on_samples"} <= set(on.data.metrics)
     assert on.data.metrics["train/generate_seconds"] > 0 and on.data.metrics["train/generated_tokens_per_s"] > 0
     assert on.data.metrics["train/on_policy_share"] == 1.0
-    first = {name: client.get_metric_history(r.info.run_id, "train/loss")[0].value for name, r in (("off", off), ("on", on))}
-    assert first["off"] != first["on"]  # other tokens: the student's, not the data's
     from kdrun import report  # the sweep report's teacher-gap plot (an LM sweep's summary/teacher_gap.png)
 
-    files = report.write_report(client, [off, on], tmp_path / "report")
+    files = report.write_report(client, [on], tmp_path / "report")
     assert files["teacher_gap.png"].stat().st_size > 10_000
     steps = [m.step for m in client.get_metric_history(on.info.run_id, "eval/student/kl_to_teacher_on_samples")]
     assert steps == [0, 2]  # before training and at the end
@@ -317,6 +313,8 @@ def test_causal_lm_trains_on_chat_data_and_on_the_students_own_samples(tmp_path,
 def test_causal_lm_trains_on_prompt_completion_pairs_from_a_datasets_folder(tmp_path, kdrun_cache):
     rows = [{"prompt": f"Question {i}: what do cats drink?\nAnswer:", "completion": f" Milk, {i} times a day."}
             for i in range(24)]
-    _, run = _kdrun(tmp_path, kdrun_cache, [*LM_SMALL, f"data.path={_source(tmp_path, 'folder', rows)}"], "lm_folder")
+    _, run = _kdrun(tmp_path, kdrun_cache, [*LM_SMALL, f"data.path={_source(tmp_path, 'folder', rows)}",
+                                            "train.on_policy.eval_samples=0"], "lm_folder")
     assert run.data.params["data/format_prompt_completion"] == "1"
+    assert "train/generate_seconds" not in run.data.metrics  # off-policy (λ=0, the default)
     assert float(run.data.params["data/trained_tokens"]) < float(run.data.params["data/train_tokens"]) / 2

@@ -131,7 +131,7 @@ def test_a_precomputed_bi_encoder_teacher_gives_in_batch_terms_their_scores():
     for loss in ("in_batch_kl", "tas_b"):
         cfg = _compose([f"loss={loss}", "teacher.mode=precompute"])
         config.validate(cfg)
-        assert config.teacher_keeps(cfg) == {"in_batch_scores"}
+        assert config.teacher_keeps(cfg) == {"in_batch_scores", "embeddings"}
     assert config.teacher_keeps(_compose(["teacher.mode=online"])) == frozenset()
 
 

@@ -535,6 +535,7 @@ def test_causal_lm_cache_stores_topk_logits_and_normaliser_that_give_the_online_
     teacher = CausalLM(model, tokenizer=None, top_k=5)
     task = CausalLMTask.__new__(CausalLMTask)
     task.train_blocks, task.eval_batch_size, task.rt = torch.randint(0, 97, (6, 12)), 4, make_runtime("cpu", "fp32")
+    task.train, task.pad_id = CausalLMTask._blocks(task.train_blocks), 0
     outputs = task.teacher_outputs(teacher)
     assert set(outputs) == {"topk_logits", "topk_ids", "log_normaliser"}
     assert outputs["topk_logits"].shape == (6, 11, 5) and outputs["log_normaliser"].shape == (6, 11)
@@ -543,7 +544,7 @@ def test_causal_lm_cache_stores_topk_logits_and_normaliser_that_give_the_online_
         online = teacher({"input_ids": task.train_blocks[:3]})
         full = torch.log_softmax(model(task.train_blocks[:3]).logits[:, :-1].float(), -1)
     for i in range(3):
-        cached, ids = examples[i][1]["topk_logprobs"], examples[i][1]["topk_ids"].long()
+        cached, ids = examples[i][3]["topk_logprobs"], examples[i][3]["topk_ids"].long()
         assert f32_close(cached, online["topk_logprobs"][i])
         # the cached ids name the top-k tokens (compared by their log-probs: a near tie may order ids apart)
         assert f32_close(full[i].gather(-1, ids), cached) and f32_close(full[i].topk(5, -1).values, cached)

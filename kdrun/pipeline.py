@@ -244,10 +244,13 @@ def teacher_outputs(task, teacher, cfg: DictConfig, rt, info):
     return combine(outputs, teacher.weights)
 
 
-def training_examples(cfg: DictConfig, task, teacher, file_scores, rt):
+def training_examples(cfg: DictConfig, task, teacher, file_scores, rt, reads_teacher: bool = True):
     """(examples, metrics): with a precomputed teacher, its outputs over every example (from the cache, or
-    computed once); with a scores file, the file's scores; online, the examples as they are."""
+    computed once); with a scores file, the file's scores; online, the examples as they are. A ranking loss that
+    reads no teacher (ce) skips the teacher's pass."""
     mode = enum_value(cfg.teacher.mode)
+    if mode == "precompute" and not reads_teacher and hasattr(task, "teacher_outputs_range"):
+        return task.attach({}), {}
     if mode == "precompute":
         cache = teacher_cache.CacheInfo()
         examples = task.attach(teacher_outputs(task, teacher, cfg, rt, cache))
@@ -326,7 +329,7 @@ def build_all(cfg: DictConfig, terms, rt) -> Built:
     if hasattr(task, "use_loss"):  # (ranking: an embedding-alignment term adds the asymmetric evaluation)
         task.use_loss(loss_fn)
     counter = _forward_counter(teacher) if teacher is not None else None  # counts from here: the teacher pass too
-    examples, cache_metrics = training_examples(cfg, task, teacher, file_scores, rt)
+    examples, cache_metrics = training_examples(cfg, task, teacher, file_scores, rt, loss_fn.reads_teacher)
     setup.update(cache_metrics, **finetune_metrics(teacher))
     sampler, loader = batches(cfg, task, examples, rt)
     optim = loop.make_optim([student, loss_fn], rt, max_steps, **_node(cfg.optimizer))

@@ -56,6 +56,7 @@ class TermSpec:
     needs: ClassVar[FrozenSet[str]] = frozenset()  # outputs both models must give beyond scores/logits
     student_needs: ClassVar[FrozenSet[str]] = frozenset()  # outputs only the student gives
     online_teacher: ClassVar[bool] = False  # reads more of the teacher than a cache keeps
+    reads_teacher: ClassVar[bool] = True  # False: the labels (or the student itself) only
 
     def check(self, where: str) -> None:
         """Value checks beyond the types (the message names `where`, e.g. loss.terms.jsd)."""
@@ -215,6 +216,7 @@ class CE(TermSpec):
     scores without the B x B*n pairs of in-batch scoring)."""
     in_batch: Optional[bool] = None  # ranking only: the other queries' passages as negatives too (None: true)
     tasks, reads, target = ANY_TASK, "module", "kdrun.losses.terms.CrossEntropy"
+    reads_teacher = False
 
     def check_task(self, where: str, task: str) -> None:
         if self.in_batch is not None and task != "ranking":
@@ -303,6 +305,7 @@ class PSKDSpec(TermSpec):
     predictions, alpha growing linearly to alpha_T over the run. Reads no teacher."""
     alpha_T: float = 0.8  # the final share of the student's own predictions (the paper's 0.8)
     tasks, reads, target = ("classification",), "module", "kdrun.losses.terms.PSKD"
+    reads_teacher = False
 
     def check(self, where: str) -> None:
         super().check(where)

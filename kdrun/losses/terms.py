@@ -439,6 +439,7 @@ class WeightedLoss(nn.Module):
         self.names = list(terms)
         self.weights = [float(spec.weight) for spec in terms.values()]
         self.sources = [spec.teacher for spec in terms.values()]  # which teacher feeds the term (None: the mean)
+        self.reads_teacher = any(getattr(spec, "reads_teacher", True) for spec in terms.values())
         self.terms = nn.ModuleList([build_term(spec, ctx) for spec in terms.values()])
 
     @property

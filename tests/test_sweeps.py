@@ -419,8 +419,8 @@ def test_the_quick_reproduction_sweeps_leave_the_results_tables(tmp_path, kdrun_
         assert len(runs) == 5 and all(x.info.status == "FINISHED" for x in runs)
         child = next(x for x in runs if x is not parent)
         assert child.data.params["data.negatives_per_query"] == "4" and "teacher/finetune_first_loss" in child.data.metrics
-        # one teacher pass per data set: in_batch_kl_ce's keeps the embeddings and the scores that ce reads
-        assert sum(x.data.metrics["teacher/cache_misses"] for x in runs if x is not parent) == 1
+        # one teacher pass per data set: in_batch_kl_ce's (ce reads no teacher: it skips the pass)
+        assert sum(x.data.metrics.get("teacher/cache_misses", 0) for x in runs if x is not parent) == 1
         assert (tmp_path / "sw" / data / "summary" / "results.md").is_file()
         local = Path(client.download_artifacts(parent.info.run_id, "summary/results.md", str(tmp_path / data)))
         lines = local.read_text().splitlines()

@@ -20,12 +20,13 @@ from kdrun.errors import DataError
 log = logging.getLogger(__name__)
 
 
-def read_pairs(directory: Path) -> Tuple[List[Tuple[str, str]], int]:
-    """(pairs, skipped entries) from every *.yml file of a chatterbot-corpus language folder."""
+def conversations(directory: Path) -> Tuple[List[List[str]], int]:
+    """(conversations as lists of stripped turns, skipped entries) from every *.yml file of a chatterbot-corpus
+    language folder."""
     files = sorted(directory.glob("*.yml"))
     if not files:
         raise DataError(f"{directory}: no *.yml files (is data.language a chatterbot-corpus language?)")
-    pairs, skipped = [], 0
+    convs_out, skipped = [], 0
     for f in files:
         try:
             doc = yaml.safe_load(f.read_text(encoding="utf-8"))
@@ -38,9 +39,14 @@ def read_pairs(directory: Path) -> Tuple[List[Tuple[str, str]], int]:
             if not isinstance(conv, list) or len(conv) < 2:
                 skipped += 1
                 continue
-            turns = [str(t).strip() for t in conv]
-            pairs += [(a, b) for a, b in zip(turns, turns[1:]) if a and b]
-    return pairs, skipped
+            convs_out.append([str(t).strip() for t in conv])
+    return convs_out, skipped
+
+
+def read_pairs(directory: Path) -> Tuple[List[Tuple[str, str]], int]:
+    """(pairs, skipped entries): every consecutive (utterance, reply) of every conversation."""
+    convs, skipped = conversations(directory)
+    return [(a, b) for turns in convs for a, b in zip(turns, turns[1:]) if a and b], skipped
 
 
 def load(*, language: str, eval_fraction: float, split_salt: str, negatives_per_query: int, examples_per_pair: int,
@@ -73,14 +79,9 @@ def chat_file(language: str) -> Path:
     digest = hashlib.sha256(b"chat-v1" + b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
     out = cache_root() / "data" / "chatterbot_chat" / f"{language}-{digest}"
     if not cached(out):
-        lines = []
-        for f in files:
-            doc = yaml.safe_load(f.read_text(encoding="utf-8"))
-            for conv in doc.get("conversations") or []:
-                turns = [str(t).strip() for t in conv] if isinstance(conv, list) else []
-                if len(turns) >= 2 and all(turns):
-                    msgs = [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)]
-                    lines.append(json.dumps({"messages": msgs}))
+        lines = [json.dumps({"messages": [{"role": ("user", "assistant")[i % 2], "content": t}
+                                          for i, t in enumerate(turns)]})
+                 for turns in conversations(directory)[0] if all(turns)]
         stage = staging_dir(out)
         stage.mkdir(parents=True, exist_ok=True)
         (stage / "chats.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -55,6 +55,12 @@ def sample(model, prompts: Sequence[torch.Tensor], *, temperature: float, top_p:
     return [g if len(g) else torch.tensor([eos_id]) for g in gen]
 
 
+def continued(prompt: torch.Tensor, generated: torch.Tensor):
+    """(token ids, trained flags) of a prompt and the student's continuation of it: the loss on the continuation only."""
+    trained = torch.cat([torch.zeros(len(prompt), dtype=torch.bool), torch.ones(len(generated), dtype=torch.bool)])
+    return torch.cat([prompt, generated]), trained
+
+
 class OnPolicy:
     """The training step's hook: replaces a share `fraction` of a causal-LM batch's rows by their prompt and the
     student's continuation (loss on the continuation only)."""
@@ -94,8 +100,7 @@ class OnPolicy:
         new_ids = [ids[r, :lengths[r]] for r in range(batch["size"])]
         new_trained = [trained[r, :lengths[r]] for r in range(batch["size"])]
         for r, p, g in zip(rows, prompts, gen):  # the prompt, then the student's tokens: the only trained ones
-            new_ids[r] = torch.cat([p, g])
-            new_trained[r] = torch.cat([torch.zeros(len(p), dtype=torch.bool), torch.ones(len(g), dtype=torch.bool)])
+            new_ids[r], new_trained[r] = continued(p, g)
         out = collate_rows(new_ids, new_trained, self.pad_id)
         out.update(teacher=out["student"],  # an online teacher (validated): it scores the student's tokens
                    size=batch["size"], prompt_len=batch["prompt_len"],

@@ -250,7 +250,7 @@ class CausalLMTask:
     def _kl_on_samples(self, model) -> Dict[str, float]:
         """KL(teacher || student) per token on the student's own continuations of the first eval_samples held-out
         prompts (the same prompts and sampling seed at every evaluation)."""
-        from kdrun.tasks.causal_lm.on_policy import sample
+        from kdrun.tasks.causal_lm.on_policy import continued, sample
 
         s = self.sampling
         rows = self.eval[:s.eval_samples]
@@ -258,9 +258,7 @@ class CausalLMTask:
         gen = sample(model, prompts, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
                      eos_id=self.teacher.tokenizer.eos_token_id, pad_id=self.pad_id, seed=s.seed,
                      runtime=self.rt)
-        ids = [torch.cat([p, g]) for p, g in zip(prompts, gen)]
-        trained = [torch.cat([torch.zeros(len(p), dtype=torch.bool), torch.ones(len(g), dtype=torch.bool)])
-                   for p, g in zip(prompts, gen)]
+        ids, trained = zip(*(continued(p, g) for p, g in zip(prompts, gen)))
         batch = to_device(collate_rows(ids, trained, self.pad_id), self.rt.device)
         with self.rt.autocast():
             logits = model.logits(batch["student"]).float()

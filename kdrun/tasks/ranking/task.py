@@ -191,14 +191,13 @@ class RankingTask:
             scores += score_lists(model, d.eval_queries[start:stop], cands, self.eval_batch_size, self.rt)
             start = stop
         pids = [d.eval_pids(i) for i in range(len(d.eval_rows))]
+        judged = [list(d.qrels.get(q, {}).values()) for q in d.eval_qids]
         extra = {}
         if who == "student" and self.align is not None:
             asym = self.asymmetric_scores(model)
-            judged = [list(d.qrels.get(q, {}).values()) for q in d.eval_qids]
             extra = {f"asymmetric/{k}": v for k, v in fast_metrics(asym, d.eval_labels, pids=pids, judged=judged,
                                                                      depth=d.eval_depth).items()}
         if not final:
-            judged = [list(d.qrels.get(q, {}).values()) for q in d.eval_qids]
             return {**fast_metrics(scores, d.eval_labels, pids=pids, judged=judged, depth=d.eval_depth), **extra}
         run = as_run(d.eval_qids, pids, scores)
         self.runs[who] = run

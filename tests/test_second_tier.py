@@ -160,7 +160,8 @@ def test_the_asymmetric_evaluation_of_the_teacher_against_itself_is_its_own_eval
     task.align = EmbeddingAlign(Context(task="ranking", student_hidden=384, teacher_hidden=384), "mse")
     got = task.asymmetric_scores(teacher)
     want = score_lists(teacher, qs, cands, 4, task.rt)
-    assert all(torch.allclose(g, w, rtol=1e-5, atol=1e-6) for g, w in zip(got, want))
+    # (other batches, other padding: float32 rounding apart, relative)
+    assert all(torch.allclose(g, w, rtol=1e-4, atol=1e-5) for g, w in zip(got, want))
     assert task.eval_variant().startswith("asymmetric:") and RankingTask(data, teacher, None, task.rt, 4).eval_variant() == ""
 
 

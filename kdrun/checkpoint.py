@@ -306,7 +306,16 @@ class PhaseSignals(StopHandlers):
     StopSignals takes over while it trains and hands back to this when it ends."""
 
     def __init__(self, checkpoints: Optional[Path] = None):
-        self.phase, self.checkpoints = "while starting", checkpoints
+        self._phase, self.checkpoints = "while starting", checkpoints
+
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    @phase.setter
+    def phase(self, name: str) -> None:
+        self.check()  # a new phase starts only if no stop was lost in the last one
+        self._phase = name
 
     def _handle(self, signum, frame):
         for s in self._old:  # a second signal while this one unwinds: not again
@@ -315,6 +324,13 @@ class PhaseSignals(StopHandlers):
 
         last = latest_name(self.checkpoints) if self.checkpoints is not None else None
         raise Stopped(signum, self.phase, last)
+
+    @staticmethod
+    def check() -> None:
+        """A stop raised while a finalizer ran, which Python swallowed, raised again (errors.raise_lost)."""
+        from kdrun.errors import raise_lost
+
+        raise_lost()
 
 
 class StopSignals(StopHandlers):

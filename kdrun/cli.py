@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from kdrun.errors import KdrunError, Stopped, held_signals, on_stop_signals
+from kdrun.errors import KdrunError, Stopped, held_signals, on_stop_signals, raise_lost
 
 
 def _stop_while_starting(signum, frame):
@@ -46,6 +46,7 @@ _ARGV_ENV = "KDRUN_ARGV"
 def _main(cfg: DictConfig):
     try:
         config.validate(cfg)
+        raise_lost()  # a signal while starting that a finalizer swallowed
         with held_signals():  # a signal inside torch's import would abort the interpreter: raised after it
             from kdrun import pipeline  # heavy imports start here, after validation
 

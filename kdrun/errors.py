@@ -34,16 +34,44 @@ class Stopped(BaseException):
 
 
 _command = False  # True in the kdrun command itself (not a program or a test that imports kdrun)
+_lost = None  # a Stopped that Python swallowed (raised while a finalizer ran), for raise_lost
+
+
+def _unraisable(hook):
+    def quiet(unraisable):
+        """A signal handler's Stopped raised while Python runs a finalizer (a weakref callback, __del__) cannot
+        propagate: Python prints it as "Exception ignored" with a traceback and goes on. Kept here instead, without
+        the traceback, for raise_lost; anything else goes to the hook as before."""
+        global _lost
+        if isinstance(unraisable.exc_value, Stopped):
+            _lost = _lost or unraisable.exc_value
+        else:
+            hook(unraisable)
+
+    quiet.kdrun = True
+    return quiet
+
+
+def raise_lost() -> None:
+    """Raise again a stop that a finalizer swallowed (see _unraisable): called at each phase boundary, and before a
+    run is marked FINISHED (found by the fault suite: SIGTERM during the final evaluation ended FINISHED, status 0)."""
+    global _lost
+    if _lost is not None:
+        lost, _lost = _lost, None
+        raise lost
 
 
 def on_stop_signals(handler, command: bool = False) -> dict:
     """`handler` for SIGTERM and SIGINT from now on (in the main thread; elsewhere Python allows no handlers): the
     handlers it replaces, by signal, to restore."""
     import signal
+    import sys
     import threading
 
     global _command
     _command = _command or command
+    if not getattr(sys.unraisablehook, "kdrun", False):
+        sys.unraisablehook = _unraisable(sys.unraisablehook)
     if threading.current_thread() is not threading.main_thread():
         return {}
     return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}

@@ -398,6 +398,7 @@ def _run(cfg: DictConfig, rt, phases) -> Dict[str, object]:
     student_threads(cfg, build=True)
     b = build_all(cfg, terms, rt)
     student_threads(cfg)
+    phases.check()  # (a stop swallowed by a finalizer while loading)
     run_id, loop_state = begin(cfg, rt, tracker, found, b, params, resolved)
     log.info("MLflow %s", tracker.run_url())
     before, after, teacher_eval, latency = record(cfg, rt, tracker, b, found, run_id, loop_state, params, phases)
@@ -530,6 +531,7 @@ def record(cfg: DictConfig, rt, tracker, b: Built, found, run_id: str, loop_stat
                                  "resume=auto" + (f": it continues from {last}" if last else "")) from None
             tracker.artifacts(str(out), "student")  # the plain folder: what from_pretrained users take
             tracker.model(str(out), task.model_examples(), b.max_steps, cfg.tracking.register_as)
+        phases.check()  # a stop swallowed by a finalizer in this phase still ends the run KILLED
         tracker.end("FINISHED")
     except (KeyboardInterrupt, checkpoint.Interrupted, Stopped):  # resumable: resume=PATH continues this very run
         tracker.end("KILLED")

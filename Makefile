@@ -6,6 +6,9 @@ PORT   ?= 5000
 # torch build for a fresh environment (the CPU wheel on machines that have it on disk,
 # the default CUDA wheel from PyPI elsewhere); an existing torch is kept as it is.
 TORCH_SPEC ?= torch==2.13.0
+# test processes (pytest-xdist): a test file runs whole on one of them; 2 fits a 2-core machine, where most of a test's
+# time is one busy core (imports, tokenising, MLflow's store) and the other waits
+TEST_JOBS ?= 2
 
 .PHONY: install demo reproduce test test-slow ui server clean
 
@@ -31,10 +34,12 @@ reproduce: install
 	PATH=$(abspath $(BIN)):$$PATH scripts/reproduce_margin_mse
 
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile
 
+# the slow tests two at a time, then alone those whose signals and kills land at moments the machine's load moves
 test-slow: install
-	$(BIN)/python -m pytest -m slow
+	$(BIN)/python -m pytest -m "slow and not serial" -n $(TEST_JOBS) --dist loadfile
+	$(BIN)/python -m pytest -m "slow and serial"
 
 # long checks left out of CI: the classification and causal-LM demos run whole (each must improve its student),
 # kdrun-bench end to end, torch.compile, DDP stopped by SIGTERM and resumed, every ranking student from every

@@ -179,6 +179,7 @@ def _chain(seed, tmp, env, ref, totals):
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_seeded_kills_in_every_phase_lose_nothing(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -221,6 +222,7 @@ def _mount_tmpfs(where: Path, mib: int) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_a_disk_too_small_for_a_checkpoint_loses_nothing(tmp_path):
     """A 20 MiB tmpfs as the output dir: no checkpoint fits (24 MiB), the student does. Training goes on past each failed
     checkpoint, the run ends FINISHED with the student of an uninterrupted run, no staging dir is left, no traceback;

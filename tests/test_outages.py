@@ -114,6 +114,7 @@ def test_fallback_local_takes_a_sweep_parent_along_with_its_jobs(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_a_server_that_dies_mid_run_loses_nothing(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -93,6 +93,7 @@ def train(student, teacher, loss_fn, batches: Iterator[Dict], optim: Optim, rt: 
     first_step: Dict[str, float] = {}
     t0 = time.perf_counter()
     bar = progress.bar(total=max_steps, initial=resume["step"], desc=desc, show=rt.is_main, delay=0.0)
+    reads_teacher = getattr(loss_fn, "reads_teacher", True)  # False: the online teacher is not run in training
     for step in range(resume["step"] + 1, max_steps + 1):
         # ---- one optimizer step over grad_accum micro-batches ----
         terms: Dict[str, torch.Tensor] = {}
@@ -103,6 +104,8 @@ def train(student, teacher, loss_fn, batches: Iterator[Dict], optim: Optim, rt: 
             real, padded = token_counts(batch["student"])  # attention masks, still on the CPU
             batch = to_device(batch, rt.device)
             teacher_out = batch.get("teacher_out")  # precomputed teacher outputs, when there are any
+            if teacher_out is None and not reads_teacher:  # ce, pskd: the labels or the student itself only
+                teacher_out = {}
             if teacher_out is None:  # online teacher: frozen, low precision, no autograd graph
                 with torch.inference_mode(), rt.autocast():
                     teacher_out = teacher(batch["teacher"])

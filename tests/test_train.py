@@ -70,6 +70,23 @@ def test_online_teacher_gets_no_gradient_and_does_not_change():
     assert {"train/loss", "train/margin_mse", "train/lr", "train/grad_norm", "train/samples_per_s"} <= set(logs[0][1])
 
 
+def test_an_online_teacher_is_not_run_for_a_loss_that_reads_no_teacher():
+    """ce (and pskd) read the labels or the student only: a teacher forward per step would cost time for nothing."""
+    class NotToBeCalled(nn.Module):
+        def forward(self, x):
+            raise AssertionError("the teacher ran for a loss that reads no teacher")
+
+    torch.manual_seed(4)
+    x = torch.randn(8, 3, 4)
+    batches = ({"student": x[i:i + 4], "teacher": x[i:i + 4], "size": 4} for i in (0, 4))
+    student, logs = Scorer(), []
+    loss = WeightedLoss([("ce", 1.0, {"in_batch": False})], Context(task="ranking"))
+    assert not loss.reads_teacher
+    train(student, NotToBeCalled(), loss, batches, make_optim(student, RT, 2, **OPT), RT, max_steps=2, grad_accum=1,
+          log_every=1, eval_every=0, log=lambda m, s: logs.append((s, m)), evaluate=lambda s: {})
+    assert [s for s, _ in logs] == [1, 2] and all(math.isfinite(m["train/ce"]) for _, m in logs)
+
+
 def test_loss_goes_down_on_a_learnable_target():
     torch.manual_seed(3)
     x = torch.randn(64, 2, 4)

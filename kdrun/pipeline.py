@@ -246,10 +246,10 @@ def teacher_outputs(task, teacher, cfg: DictConfig, rt, info):
 
 def training_examples(cfg: DictConfig, task, teacher, file_scores, rt, reads_teacher: bool = True):
     """(examples, metrics): with a precomputed teacher, its outputs over every example (from the cache, or
-    computed once); with a scores file, the file's scores; online, the examples as they are. A ranking loss that
-    reads no teacher (ce) skips the teacher's pass."""
+    computed once); with a scores file, the file's scores; online, the examples as they are. A loss that reads no
+    teacher (ce, pskd) skips the teacher's pass: the examples carry no outputs."""
     mode = enum_value(cfg.teacher.mode)
-    if mode == "precompute" and not reads_teacher and hasattr(task, "teacher_outputs_range"):
+    if mode == "precompute" and not reads_teacher:
         return task.attach({}), {}
     if mode == "precompute":
         cache = teacher_cache.CacheInfo()

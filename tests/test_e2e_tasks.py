@@ -137,6 +137,17 @@ def test_ranking_loss_trains_through_kdrun(rank_sweep, loss):
     _check_run(rank_sweep, loss, ["mrr_at_10", "ndcg_at_10"])
 
 
+@pytest.mark.parametrize("loss", ["ce", "pskd"])
+def test_a_loss_that_reads_no_teacher_skips_a_precomputed_teachers_pass(tmp_path, kdrun_cache, loss):
+    r = run_kdrun([*CLS, "teacher.mode=precompute", f"loss={loss}", "tracking.experiment=no_pass",
+                   f"hydra.run.dir={tmp_path / 'out'}"], cwd=tmp_path, env=offline_env(tmp_path, kdrun_cache))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    client = _client(tmp_path)
+    [run] = client.search_runs([client.get_experiment_by_name("no_pass").experiment_id])
+    assert run.info.status == "FINISHED" and "eval/student/accuracy" in run.data.metrics
+    assert "teacher/cache_misses" not in run.data.metrics and "teacher/cache_hits" not in run.data.metrics
+
+
 def test_classification_precomputed_teacher_scratch_student_and_a_loadable_save(tmp_path, kdrun_cache):
     r = run_kdrun([*CLS, "teacher.mode=precompute", "student=scratch", "loss=kd", "tracking.log_student=true",
                    "tracking.experiment=cls_pre", f"hydra.run.dir={tmp_path / 'out'}"], cwd=tmp_path,

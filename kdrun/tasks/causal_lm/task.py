@@ -207,7 +207,10 @@ class CausalLMTask:
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def attach(self, outputs: Dict[str, torch.Tensor]) -> list:
-        """Examples with the teacher's top-k log-probs (top-k logits minus the log-normaliser)."""
+        """Examples with the teacher's top-k log-probs (top-k logits minus the log-normaliser); none for a loss that
+        reads no teacher (no outputs)."""
+        if not outputs:
+            return [(*x, {}) for x in self.train]
         logprobs = outputs["topk_logits"] - outputs["log_normaliser"].unsqueeze(-1)
         return [(*x, {"topk_logprobs": logprobs[j], "topk_ids": outputs["topk_ids"][j]})
                 for j, x in enumerate(self.train)]

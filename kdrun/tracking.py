@@ -124,9 +124,14 @@ def open_store(uri: Optional[str], experiment: Optional[str] = None, fallback: s
     connections fails in seconds (MLflow's own HTTP retries take minutes); with fallback=local the local store is
     used instead, and the log says so. With `experiment`: that experiment, created if need be (a new SQLite store
     under a file lock) and marked as a model-training one."""
+    import os
+
     import mlflow
 
-    resolved = uri or mlflow.get_tracking_uri()
+    # MLFLOW_TRACKING_URI before mlflow.get_tracking_uri(): a Tracker sets MLflow's process-wide URI for its fluent
+    # calls, so an earlier run in this process (pipeline.run twice, a notebook) would otherwise pull the next one
+    # into its store whatever the environment now says
+    resolved = uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
     if resolved.startswith("http"):
         _http_quick_fail()
     try:

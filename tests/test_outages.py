@@ -81,6 +81,17 @@ def test_what_is_never_sent_lands_in_a_named_file_that_kdrun_replay_sends(tracke
     assert _history(tracker, "train/loss") == [(1, 0.5)]
 
 
+def test_a_run_in_this_process_does_not_pull_the_next_into_its_store(tracker, tmp_path, monkeypatch):
+    """Found on CI: a Tracker sets MLflow's process-wide URI for its fluent calls, and with no tracking.uri the next
+    run in the same process (pipeline.run twice, a notebook, two in-process tests) logged there, not to the
+    MLFLOW_TRACKING_URI its environment named."""
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    assert tracker.mlflow.get_tracking_uri() == tracker.uri != other
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+    assert tracking.open_store(None, "next").uri == other
+    assert tracking.open_store(f"sqlite:///{tmp_path / 'asked.db'}").uri.endswith("asked.db")  # tracking.uri first
+
+
 def test_fallback_local_logs_to_the_local_store_and_says_where(tmp_path):
     r = run_kdrun(SMALL + ["tracking.uri=http://127.0.0.1:9", "tracking.fallback=local", "tracking.experiment=fb",
                            "tracking.log_student=false"], cwd=tmp_path, env={**offline_env(tmp_path),

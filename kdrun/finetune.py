@@ -4,7 +4,8 @@ No fine-tuned teacher for the offline data ships with any package, so kdrun make
 family (classification: a classifier head; ranking: a cross-encoder or a bi-encoder) trains it on the task's training
 split through the same loop the students train in (kdrun/train.py). The result is stored under
 `teacher.finetune.cache_dir/<key>`, where the key hashes the base weights and tokenizer files, the training data (as
-the family digests it: never the held-out split) and every fine-tuning setting: a sweep over student settings
+the family digests it: never the held-out split), every fine-tuning setting and the device type and precision it
+trains in (a bf16 fine-tune is another teacher than an fp32 one): a sweep over student settings
 fine-tunes once, and any change retrains. Loading the directory back is the family's (a teacher of its kind).
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
 log = logging.getLogger(__name__)
-_VERSION = "2"  # bump when a fine-tuning procedure changes (2: ranking teachers; the key names the family)
+_VERSION = "3"  # bump when a fine-tuning procedure changes (2: ranking teachers; 3: device and precision in the key)
 
 
 def source_digest(source: str) -> str:
@@ -44,15 +45,16 @@ def key_of(family: str, source: str, data_digest: str, settings: Dict) -> str:
 
 
 def cached(family: str, source: str, data_digest: str, settings: Dict, cache_dir: Optional[str],
-           train: Callable[[], Tuple[object, Dict[str, float]]], what: str) -> Tuple[str, Dict[str, float]]:
+           train: Callable[[], Tuple[object, Dict[str, float]]], what: str, runtime) -> Tuple[str, Dict[str, float]]:
     """(directory of the fine-tuned teacher, its metrics): `train()` -> (model with .save(dir), metrics) runs on a
-    cache miss only. Metrics: teacher/finetune_cache_hit, teacher/finetune_seconds and the training's own (its
+    cache miss only; it trains on `runtime`'s device and precision, which the key holds. Metrics: teacher/finetune_cache_hit, teacher/finetune_seconds and the training's own (its
     first and last loss), which a cache hit reads back from the entry."""
     from kdrun.models.hub import cache_root
     from kdrun.models.hub import cached as is_cached
     from kdrun.teacher_cache import locked
 
     root = Path(cache_dir).expanduser() if cache_dir else cache_root() / "teachers"
+    settings = {**settings, "device": runtime.device.type, "precision": runtime.precision}
     out = root / key_of(family, source, data_digest, settings)
     if not is_cached(out):
         with locked(out):  # parallel sweep jobs that miss the entry: one fine-tunes, the others wait and read it

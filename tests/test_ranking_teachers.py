@@ -160,9 +160,12 @@ def test_parallel_jobs_that_miss_a_fine_tuned_teacher_train_it_once(tmp_path):
         time.sleep(0.5)  # long enough for the other job to arrive while this one trains
         return Saved(), {"teacher/finetune_last_loss": 1.5}
 
+    from kdrun.runtime import Runtime
+
+    fp32 = Runtime(torch.device("cpu"), "fp32")
     results = []
     jobs = [threading.Thread(target=lambda: results.append(finetune.cached(
-        "ranking", "base", "data", {"steps": 3}, str(tmp_path), train, "bi-encoder"))) for _ in range(2)]
+        "ranking", "base", "data", {"steps": 3}, str(tmp_path), train, "bi-encoder", fp32))) for _ in range(2)]
     for j in jobs:
         j.start()
     for j in jobs:
@@ -170,6 +173,10 @@ def test_parallel_jobs_that_miss_a_fine_tuned_teacher_train_it_once(tmp_path):
     assert len(calls) == 1 and len({path for path, _ in results}) == 1
     hits = sorted(info["teacher/finetune_cache_hit"] for _, info in results)
     assert hits == [0.0, 1.0] and all(info["teacher/finetune_last_loss"] == 1.5 for _, info in results)
+    # trained in another precision, it is another teacher (the key holds the device type and the precision)
+    bf16, _ = finetune.cached("ranking", "base", "data", {"steps": 3}, str(tmp_path), train, "bi-encoder",
+                              Runtime(torch.device("cpu"), "bf16"))
+    assert len(calls) == 2 and bf16 != results[0][0]
 
 
 def test_the_fine_tuned_cross_encoder_loads_as_a_teacher_and_scores_with_its_trained_head(minilm_dir, tmp_path):

@@ -23,7 +23,7 @@ def finetuned_teacher(source: str, data, *, steps: int, lr: float, batch_size: i
     settings = dict(steps=steps, lr=lr, batch_size=batch_size, warmup_ratio=warmup_ratio, seed=seed,
                     max_length=max_length)
     return finetune.cached("classification", source, data_digest(data), settings, cache_dir,
-                           lambda: _train(source, data, runtime=runtime, **settings), "classifier")
+                           lambda: _train(source, data, runtime=runtime, **settings), "classifier", runtime)
 
 
 def _train(source: str, data, *, steps, lr, batch_size, warmup_ratio, seed, max_length, runtime):

@@ -38,7 +38,7 @@ def finetuned_teacher(source: str, data, *, kind: str, pooling: str, similarity:
                     **({"pooling": pooling, "similarity": similarity} if kind == "bi_encoder" else {}))
     return finetune.cached("ranking", source, data.fingerprint(), settings, cache_dir,
                            lambda: _train(source, data, runtime=runtime, hardware=hardware, **settings),
-                           kind.replace("_", "-"))
+                           kind.replace("_", "-"), runtime)
 
 
 def trainable_scorer(source: str, kind: str, max_length: int, pooling: str = "mean", similarity: str = "dot"):

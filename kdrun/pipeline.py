@@ -247,9 +247,9 @@ def teacher_outputs(task, teacher, cfg: DictConfig, rt, info):
 def training_examples(cfg: DictConfig, task, teacher, file_scores, rt, reads_teacher: bool = True):
     """(examples, metrics): with a precomputed teacher, its outputs over every example (from the cache, or
     computed once); with a scores file, the file's scores; online, the examples as they are. A loss that reads no
-    teacher (ce, pskd) skips the teacher's pass: the examples carry no outputs."""
+    teacher (ce, pskd) skips the teacher's pass, and online the teacher's inputs: the examples carry no outputs."""
     mode = enum_value(cfg.teacher.mode)
-    if mode == "precompute" and not reads_teacher:
+    if mode in ("precompute", "online") and not reads_teacher:
         return task.attach({}), {}
     if mode == "precompute":
         cache = teacher_cache.CacheInfo()
@@ -260,8 +260,9 @@ def training_examples(cfg: DictConfig, task, teacher, file_scores, rt, reads_tea
     return task.examples(), {}
 
 
-def batches(cfg: DictConfig, task, examples, rt):
-    """(sampler, loader): length-bucketed batches (DDP: each rank its share), collated by the task."""
+def batches(cfg: DictConfig, task, examples, rt, reads_teacher: bool = True):
+    """(sampler, loader): length-bucketed batches (DDP: each rank its share), collated by the task; with the
+    teacher's inputs for an online teacher, unless the loss reads no teacher (then it does not run in the step)."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -269,7 +270,7 @@ def batches(cfg: DictConfig, task, examples, rt):
     sampler = BucketBatchSampler(task.lengths(), tr.batch_size, tr.seed, rank=rt.rank, world_size=rt.world_size)
     loader = DataLoader(examples, batch_sampler=sampler, num_workers=hw["num_workers"],
                         persistent_workers=hw["num_workers"] > 0,
-                        collate_fn=task.collate(online=enum_value(cfg.teacher.mode) == "online"),
+                        collate_fn=task.collate(online=enum_value(cfg.teacher.mode) == "online" and reads_teacher),
                         pin_memory=rt.device.type == "cuda",  # pinned: the copies to the GPU run asynchronously
                         generator=torch.Generator())  # its own: drawing worker seeds leaves the training RNG alone
     return sampler, loader
@@ -331,7 +332,7 @@ def build_all(cfg: DictConfig, terms, rt) -> Built:
     counter = _forward_counter(teacher) if teacher is not None else None  # counts from here: the teacher pass too
     examples, cache_metrics = training_examples(cfg, task, teacher, file_scores, rt, loss_fn.reads_teacher)
     setup.update(cache_metrics, **finetune_metrics(teacher))
-    sampler, loader = batches(cfg, task, examples, rt)
+    sampler, loader = batches(cfg, task, examples, rt, loss_fn.reads_teacher)
     optim = loop.make_optim([student, loss_fn], rt, max_steps, **_node(cfg.optimizer))
     hook = family.step_hook(task, cfg.train, rt)
     return Built(family, data, teacher, student, task, loss_fn, sampler, loader, optim, max_steps, setup, counter, hook)

@@ -87,6 +87,48 @@ def test_an_online_teacher_is_not_run_for_a_loss_that_reads_no_teacher():
     assert [s for s, _ in logs] == [1, 2] and all(math.isfinite(m["train/ce"]) for _, m in logs)
 
 
+@pytest.mark.parametrize("mode", ["online", "precompute"])
+def test_a_loss_that_reads_no_teacher_gets_batches_without_the_teachers_inputs_or_outputs(mode):
+    """The pipeline's side of the test above: no teacher pass (precompute) and, online, no teacher features in the
+    collate (tokenising the teacher's texts every step for a teacher that does not run)."""
+    from omegaconf import OmegaConf
+
+    from kdrun import pipeline
+
+    class Task:
+        def __init__(self):
+            self.asked = []
+
+        def examples(self):
+            return ["as they are"]
+
+        def attach(self, outputs):
+            self.asked.append(("attach", outputs))
+            return ["with outputs"]
+
+        def lengths(self):
+            return [1]
+
+        def collate(self, online):
+            self.asked.append(("collate", online))
+            return lambda rows: rows
+
+    cfg = OmegaConf.create({"teacher": {"mode": mode}, "train": {"batch_size": 1, "seed": 0},
+                            "hardware": {"num_workers": 0}})
+    for reads in (False, True):
+        task = Task()
+        if reads and mode == "precompute":  # (a pass over the data: the pipeline's end-to-end tests)
+            examples = task.attach({"scores": None})
+        else:
+            examples, metrics = pipeline.training_examples(cfg, task, object(), None, RT, reads_teacher=reads)
+            assert metrics == {}
+        pipeline.batches(cfg, task, examples, RT, reads_teacher=reads)
+        online = mode == "online" and reads
+        assert task.asked[-1] == ("collate", online)
+        assert examples == (["as they are"] if online else ["with outputs"])
+        assert (("attach", {}) in task.asked) == (not reads)
+
+
 def test_loss_goes_down_on_a_learnable_target():
     torch.manual_seed(3)
     x = torch.randn(64, 2, 4)

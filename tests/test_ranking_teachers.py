@@ -114,6 +114,7 @@ def test_a_fine_tune_on_fewer_negatives_reads_the_first_ones_and_has_its_own_key
     """teacher.finetune.negatives=N: each example's positive and its first N mined negatives (a cheaper step); the
     data the students train on keeps all of them."""
     from kdrun.data.ranking import RankingData
+    from kdrun.runtime import Runtime
     from kdrun.tasks.ranking import finetune as ft
 
     facts = _tiny_data().train
@@ -132,7 +133,7 @@ def test_a_fine_tune_on_fewer_negatives_reads_the_first_ones_and_has_its_own_key
     for negatives in (1, None):
         with pytest.raises(Stop):
             ft.finetuned_teacher("base", data, kind="bi_encoder", pooling="mean", similarity="dot", max_length=32,
-                                 runtime=None, steps=3, lr=1e-4, batch_size=4, warmup_ratio=0.0, seed=0,
+                                 runtime=Runtime(torch.device("cpu"), "fp32"), steps=3, lr=1e-4, batch_size=4, warmup_ratio=0.0, seed=0,
                                  cache_dir=str(tmp_path), negatives=negatives)
     (queries, lists), key = seen[0]
     assert lists == [ps[:2] for _, ps in train] and queries == [q for q, _ in train]

@@ -293,9 +293,14 @@ class MlflowSweep(Callback):
             while time.time() < deadline and any(w.is_running() and not (board / f"{w.pid}.stopped").exists()
                                                  for w in running):
                 time.sleep(0.1)
+            children += [c for c in psutil.Process().children(recursive=True) if c not in children]
             for w in children:  # every job has ended its run: the workers (and the launcher's helpers) go
                 with contextlib.suppress(psutil.Error):
                     w.kill()
+            # and are gone before this process exits: SIGKILL is not instant (a worker frees its memory first), and a
+            # scheduler that sees the sweep end must find its cores and memory free (found in CI: one worker was still
+            # running when the main process had exited)
+            psutil.wait_procs(children, timeout=30)
             shutil.rmtree(board, ignore_errors=True)
             stopped_by(signum)
             self._fail_if_open(config)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
 
-from kdrun.errors import KdrunError
+from kdrun.errors import KdrunError, deferred_signals
 from kdrun.secrets import redact, redact_arg, redact_text
 from kdrun.ui import KIND_TAG, MODEL_TRAINING, mark_model_training, runs_url
 
@@ -53,10 +53,12 @@ def git_commit() -> Optional[str]:
 
 def retry_locked(fn, *args, tries: int = 8, **kwargs):
     """fn(*args) again after a pause while SQLite reports "database is locked": parallel sweep jobs (joblib
-    workers) write to one local store, and SQLite lets one writer in at a time. Other errors raise at once."""
+    workers) write to one local store, and SQLite lets one writer in at a time. Other errors raise at once. Each try
+    runs whole: SIGTERM/SIGINT are handled when it returns (see Uninterrupted)."""
     for attempt in range(tries):
         try:
-            return fn(*args, **kwargs)
+            with deferred_signals():
+                return fn(*args, **kwargs)
         except Exception as e:  # MLflow wraps sqlite3.OperationalError in its own exception types
             if "database is locked" not in str(e) or attempt == tries - 1:
                 raise
@@ -110,6 +112,26 @@ def _http_quick_fail() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
+class Uninterrupted:
+    """An MLflow client whose calls run whole: SIGTERM/SIGINT during a call are handled when it returns (a Stopped
+    raised inside SQLAlchemy can leave a SQLite transaction open, and the store locked for every process; see
+    errors.deferred_signals). Anything else is the client's own."""
+
+    def __init__(self, client: Any):
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            with deferred_signals():
+                return attr(*args, **kwargs)
+
+        return call
+
+
 @dataclass
 class Store:
     """An open tracking store: its URI (after any fallback), a client, and the experiment asked for."""
@@ -153,7 +175,7 @@ def _connect(uri: str, name: Optional[str]) -> Store:
 
     try:
         with _store_lock(uri):
-            client = MlflowClient(uri)
+            client = Uninterrupted(MlflowClient(uri))
             if name is None:
                 return Store(uri, client)
             found = retry_locked(client.get_experiment_by_name, name)

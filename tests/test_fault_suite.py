@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from conftest import offline_env
 
-MIN_FAULTS, MAX_CHAINS, FAULTS_PER_CHAIN, PARALLEL = 40, 24, 3, 2  # chains until 40 faults have been injected
+MIN_FAULTS, MAX_CHAINS, FAULTS_PER_CHAIN, PARALLEL = 40, 16, 5, 2  # chains until 40 faults have been injected
 SECRET, PASSWORD = "hf_" + "F" * 32, "Fau1tInj3ctPw"
 ARGS = ["student=scratch", "student.scratch.num_layers=1", "student.scratch.hidden_size=64",
         "student.scratch.num_heads=2", "student.scratch.intermediate_size=128", "student.max_length=32",

@@ -121,6 +121,8 @@ class Uninterrupted:
         self._client = client
 
     def __getattr__(self, name: str) -> Any:
+        if name == "_client":  # (not set yet: a copy or an unpickling asks before __init__ has run)
+            raise AttributeError(name)
         attr = getattr(self._client, name)
         if not callable(attr):
             return attr

@@ -97,6 +97,7 @@ def test_a_signal_is_handled_after_the_store_call_it_arrived_in_and_never_leaves
     nobody held, and the store stayed locked for every process until this one exited (the fault suite in CI: a run
     stopped in its final evaluation could not mark itself KILLED, a parallel run could not start). Measured before the
     fix with this loop: 13 of 30 interruptions left the store locked. Now each call runs whole, then Stopped raises."""
+    import copy
     import random
     import signal
     import sqlite3
@@ -139,6 +140,7 @@ def test_a_signal_is_handled_after_the_store_call_it_arrived_in_and_never_leaves
         signal.signal(signal.SIGTERM, old)
     assert stopped == 40 and locked == 0
     assert store.client.get_run(run_id).data.tags["t"]  # and the store still answers
+    assert copy.copy(store.client).get_run(run_id).info.run_id == run_id  # (the wrapper copies and pickles)
 
 
 def test_a_deferred_signal_goes_to_the_handler_that_was_there(tmp_path):

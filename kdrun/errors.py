@@ -119,26 +119,20 @@ class held_signals(StopHandlers):
         return False
 
 
-class deferred_signals(StopHandlers):
+class deferred_signals(held_signals):
     """SIGTERM/SIGINT recorded inside this block and handed, on leaving it, to the handler it found there: a raising
     one raises Stopped after the block, the training loop's records its checkpoint request as before. For calls that
     must not be cut in the middle: a tracking-store call. An exception raised from a signal handler inside SQLAlchemy
     can leave a SQLite transaction open in a connection nobody holds, so the store stays locked for every process
     until this one exits (found by the fault suite: a run SIGTERMed in its final evaluation could not mark itself
-    KILLED, and a parallel run could not start, for minutes)."""
-
-    def __enter__(self):
-        self.signum = 0
-        return super().__enter__()
-
-    def _handle(self, signum, frame):
-        self.signum = self.signum or signum
+    KILLED, and a parallel run could not start, for minutes). Records as held_signals does; hands over instead of
+    raising."""
 
     def __exit__(self, *exc):
         import signal
 
         handler = self._old.get(self.signum)
-        super().__exit__(*exc)
+        StopHandlers.__exit__(self, *exc)  # the handlers back, without held_signals' own raise
         if self.signum:
             if callable(handler):
                 handler(self.signum, None)

@@ -54,6 +54,11 @@ class Similarity(Enum):
     cos = "cos"
 
 
+class ProjectionInit(Enum):
+    pca = "pca"  # the principal directions of the student's token states on training texts (deterministic)
+    random = "random"  # torch's default init of a linear layer, drawn from train.seed (ColBERT's)
+
+
 class StudentInit(Enum):
     pretrained = "pretrained"  # load name/path as it is
     teacher_layers = "teacher_layers"  # embeddings + the listed layers of the teacher (DistilBERT/TinyBERT style)
@@ -137,6 +142,7 @@ class StudentConfig:
     pooling: Pooling = Pooling.mean  # ranking bi-encoder
     similarity: Similarity = Similarity.dot  # ranking bi-encoder
     dim: int = 128  # ranking late_interaction: per-token vector size
+    projection_init: ProjectionInit = ProjectionInit.pca  # ranking late_interaction: how the projection to dim starts
     max_length: int = 128
     dropout: Optional[float] = None  # every dropout probability in the student; None: the model's own
 

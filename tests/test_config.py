@@ -108,7 +108,8 @@ def test_the_reproduction_presets_sweep_students_losses_and_seeds(data):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[f"experiment=reproduce_{data}"], return_hydra_config=True)
     params = dict(cfg.hydra.sweeper.params)
-    losses = ("in_batch_kl_ce", "ce", "pointwise_mse", "margin_mse", "listwise_kl")  # (the embeddings' pass first)
+    losses = ("in_batch_kl_ce", "in_batch_kl_ce_z", "ce", "pointwise_mse", "margin_mse", "listwise_kl")  # (the
+    # embeddings' pass first)
     assert params == {"student": "teacher_slice,colbert", "loss": ",".join(losses), "train.seed": "1,2,3"}
     assert swept_keys([f"experiment=reproduce_{data}"], cfg) == ["student", "loss", "train.seed"]
     assert swept_keys(["train.seed=1", "optimizer.lr=1e-4,2e-4"], cfg) == ["optimizer.lr", "student", "loss"]

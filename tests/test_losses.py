@@ -87,6 +87,31 @@ def test_listwise_kl_properties():
     assert low.dtype == torch.float32 and low.item() == pytest.approx(listwise_kl(s, t).item(), rel=5e-2)
 
 
+def test_standardized_kl_reads_no_score_scale():
+    """standardize=True (Sun et al. 2024's logit standardization): a positive scale and a shift of either side's
+    rows change nothing, where the plain KL depends on the scale; a student that is an affine map of its teacher
+    has loss 0; the known value is the KL of the z-scored rows."""
+    from kdrun.losses.functional import in_batch_kl, standardize_rows
+
+    torch.manual_seed(0)
+    s, t = torch.randn(8, 40), torch.randn(8, 40)
+    scale, shift = torch.rand(8, 1) * 5 + 0.2, torch.randn(8, 1) * 10
+    for fn in (listwise_kl, in_batch_kl):
+        base = fn(s, t, standardize=True).item()
+        assert base > 0
+        assert fn(s * scale + shift, t, standardize=True).item() == pytest.approx(base, rel=1e-4)
+        assert fn(s, t * 3.0 - 1.0, standardize=True).item() == pytest.approx(base, rel=1e-4)
+        assert fn(t * scale + shift, t, standardize=True).item() == pytest.approx(0.0, abs=1e-5)
+        assert fn(s * 3.0, t).item() != pytest.approx(fn(s, t).item(), rel=1e-2)  # without it, scale matters
+        assert fn(s, t, temperature=2.0, standardize=True).item() != pytest.approx(base, rel=1e-2)
+    z = torch.tensor([[3.0, 1.0, -1.0, -3.0]])  # mean 0, population std sqrt(5)
+    assert standardize_rows(z * 7 + 2)[0].tolist() == pytest.approx((z / 5 ** 0.5)[0].tolist(), rel=1e-5)
+    assert listwise_kl(z.flip(-1), z, standardize=True).item() == pytest.approx(
+        listwise_kl(z.flip(-1) / 5 ** 0.5, z / 5 ** 0.5).item(), rel=1e-5)
+    flat = standardize_rows(torch.full((2, 5), 4.0))  # a row of ties: zeros, not NaN
+    assert torch.equal(flat, torch.zeros(2, 5))
+
+
 def test_pointwise_mse_known_value_and_scale_sensitivity():
     s = torch.tensor([[1.0, 2.0]])
     t = torch.tensor([[0.0, 0.0]])

@@ -131,3 +131,44 @@ def test_one_embedding_lookup_for_all_length_groups_gives_the_same_scores_and_gr
     hook.remove()
     assert f32_close(shared, per_group)
     assert len(shared_grads) == len(grads) and all(f32_close(a, b) for a, b in zip(shared_grads, grads))
+
+
+def test_a_colbert_projection_starts_from_the_principal_directions_of_its_token_states(teacher):
+    """student.projection_init=pca: the projection's rows are orthonormal principal directions of the encoder's
+    token states on the texts, the same whatever the seed; its MaxSim scores follow the full-width token vectors'
+    more closely than a random projection's; rows beyond the states' rank start at zero."""
+    from kdrun.models.encoders import maxsim
+
+    texts = ["what is a cat", "a cat is a small furry animal that purrs", "how tall is mount everest",
+             "everest is 8849 metres high, the tallest mountain on earth", "why is the sky blue",
+             "sunlight is scattered by the air, blue light the most", "who wrote hamlet",
+             "shakespeare wrote hamlet around 1600", "def add(a, b): return a + b", "adds two numbers"] * 2
+
+    def colbert(seed, dim=16, init="pca"):
+        torch.manual_seed(seed)
+        return build_student(**{**STUDENT, "arch": "late_interaction", "dim": dim, "projection_init": init},
+                             layers=[0, 5], teacher=teacher).eval()
+
+    a, b = colbert(1), colbert(2)
+    assert a.projection_init == "pca" and not torch.equal(a.linear.weight, b.linear.weight)  # random until fitted
+    kept = a.init_projection(texts)["student/projection_variance_kept"]
+    b.init_projection(texts)
+    assert 0.3 < kept < 1.0 and a.projection_init == "pca_done"
+    assert torch.equal(a.linear.weight, b.linear.weight)  # no seed in it
+    w = a.linear.weight.double()
+    assert torch.allclose(w @ w.T, torch.eye(16, dtype=torch.float64), atol=1e-5)
+
+    feats = {k: v for k, v in a.tokenize(texts[:10]).items()}
+    with torch.no_grad():
+        full = torch.nn.functional.normalize(a.encoder(**feats).last_hidden_state.float(), dim=-1)
+        mask = feats["attention_mask"]
+        target = maxsim(full, mask, full, mask)
+        errors = {}
+        for name, model in (("pca", a), ("random", colbert(3, init="random"))):
+            v = model._vectors(feats)
+            errors[name] = (maxsim(v, mask, v, mask) - target).abs().mean().item()
+    assert errors["pca"] < 0.5 * errors["random"], errors
+
+    wide = colbert(1, dim=400)  # more than MiniLM's 384 dimensions
+    wide.init_projection(texts)
+    assert torch.equal(wide.linear.weight[384:], torch.zeros(16, 384)) and wide.linear.weight[:384].norm() > 0

@@ -28,7 +28,8 @@ def margin_mse(student_scores: torch.Tensor, teacher_scores: torch.Tensor) -> to
     return (s_margin - t_margin).pow(2).mean()
 
 
-def listwise_kl(student_scores: torch.Tensor, teacher_scores: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def listwise_kl(student_scores: torch.Tensor, teacher_scores: torch.Tensor, temperature: float = 1.0,
+                standardize: bool = False) -> torch.Tensor:
     """Listwise KL (as in RocketQAv2 / Hofstaetter et al.'s listwise variants): per query, the KL
     divergence from the teacher's softmax over its n candidates to the student's:
 
@@ -37,10 +38,23 @@ def listwise_kl(student_scores: torch.Tensor, teacher_scores: torch.Tensor, temp
 
     T^2 keeps gradient magnitudes comparable across temperatures (Hinton et al. 2015). Like
     Margin-MSE it is invariant to a per-query constant added to either side's scores, but it also
-    depends on the scale of score differences (softmax sharpness).
+    depends on the scale of score differences (softmax sharpness). standardize=True matches the
+    z-scored rows instead (see `standardize_rows`), so that a scale factor on either side changes nothing.
     """
     _check_lists("listwise_kl", student_scores, teacher_scores)
+    if standardize:
+        student_scores, teacher_scores = standardize_rows(student_scores), standardize_rows(teacher_scores)
     return forward_kl(student_scores, teacher_scores, temperature=temperature)
+
+
+def standardize_rows(scores: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Each row z-scored, (x - mean) / std (Sun et al. 2024, "Logit Standardization in Knowledge Distillation"):
+    a softmax over the result depends on neither a shift nor a positive scale of the row. For students that
+    score on another scale than their teacher (ColBERT's sum of cosines against a bi-encoder's dot products:
+    the student cannot reach the teacher's sharpness at any temperature shared by both sides), the KL then
+    reads only the teacher's relative preferences."""
+    x = scores.float()
+    return (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True, correction=0) + eps)
 
 
 def in_batch_ce(student_in_batch: torch.Tensor) -> torch.Tensor:
@@ -383,10 +397,14 @@ def feature_norm_direction(student_features: torch.Tensor, teacher_features: tor
     return (1 - (f_s * e).sum(-1) / norm).mean()
 
 
-def in_batch_kl(student_scores: torch.Tensor, teacher_scores: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def in_batch_kl(student_scores: torch.Tensor, teacher_scores: torch.Tensor, temperature: float = 1.0,
+                standardize: bool = False) -> torch.Tensor:
     """In-batch negatives for bi-encoders (as in TAS-Balanced, Hofstaetter et al. 2021): every query is
     scored against every passage of the batch, [B, B*n], and the student's softmax over that row is matched
     to the teacher's: T^2 * mean_b KL(softmax(t_b / T) || softmax(s_b / T)). Passages of other queries act
-    as extra negatives at no extra encoder cost."""
+    as extra negatives at no extra encoder cost. standardize=True z-scores each row of both sides first
+    (`standardize_rows`)."""
     _check_lists("in_batch_kl", student_scores, teacher_scores)
+    if standardize:
+        student_scores, teacher_scores = standardize_rows(student_scores), standardize_rows(teacher_scores)
     return forward_kl(student_scores, teacher_scores, temperature=temperature)

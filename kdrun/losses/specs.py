@@ -103,6 +103,7 @@ class MarginMSE(TermSpec):
 class ListwiseKL(_Tempered):
     """Listwise KD (RocketQAv2-style): T^2 KL(p_t || p_s) over each query's 1 positive + k negatives."""
     tasks, reads, target = RANKING, "scores", "kdrun.losses.functional.listwise_kl"
+    standardize: bool = False  # z-score each query's scores on both sides first (Sun et al. 2024): scale-free
 
 
 @term("pointwise_mse")
@@ -119,6 +120,7 @@ class InBatchKL(_Tempered):
     or precomputed from a bi-encoder teacher (its embeddings are cached; out-of-fold teachers included)."""
     tasks, reads, target = RANKING, "in_batch_scores", "kdrun.losses.functional.in_batch_kl"
     needs, online_teacher = frozenset({"in_batch_scores"}), True
+    standardize: bool = False  # z-score each row on both sides first (Sun et al. 2024): scale-free
 
 
 # ---- distributions: classification logits [B, C], LM logits [B, L, V] ----

@@ -108,7 +108,7 @@ _ARCH_CLASS = {"bi_encoder": "AutoModel", "late_interaction": "AutoModel",
 
 
 def ranking_student(*, name, path, init, layers, scratch, tokenizer, arch, pooling, similarity, dim, max_length,
-                    teacher_source):
+                    teacher_source, projection_init: str = "pca"):
     """A bi-encoder, late-interaction or cross-encoder student from any ranking teacher's source or its own."""
     import transformers
 
@@ -132,7 +132,8 @@ def ranking_student(*, name, path, init, layers, scratch, tokenizer, arch, pooli
     if arch == "cross_encoder":
         return CrossEncoder(model, tok, 0, max_length)
     if arch == "late_interaction":
-        return LateInteraction(model, tok, dim, max_length)
+        return LateInteraction(model, tok, dim, max_length, projection_init=getattr(projection_init, "value",
+                                                                                      projection_init))
     return BiEncoder(model, tok, pooling, similarity, max_length)
 
 

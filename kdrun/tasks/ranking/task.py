@@ -134,7 +134,15 @@ class RankingTask:
             return {}
         student.max_groups = hardware["length_groups"]
         self.tokens, metrics = tokenize_columns(student, {"query": self.data.queries, "passage": self.data.passages})
+        if getattr(student, "projection_init", None) == "pca":  # a ColBERT student's projection, from its token states
+            metrics.update(student.init_projection(self.projection_texts()))
         return metrics
+
+    def projection_texts(self, examples: int = 64) -> List[str]:
+        """The first training examples' queries and passages (distinct, in order): what a late-interaction
+        student's projection is fitted to (student.projection_init=pca)."""
+        queries, lists = self.data.batch_texts(range(min(examples, self.data.num_train)))
+        return list(dict.fromkeys([t for q, ps in zip(queries, lists) for t in (q, *ps)]))
 
     def loss_context(self) -> Dict:
         return {}

@@ -132,8 +132,7 @@ def ranking_student(*, name, path, init, layers, scratch, tokenizer, arch, pooli
     if arch == "cross_encoder":
         return CrossEncoder(model, tok, 0, max_length)
     if arch == "late_interaction":
-        return LateInteraction(model, tok, dim, max_length, projection_init=getattr(projection_init, "value",
-                                                                                      projection_init))
+        return LateInteraction(model, tok, dim, max_length, projection_init=projection_init)
     return BiEncoder(model, tok, pooling, similarity, max_length)
 
 

@@ -150,6 +150,8 @@ def test_default_is_offline_minilm_teaching_its_two_layer_slice(minilm_dir):
     (["train.max_steps=0", "train.epochs=0"], "train.max_steps"),
     (["data.eval_fraction=1.5"], "data.eval_fraction"),
     (["optimizer.lr=0"], "optimizer.lr"),
+    (["student=colbert", "student.projection_init=foo"],
+     r"student.projection_init=foo: Invalid value 'foo', expected one of \[pca, random\]"),
     (["teacher.path=null", "teacher.name=null"], "teacher.path"),
     (["student=tinybert", "student.name=null"], "student.path"),
     (["loss=kd_kl"], r"kd_kl is a classification/causal_lm loss.*losses for ranking: \['ce', 'embedding_align', 'in_batch_kl'"),

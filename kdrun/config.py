@@ -143,6 +143,7 @@ class StudentConfig:
     similarity: Similarity = Similarity.dot  # ranking bi-encoder
     dim: int = 128  # ranking late_interaction: per-token vector size
     projection_init: ProjectionInit = ProjectionInit.pca  # ranking late_interaction: how the projection to dim starts
+    query_length: int = 0  # ranking late_interaction: queries padded with scored [MASK] tokens to this length (0: off)
     max_length: int = 128
     dropout: Optional[float] = None  # every dropout probability in the student; None: the model's own
 
@@ -551,6 +552,7 @@ RANGES = {
     "*.finetune.lr": "(0, inf)", "*.finetune.batch_size": "[1, inf)", "*.finetune.warmup_ratio": "[0, 1)",
     "*.finetune.folds": "[1, inf)", "teachers.*.finetune.folds": "[1, inf)",
     "*.max_length": "[1, inf)", "teachers.*.max_length": "[1, inf)", "student.layers.*": "[0, inf)",
+    "student.query_length": "[0, inf)",
     "data.mine_depth": "[1, inf)", "data.max_*": "[1, inf)", "data.block_size": "[2, inf)",
     "sweep.n_trials": "[1, inf)",
 }  # (more ranges are checked in validate() and the families' check(), with hints: lr, dropout, eval_fraction, ...)
@@ -653,6 +655,9 @@ def validate(cfg: Any) -> None:
     init = enum_value(s.init)
     if enum_value(s.arch) not in fam.student_archs:
         raise ConfigError(f"student.arch={enum_value(s.arch)}: a {task} student is one of {list(fam.student_archs)}")
+    if s.query_length > s.max_length:
+        raise ConfigError(f"student.query_length={s.query_length} pads queries beyond student.max_length="
+                          f"{s.max_length}: set it at most {s.max_length} (ColBERT uses 32), or 0 for no expansion")
     if s.dropout is not None and not 0.0 <= s.dropout < 1.0:
         raise ConfigError(f"student.dropout={s.dropout} must be in [0, 1) (or null: the model's own)")
     if mode == "scores_file" and init in ("teacher_layers", "scratch") and not (t.name or t.path or s.name or s.path):

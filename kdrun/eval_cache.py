@@ -28,9 +28,9 @@ def key_of(task, model, runtime, batch_size: int) -> Optional[str]:
     from kdrun.teacher_cache import tokenizer_fingerprint, weights_fingerprint
 
     members = dict(model.members) if hasattr(model, "members") else {"": model}
-    settings = {name: {k: getattr(m, k) for k in ("pooling", "similarity", "label_index", "max_length", "exact")
-                       if hasattr(m, k)} | {"wrapper": type(m).__name__,
-                                            "tokenizer": tokenizer_fingerprint(m.tokenizer)}
+    keys = ("pooling", "similarity", "label_index", "max_length", "query_length", "exact")
+    settings = {name: {k: getattr(m, k) for k in keys if hasattr(m, k)}
+                | {"wrapper": type(m).__name__, "tokenizer": tokenizer_fingerprint(m.tokenizer)}
                 for name, m in members.items()}
     description = {"format": FORMAT, "family": task.name, "models": settings,
                    "weights": weights_fingerprint(model), "ensemble": getattr(model, "weights", None),

@@ -65,8 +65,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def describe(teacher, data_fingerprint: str, runtime, outputs=None) -> Dict[str, str]:
     """What a teacher's training outputs depend on: the description its cache key is made from (`outputs`: as if
     the loss had asked for these, default what it asked for)."""
-    settings = {k: getattr(teacher, k) for k in ("pooling", "similarity", "label_index", "max_length", "top_k")
-                if hasattr(teacher, k)}
+    keys = ("pooling", "similarity", "label_index", "max_length", "query_length", "top_k")
+    settings = {k: getattr(teacher, k) for k in keys if hasattr(teacher, k)}
     outputs = getattr(teacher, "outputs", None) if outputs is None else outputs
     if outputs:  # what the loss asked for beyond scores (in-batch: the embeddings too, which serve "embeddings")
         settings["outputs"] = sorted({"in_batch_scores" if o == "embeddings" else o for o in outputs})

@@ -237,6 +237,8 @@ def _cli(args, tmp_path):
     (["teacher.kind=ranker"], ["teacher.kind", "bi_encoder", "cross_encoder"]),  # not a choice of an enum
     (["student=colbert", "student.projection_init=foo"], ["student.projection_init=foo", "[pca, random]"]),
     (["student.layers=[]"], ["student.layers"]),  # cross-field check
+    (["student=colbert", "student.query_length=200"], ["student.query_length=200", "student.max_length=128"]),
+    (["student=colbert", "student.query_length=-1"], ["student.query_length=-1", "[0, inf)"]),
     (["experiment=nope"], ["experiment=nope", "classification_demo", "causal_lm_demo"]),
     (["experiment=classification_demo", "loss=margin_mse"], ["margin_mse", "losses for classification"]),
     (["data=fortunes", "data.nope=1"], ["nope"]),  # a key the data option's own schema does not have

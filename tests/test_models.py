@@ -94,15 +94,16 @@ def test_unreachable_hub_names_the_model_and_the_path_fix(tmp_path, monkeypatch)
     assert Path(sys.executable).with_name("hf").is_file()
 
 
-@pytest.mark.parametrize("arch", ["bi_encoder", "late_interaction"])
-def test_one_embedding_lookup_for_all_length_groups_gives_the_same_scores_and_gradients(teacher, arch, monkeypatch):
+@pytest.mark.parametrize("arch,query_length", [("bi_encoder", 0), ("late_interaction", 0), ("late_interaction", 12)])
+def test_one_embedding_lookup_for_all_length_groups_gives_the_same_scores_and_gradients(teacher, arch, query_length,
+                                                                                      monkeypatch):
     """Length groups share one word-embedding lookup (one dense embedding gradient instead of one per group)."""
     from conftest import f32_close
 
     from kdrun.data.tokens import pretokenize
     from kdrun.models import encoders
 
-    student = build_student(**{**STUDENT, "arch": arch}, layers=[0, 1], teacher=teacher)
+    student = build_student(**{**STUDENT, "arch": arch, "query_length": query_length}, layers=[0, 1], teacher=teacher)
     student.eval()  # no dropout: both ways see the same network
     queries = ["what is a cat", "how tall is the tallest mountain on earth today", "why"]
     passages = [["a cat is a small animal", "mountains are tall and some of them are very very tall indeed"],
@@ -172,3 +173,87 @@ def test_a_colbert_projection_starts_from_the_principal_directions_of_its_token_
     wide = colbert(1, dim=400)  # more than MiniLM's 384 dimensions
     wide.init_projection(texts)
     assert torch.equal(wide.linear.weight[384:], torch.zeros(16, 384)) and wide.linear.weight[:384].norm() > 0
+
+
+def test_colbert_query_expansion_scores_mask_tokens_the_same_in_training_evaluation_and_sentence_transformers(
+        teacher, tmp_path):
+    """student.query_length: short queries padded with [MASK] tokens that are scored but not attended to (ColBERT's
+    query augmentation); the same scores from the training forward, kdrun's evaluation, a reloaded student and
+    sentence-transformers' MultiVectorEncoder over the saved folder (its query_expansion, strategy "min")."""
+    from sentence_transformers import MultiVectorEncoder
+
+    from kdrun.models.encoders import load_scorer, maxsim
+
+    torch.manual_seed(0)
+    colbert = build_student(**{**STUDENT, "arch": "late_interaction", "dim": 32, "query_length": 16},
+                            layers=[0, 5], teacher=teacher).eval()
+    long_query = "a question long enough to fill all of the sixteen query positions with words of its own, and more"
+    queries = ["what is a cat", long_query]
+    passages = [["a cat is a small furry animal", "everest is 8849 metres high"],
+                ["the sky is blue because air scatters blue light", "hamlet was written by shakespeare"]]
+    feats = colbert.tokenize(queries)
+    n_real = feats["attention_mask"].sum(1)
+    assert n_real[0] < 16 < n_real[1]
+    expanded, score_mask = colbert.expand_query(feats)
+    ids, att = expanded["input_ids"], expanded["attention_mask"]
+    assert score_mask[0].sum() == 16 and score_mask[1].sum() == n_real[1]  # a long query is not cut, nor expanded
+    assert torch.equal(att, torch.nn.functional.pad(feats["attention_mask"], (0, ids.shape[1] - att.shape[1])))
+    assert (ids[0, n_real[0]:16] == colbert.tokenizer.mask_token_id).all()
+    assert not (ids[1] == colbert.tokenizer.mask_token_id).any()
+    with torch.no_grad():
+        trained = colbert(colbert.featurize(queries, passages))["scores"]
+        evaluated = torch.stack(colbert.score_lists(queries, passages, 4, "cpu"))
+        # the real tokens' vectors are those of the query alone (the encoder attends to no [MASK]), the masks add
+        q, _ = colbert.vectors(feats, query=True)
+        plain = colbert._vectors(feats)
+        real = feats["attention_mask"].bool()
+        assert torch.allclose(q[:, :plain.shape[1]][real], plain[real], atol=1e-5)
+        p = colbert._vectors(colbert.tokenize(passages[0]))
+        p_mask = colbert.tokenize(passages[0])["attention_mask"]
+        without = maxsim(plain[:1], feats["attention_mask"][:1], p, p_mask)[0]
+        assert (trained[0] > without).all()  # sixteen scored vectors instead of the query's own
+        colbert.save(tmp_path)
+        reloaded = torch.stack(load_scorer(tmp_path).score_lists(queries, passages, 4, "cpu"))
+    assert torch.allclose(trained, evaluated, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(reloaded, evaluated, rtol=1e-5, atol=1e-5)
+    mv = MultiVectorEncoder(str(tmp_path), device="cpu", local_files_only=True)
+    documents = mv.encode_document([t for ts in passages for t in ts])
+    sim = torch.as_tensor(mv.similarity(mv.encode_query(queries), documents))
+    assert torch.allclose(torch.stack([sim[0, :2], sim[1, 2:]]).float(), evaluated, rtol=1e-4, atol=1e-4)
+
+
+def test_a_colbert_student_started_from_a_saved_kdrun_colbert_keeps_its_trained_projection(teacher, tmp_path):
+    """student.path=DIR of a saved ColBERT: the projection comes from its colbert_linear.safetensors (it was once
+    drawn anew, so the continued student started from a different model than the one saved)."""
+    torch.manual_seed(0)
+    saved = build_student(**{**STUDENT, "arch": "late_interaction", "dim": 32}, layers=[0, 5], teacher=teacher)
+    with torch.no_grad():
+        saved.linear.weight.mul_(3.0)  # unlike any fresh draw or PCA start
+    saved.save(tmp_path)
+    again = {**STUDENT, "arch": "late_interaction", "dim": 32, "init": "pretrained", "path": str(tmp_path)}
+    torch.manual_seed(1)
+    loaded = build_student(**again, layers=None, teacher=teacher)
+    assert torch.equal(loaded.linear.weight, saved.linear.weight) and loaded.projection_init == "loaded"
+    sliced = build_student(**{**again, "init": "teacher_layers"}, layers=[0], teacher=teacher)  # other states: new
+    assert sliced.projection_init != "loaded"
+    with pytest.raises(ConfigError, match=r"student.dim=64: .* projects to 32 .* set student.dim=32"):
+        build_student(**{**again, "dim": 64}, layers=None, teacher=teacher)
+
+
+def test_the_evaluation_cache_tells_colbert_students_apart_by_query_length(teacher):
+    """An unchanged student's evaluation is read from the cache by a key of its settings and weights: the same
+    weights scored with and without query expansion are two evaluations (a sweep over query_length once read the
+    other's)."""
+    from types import SimpleNamespace
+
+    from kdrun import eval_cache
+    from kdrun.runtime import make_runtime
+
+    task = SimpleNamespace(name="ranking", eval_digest=lambda: "held-out")
+    colbert = build_student(**{**STUDENT, "arch": "late_interaction", "dim": 32}, layers=[0], teacher=teacher)
+    rt = make_runtime("cpu", "fp32")
+    keys = []
+    for length in (0, 32, 0):
+        colbert.query_length = length
+        keys.append(eval_cache.key_of(task, colbert, rt, 32))
+    assert keys[0] == keys[2] != keys[1]

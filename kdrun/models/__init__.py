@@ -14,7 +14,7 @@ from typing import List, Optional
 from torch import nn
 
 from kdrun.errors import ConfigError
-from kdrun.models.encoders import BiEncoder, CrossEncoder, LateInteraction
+from kdrun.models.encoders import BiEncoder, CrossEncoder, LateInteraction, load_projection
 from kdrun.models.hub import load_pretrained, resolve_source
 
 
@@ -108,7 +108,7 @@ _ARCH_CLASS = {"bi_encoder": "AutoModel", "late_interaction": "AutoModel",
 
 
 def ranking_student(*, name, path, init, layers, scratch, tokenizer, arch, pooling, similarity, dim, max_length,
-                    teacher_source, projection_init: str = "pca"):
+                    teacher_source, projection_init: str = "pca", query_length: int = 0):
     """A bi-encoder, late-interaction or cross-encoder student from any ranking teacher's source or its own."""
     import transformers
 
@@ -132,7 +132,13 @@ def ranking_student(*, name, path, init, layers, scratch, tokenizer, arch, pooli
     if arch == "cross_encoder":
         return CrossEncoder(model, tok, 0, max_length)
     if arch == "late_interaction":
-        return LateInteraction(model, tok, dim, max_length, projection_init=projection_init)
+        # a saved kdrun ColBERT (student.path) brings its trained projection; any other start gets a new one
+        linear = load_projection(source) if init == "pretrained" and Path(source).is_dir() else None
+        if linear is not None and linear.out_features != dim:
+            raise ConfigError(f"student.dim={dim}: the ColBERT student in {source} projects to {linear.out_features} "
+                              f"dimensions (colbert_linear.safetensors); set student.dim={linear.out_features}")
+        return LateInteraction(model, tok, dim, max_length, linear, projection_init=projection_init,
+                               query_length=query_length)
     return BiEncoder(model, tok, pooling, similarity, max_length)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -288,9 +288,10 @@ class LateInteraction(Scorer):
     layer and L2-normalised; score = sum over query tokens of the max similarity to any passage token."""
 
     def __init__(self, encoder: nn.Module, tokenizer, dim: int, max_length: int, linear: nn.Linear = None,
-                 projection_init: str = "random"):
+                 projection_init: str = "random", query_length: int = 0):
         super().__init__()
         self.encoder, self.tokenizer, self.max_length = encoder, tokenizer, max_length
+        self.query_length = query_length  # ColBERT's query augmentation: see expand_query
         self.linear = linear or nn.Linear(encoder.config.hidden_size, dim, bias=False)
         # "pca": init_projection sets it from training texts before training ("loaded": a trained one, kept)
         self.projection_init = "loaded" if linear is not None else projection_init
@@ -320,29 +321,55 @@ class LateInteraction(Scorer):
 
     tokenize, featurize = BiEncoder.tokenize, BiEncoder.featurize
 
+    def expand_query(self, features: Features) -> tuple:
+        """ColBERT's query augmentation (Khattab & Zaharia 2020, section 3.2; sentence-transformers' query_expansion
+        strategy "min", attend False): a query shorter than `query_length` tokens is padded to it with [MASK] tokens,
+        which the encoder does not attend to but whose vectors count in MaxSim. The score then sums over
+        `query_length` query vectors (a wider score scale, and soft matches beyond the query's words). Returns
+        (features for the encoder, scoring mask [N, L]); query_length 0 leaves the query as it is."""
+        ids, att = features["input_ids"], features["attention_mask"]
+        if not self.query_length:
+            return features, att
+        out = dict(features)
+        missing = self.query_length - ids.shape[1]
+        if missing > 0:
+            widen = lambda x: F.pad(x, (0, missing), value=0)
+            ids, att = widen(ids), widen(att)
+            out.update({"attention_mask": att, **({"token_type_ids": widen(features["token_type_ids"])}
+                                                  if "token_type_ids" in features else {})})
+        expansion = (att == 0) & (torch.arange(ids.shape[1], device=ids.device) < self.query_length)
+        mask_id = self.tokenizer.mask_token_id
+        mask_id = self.tokenizer.eos_token_id if mask_id is None else mask_id  # (a decoder's: sentence-transformers' too)
+        out["input_ids"] = ids.masked_fill(expansion, mask_id)
+        return out, att | expansion.to(att.dtype)
+
     def _vectors(self, features: Features) -> torch.Tensor:
         hidden = self.encoder(**features).last_hidden_state
         return F.normalize(self.linear(hidden).float(), dim=-1)
 
-    def vectors(self, features: Dict) -> tuple:
-        """(token vectors [N, L, d], attention mask [N, L]); length-grouped features run group by group and come
-        back padded to the longest group (zero vectors, masked)."""
+    def vectors(self, features: Dict, query: bool = False) -> tuple:
+        """(token vectors [N, L, d], scoring mask [N, L]); queries are expanded (expand_query); length-grouped
+        features run group by group and come back padded to the longest group (zero vectors, masked)."""
+        expand = self.expand_query if query else lambda f: (f, f["attention_mask"])
         if "groups" not in features:
-            return self._vectors(features), features["attention_mask"]
-        length = max(g["attention_mask"].shape[1] for g in features["groups"])
+            feats, score_mask = expand(features)
+            return self._vectors(feats), score_mask
+        groups, masks = zip(*(expand(g) for g in features["groups"]))
+        length = max(m.shape[1] for m in masks)
         vecs = mask = None
-        for g in one_lookup(self.encoder, features)["groups"]:
+        for g, m in zip(one_lookup(self.encoder, {**features, "groups": list(groups)})["groups"], masks):
             v = self._vectors({k: x for k, x in g.items() if k != "index"})
             if vecs is None:
                 vecs = v.new_zeros((features["count"], length, v.shape[-1]))
-                mask = g["attention_mask"].new_zeros((features["count"], length))
+                mask = m.new_zeros((features["count"], length))
             rows = g["index"].to(v.device)
             vecs[rows, :v.shape[1]] = v
-            mask[rows, :v.shape[1]] = g["attention_mask"]
+            mask[rows, :v.shape[1]] = m
         return vecs, mask
 
     def forward(self, features: Dict[str, Features]) -> Dict[str, torch.Tensor]:
-        (q, q_mask), (p, p_mask) = self.vectors(features["query"]), self.vectors(features["passage"])  # [B, Lq, d], [B*n, Lp, d]
+        q, q_mask = self.vectors(features["query"], query=True)  # [B, Lq, d]
+        p, p_mask = self.vectors(features["passage"])  # [B*n, Lp, d]
         b, n = q.shape[0], p.shape[0] // q.shape[0]
         if "in_batch_scores" in self.outputs:
             in_batch = maxsim(q, q_mask, p, p_mask)  # [B, B*n]
@@ -353,22 +380,29 @@ class LateInteraction(Scorer):
         best = sim.max(-1).values  # [B, n, Lq]
         return {"scores": (best * q_mask[:, None, :].to(best.dtype)).sum(-1)}
 
-    @torch.inference_mode()
-    def score_lists(self, queries: List[str], candidates: List[List[str]], batch_size: int, device) -> List[torch.Tensor]:
-        """Each distinct text is encoded once (length-sorted batches); its token vectors are kept without padding."""
-        texts = sorted({t for ts in candidates for t in ts} | set(queries), key=len)
-        vecs: Dict[str, torch.Tensor] = {}
+    def _token_vectors(self, texts, batch_size: int, device, query: bool) -> Dict[str, torch.Tensor]:
+        """{text: its scored token vectors [L, d], no padding}, encoded in length-sorted batches."""
+        texts, vecs = sorted(texts, key=len), {}
         for i in progress.bar(range(0, len(texts), batch_size), desc="evaluate: encode", unit="batch"):
             chunk = texts[i:i + batch_size]
             feats = {k: v.to(device) for k, v in tokenize(self.tokenizer, chunk, self.max_length).items()}
-            v, mask = self._vectors(feats).cpu(), feats["attention_mask"].bool().cpu()
+            v, mask = self.vectors(feats, query=query)
+            v, mask = v.cpu(), mask.bool().cpu()
             vecs.update((t, v[j][mask[j]]) for j, t in enumerate(chunk))
+        return vecs
+
+    @torch.inference_mode()
+    def score_lists(self, queries: List[str], candidates: List[List[str]], batch_size: int, device) -> List[torch.Tensor]:
+        """Each distinct passage and query is encoded once (length-sorted batches; queries expanded as in training);
+        its scored token vectors are kept without padding."""
+        passages = self._token_vectors({t for ts in candidates for t in ts}, batch_size, device, query=False)
+        query_vecs = self._token_vectors(set(queries), batch_size, device, query=True)
         pad = torch.nn.utils.rnn.pad_sequence
         out = []
         for q, ts in zip(queries, candidates):
-            p = pad([vecs[t] for t in ts], batch_first=True)
-            p_mask = pad([torch.ones(len(vecs[t]), dtype=torch.long) for t in ts], batch_first=True)
-            qv = vecs[q][None]
+            p = pad([passages[t] for t in ts], batch_first=True)
+            p_mask = pad([torch.ones(len(passages[t]), dtype=torch.long) for t in ts], batch_first=True)
+            qv = query_vecs[q][None]
             out.append(maxsim(qv, torch.ones(qv.shape[:2], dtype=torch.long), p, p_mask)[0])
         return out
 
@@ -376,7 +410,8 @@ class LateInteraction(Scorer):
         """The encoder in Hugging Face format (AutoModel loads it), the projection in colbert_linear.safetensors (kdrun's
         load_scorer), and the same as a sentence-transformers MultiVectorEncoder (modules.json: Transformer, Dense
         projection, MultiVectorMask without a skiplist, Normalize): MultiVectorEncoder(directory) scores as kdrun does
-        (no query expansion, no [Q]/[D] prefixes, every real token counted)."""
+        (its query expansion, strategy "min", when query_length is set; no [Q]/[D] prefixes; every real token
+        counted)."""
         from safetensors.torch import save_file
         from sentence_transformers import MultiVectorEncoder
         from sentence_transformers.base.modules import Normalize, Transformer
@@ -391,11 +426,27 @@ class LateInteraction(Scorer):
         dense = Dense(in_features=weight.shape[1], out_features=weight.shape[0], bias=False,
                       activation_function=nn.Identity(), module_input_name="token_embeddings")
         dense.linear.weight.data.copy_(weight)
-        MultiVectorEncoder(modules=[Transformer(str(d), max_seq_length=self.max_length), dense,
-                                    MultiVectorMask(skiplist_words=[]), Normalize(module_input_name="token_embeddings")],
+        expansion = {"strategy": "min", "length": self.query_length, "attend": False} if self.query_length else None
+        transformer = Transformer(str(d), max_seq_length=self.max_length, query_expansion=expansion)
+        MultiVectorEncoder(modules=[transformer, dense, MultiVectorMask(skiplist_words=[]),
+                                    Normalize(module_input_name="token_embeddings")],
                            device="cpu").save(str(d))
         (d / "kdrun_scorer.json").write_text(json.dumps(
-            {"kind": "late_interaction", "dim": self.linear.out_features, "max_length": self.max_length}, indent=2))
+            {"kind": "late_interaction", "dim": self.linear.out_features, "max_length": self.max_length,
+             "query_length": self.query_length}, indent=2))
+
+
+def load_projection(directory: str | Path) -> Optional[nn.Linear]:
+    """The projection a saved kdrun ColBERT keeps in colbert_linear.safetensors, or None where there is none."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / "colbert_linear.safetensors"
+    if not path.is_file():
+        return None
+    weight = load_file(str(path))["weight"]
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight.data.copy_(weight)
+    return linear
 
 
 def load_scorer(directory: str | Path) -> Scorer:
@@ -410,10 +461,6 @@ def load_scorer(directory: str | Path) -> Scorer:
         return CrossEncoder(model, tok, info["label_index"], info["max_length"])
     encoder = transformers.AutoModel.from_pretrained(d)
     if info["kind"] == "late_interaction":
-        from safetensors.torch import load_file
-
-        weight = load_file(str(d / "colbert_linear.safetensors"))["weight"]
-        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-        linear.weight.data.copy_(weight)
-        return LateInteraction(encoder, tok, info["dim"], info["max_length"], linear)
+        return LateInteraction(encoder, tok, info["dim"], info["max_length"], load_projection(d),
+                               query_length=info.get("query_length", 0))
     return BiEncoder(encoder, tok, info["pooling"], info["similarity"], info["max_length"])

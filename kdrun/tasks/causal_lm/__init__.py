@@ -61,7 +61,7 @@ class CausalLMFamily(Family):
         self._check_blocks(cfg)
 
     def build_student(self, *, teacher, teacher_source: Optional[str] = None, dropout: Optional[float] = None, arch=None,
-                      pooling=None, similarity=None, dim=None, projection_init=None, max_length=None,
+                      pooling=None, similarity=None, dim=None, projection_init=None, query_length=None, max_length=None,
                       **node):
         """A smaller LM of the teacher's vocabulary: a slice of its layers, resized, or a checkpoint of the same
         tokenizer (checked: token distributions are compared position by position)."""

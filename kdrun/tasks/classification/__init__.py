@@ -44,7 +44,7 @@ class Classification(Family):
         return teacher
 
     def build_student(self, *, teacher, teacher_source: Optional[str] = None, dropout: Optional[float] = None, arch=None,
-                      pooling=None, similarity=None, dim=None, projection_init=None, max_length: int = 128,
+                      pooling=None, similarity=None, dim=None, projection_init=None, query_length=None, max_length: int = 128,
                       **node):
         """A sequence classifier with the teacher's classes: a slice of the teacher (its head included), resized,
         or a checkpoint given a head of that size (loss=dual_head gives it a second head)."""

@@ -96,6 +96,7 @@ class FinetuneConfig:
     in_batch: Optional[bool] = None  # ranking: other queries' passages as negatives too (None: bi-encoder yes, cross-encoder no)
     folds: int = 1  # ranking: > 1 fine-tunes one teacher per fold of the training queries, each scoring its held-out fold
     negatives: Optional[int] = None  # ranking: the first N of each example's mined negatives (None: all of them)
+    scale: float = 1.0  # ranking: scores times this in the fine-tune's cross-entropy (a cosine teacher's 1/temperature)
 
 
 @dataclass
@@ -551,6 +552,7 @@ RANGES = {
     "train.epochs": "[0, inf)", "train.max_steps": "[-1, inf)",
     "*.finetune.lr": "(0, inf)", "*.finetune.batch_size": "[1, inf)", "*.finetune.warmup_ratio": "[0, 1)",
     "*.finetune.folds": "[1, inf)", "teachers.*.finetune.folds": "[1, inf)",
+    "*.finetune.scale": "(0, inf)", "teachers.*.finetune.scale": "(0, inf)",
     "*.max_length": "[1, inf)", "teachers.*.max_length": "[1, inf)", "student.layers.*": "[0, inf)",
     "student.query_length": "[0, inf)",
     "data.mine_depth": "[1, inf)", "data.max_*": "[1, inf)", "data.block_size": "[2, inf)",
@@ -731,6 +733,9 @@ def validate(cfg: Any) -> None:
                 tc.finetune.negatives == 0 and tc.finetune.in_batch is None and enum_value(tc.kind) == "cross_encoder"):
             raise ConfigError(f"{name}.finetune.negatives=0 without in-batch negatives leaves each positive nothing to "
                               f"rank against; set {name}.finetune.in_batch=true or negatives >= 1")
+        if tc.finetune.scale != 1.0 and task != "ranking":
+            raise ConfigError(f"{name}.finetune.scale={tc.finetune.scale}: a ranking teacher's score scale in its "
+                              f"fine-tune; a {task} teacher fine-tunes on its labels' logits (remove it)")
         if tc.finetune.in_batch is not None and task != "ranking":
             raise ConfigError(f"{name}.finetune.in_batch={tc.finetune.in_batch}: in-batch negatives are a ranking "
                               f"setting; a {task} teacher fine-tunes on its labels (remove it)")

@@ -199,6 +199,8 @@ def test_default_is_offline_minilm_teaching_its_two_layer_slice(minilm_dir):
     (["teacher=minilm_finetuned", "teacher.finetune.negatives=-1"], "give a number >= 0 with ranking data"),
     (["teacher=minilm_finetuned", "teacher.finetune.negatives=0", "teacher.finetune.in_batch=false"],
      "leaves each positive nothing to rank against"),
+    (["experiment=classification_demo", "teacher.finetune.scale=20"], "teacher.finetune.scale=20.0: a ranking"),
+    (["teacher=minilm_finetuned", "teacher.finetune.scale=0"], r"teacher.finetune.scale=0.0 must be in \(0, inf\)"),
 ])
 def test_cross_field_validation_names_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):

@@ -217,6 +217,58 @@ def test_ce_in_batch_is_a_ranking_setting():
         specs.parse({"ce": {"in_batch": False}}, "classification", ["teacher"], online=False)
 
 
+def test_ce_scale_turns_cosines_into_logits_for_ranking_only():
+    """loss.terms.ce.scale (and teacher.finetune.scale): the scores times the scale before the softmax, as
+    sentence-transformers' MultipleNegativesRankingLoss trains a cosine model at 20."""
+    from kdrun.errors import ConfigError
+    from kdrun.losses import Context, WeightedLoss, specs
+    from kdrun.losses import functional as F
+
+    cos = torch.tensor([[0.9, 0.2, 0.1, 0.3], [0.1, 0.4, 0.8, 0.5]])  # [B=2, B*n=4]
+    for in_batch, plain in ((True, F.in_batch_ce), (False, F.list_ce)):
+        scores = {"in_batch_scores": cos} if in_batch else {"scores": cos}
+        scaled = WeightedLoss([("ce", 1.0, {"in_batch": in_batch, "scale": 20.0})], Context(task="ranking"))
+        unscaled = WeightedLoss([("ce", 1.0, {"in_batch": in_batch})], Context(task="ranking"))
+        assert scaled(scores, {}, {})["loss"].item() == pytest.approx(plain(cos * 20).item(), rel=1e-6)
+        assert unscaled(scores, {}, {})["loss"].item() == pytest.approx(plain(cos).item(), rel=1e-6)
+        if in_batch:  # each row's positive (columns 0 and 2) leads it: sharper is lower
+            assert scaled(scores, {}, {})["loss"] < unscaled(scores, {}, {})["loss"]
+    with pytest.raises(ConfigError, match=r"loss.terms.ce.scale=0.0 must be > 0"):
+        specs.parse({"ce": {"scale": 0.0}}, "ranking", ["teacher"], online=False)
+    with pytest.raises(ConfigError, match=r"loss.terms.ce.scale=20.0: a ranking setting"):
+        specs.parse({"ce": {"scale": 20.0}}, "classification", ["teacher"], online=False)
+
+
+def test_a_fine_tune_at_another_scale_has_its_own_key_and_trains_at_it(tmp_path, monkeypatch):
+    from kdrun.data.ranking import RankingData
+    from kdrun.runtime import Runtime
+    from kdrun.tasks.ranking import finetune as ft
+
+    data = RankingData(_tiny_data().train, ["which colour is the sky"], [["the sky is blue", "grass is green"]], [[1, 0]])
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_cached(family, source, fingerprint, settings, cache_dir, train, *args):
+        seen.append(settings)
+        return train()
+
+    def fake_train(source, part, **kw):
+        seen.append(kw.get("scale", 1.0))
+        raise Stop
+
+    monkeypatch.setattr("kdrun.finetune.cached", fake_cached)
+    monkeypatch.setattr(ft, "_train", fake_train)
+    for scale in (1.0, 20.0):
+        with pytest.raises(Stop):
+            ft.finetuned_teacher("base", data, kind="bi_encoder", pooling="mean", similarity="cos", max_length=32,
+                                 runtime=Runtime(torch.device("cpu"), "fp32"), steps=3, lr=1e-4, batch_size=4,
+                                 warmup_ratio=0.0, seed=0, cache_dir=str(tmp_path), scale=scale)
+    assert "scale" not in seen[0] and seen[2]["scale"] == 20.0  # (the key of a fine-tune at 1 is as it was)
+    assert (seen[1], seen[3]) == (1.0, 20.0)  # and the training's cross-entropy gets it
+
+
 def test_ranking_ce_over_its_own_list_needs_no_in_batch_scores():
     from kdrun.losses import Context, WeightedLoss
 

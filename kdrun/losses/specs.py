@@ -217,13 +217,21 @@ class CE(TermSpec):
     passage of the batch (in-batch and sampled negatives; in_batch=false: its own list only, which a cross-encoder
     scores without the B x B*n pairs of in-batch scoring)."""
     in_batch: Optional[bool] = None  # ranking only: the other queries' passages as negatives too (None: true)
+    scale: float = 1.0  # ranking only: scores times this before the softmax (a cosine scorer's 1/temperature)
     tasks, reads, target = ANY_TASK, "module", "kdrun.losses.terms.CrossEntropy"
     reads_teacher = False
+
+    def check(self, where: str) -> None:
+        if not self.scale > 0:
+            raise ConfigError(f"{where}.scale={self.scale} must be > 0 (sentence-transformers' MNRL uses 20 for cosines)")
 
     def check_task(self, where: str, task: str) -> None:
         if self.in_batch is not None and task != "ranking":
             raise ConfigError(f"{where}.in_batch={self.in_batch}: in-batch negatives are a ranking setting; a {task} "
                               "loss has no passages to take them from (remove it)")
+        if self.scale != 1.0 and task != "ranking":
+            raise ConfigError(f"{where}.scale={self.scale}: a ranking setting (scores to logits); a {task} loss "
+                              "reads the model's logits as they are (remove it)")
 
 
 @term("dkd")

@@ -101,19 +101,21 @@ class CrossEntropy(Term):
     """Hard labels, not the teacher: classification labels, next tokens of a causal LM, or for ranking the positive
     among the batch's passages (in-batch and sampled negatives)."""
 
-    def __init__(self, ranking: bool = False, in_batch: bool = True):
+    def __init__(self, ranking: bool = False, in_batch: bool = True, scale: float = 1.0):
         super().__init__()
-        self.ranking, self.in_batch = ranking, in_batch
+        self.ranking, self.in_batch, self.scale = ranking, in_batch, scale
         if ranking and in_batch:
             self.student_needs = frozenset({"in_batch_scores"})
 
     @classmethod
     def from_spec(cls, spec, ctx: "Context") -> "CrossEntropy":
-        return cls(ranking=ctx.task == "ranking", in_batch=spec.in_batch is not False)
+        return cls(ranking=ctx.task == "ranking", in_batch=spec.in_batch is not False, scale=spec.scale)
 
     def forward(self, s: Dict, t: Dict, batch: Dict) -> torch.Tensor:
         if self.ranking:
-            return F.in_batch_ce(s["in_batch_scores"]) if self.in_batch else F.list_ce(s["scores"])
+            scores = s["in_batch_scores"] if self.in_batch else s["scores"]
+            scores = scores * self.scale if self.scale != 1.0 else scores
+            return F.in_batch_ce(scores) if self.in_batch else F.list_ce(scores)
         return F.cross_entropy(s["logits"], batch["labels"])
 
 

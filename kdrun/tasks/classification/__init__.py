@@ -29,7 +29,7 @@ class Classification(Family):
         if finetune["steps"] > 0:
             from kdrun.tasks.classification.finetune import finetuned_teacher
 
-            settings = {k: v for k, v in finetune.items() if k not in ("folds", "negatives")}  # (ranking only, validated)
+            settings = {k: v for k, v in finetune.items() if k not in ("folds", "negatives", "scale")}  # (ranking only, validated)
             source, info = finetuned_teacher(source, data, max_length=node["max_length"], runtime=runtime, **settings)
         teacher = load_teacher(**{**node, "name": None, "path": source})
         if finetune["steps"] == 0 and not has_trained_head(source, teacher.model):

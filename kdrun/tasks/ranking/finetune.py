@@ -18,11 +18,13 @@ log = logging.getLogger(__name__)
 
 def finetuned_teacher(source: str, data, *, kind: str, pooling: str, similarity: str, max_length: int, runtime,
                       steps: int, lr: float, batch_size: int, warmup_ratio: float, seed: int, cache_dir,
-                      in_batch=None, hardware=None, negatives=None):
+                      in_batch=None, hardware=None, negatives=None, scale: float = 1.0):
     """(directory of the fine-tuned teacher, info metrics). Trains on a cache miss, else reuses. `hardware`: the
     profile's padding (pad_to_multiple_of, length_groups), as the students train; it does not change the result's
     key (padding does not change what is learned, up to float rounding). `negatives`: train on the first N of each
-    example's mined negatives (fewer texts a step: a cheaper fine-tune; the key hashes the examples as trained)."""
+    example's mined negatives (fewer texts a step: a cheaper fine-tune; the key hashes the examples as trained).
+    `scale`: the scores times this in the cross-entropy (a cosine bi-encoder trains at 1/temperature, as
+    sentence-transformers' MultipleNegativesRankingLoss does at 20; its scores stay cosines)."""
     import copy
 
     import numpy as np
@@ -35,7 +37,8 @@ def finetuned_teacher(source: str, data, *, kind: str, pooling: str, similarity:
     in_batch = (kind == "bi_encoder") if in_batch is None else bool(in_batch)
     settings = dict(kind=kind, max_length=max_length, steps=steps, lr=lr, batch_size=batch_size,
                     warmup_ratio=warmup_ratio, seed=seed, in_batch=in_batch,
-                    **({"pooling": pooling, "similarity": similarity} if kind == "bi_encoder" else {}))
+                    **({"pooling": pooling, "similarity": similarity} if kind == "bi_encoder" else {}),
+                    **({"scale": float(scale)} if scale != 1.0 else {}))  # (absent at 1: earlier keys stay)
     return finetune.cached("ranking", source, data.fingerprint(), settings, cache_dir,
                            lambda: _train(source, data, runtime=runtime, hardware=hardware, **settings),
                            kind.replace("_", "-"), runtime)
@@ -55,7 +58,7 @@ def trainable_scorer(source: str, kind: str, max_length: int, pooling: str = "me
 
 
 def _train(source: str, data, *, kind, max_length, steps, lr, batch_size, warmup_ratio, seed, in_batch, runtime,
-           hardware=None, pooling="mean", similarity="dot"):
+           hardware=None, pooling="mean", similarity="dot", scale=1.0):
     import torch
     from torch.utils.data import DataLoader
 
@@ -71,7 +74,7 @@ def _train(source: str, data, *, kind, max_length, steps, lr, batch_size, warmup
     hw = hardware or {}
     task.prepare_student(scorer, {"pad_to_multiple_of": hw.get("pad_to_multiple_of", 8),
                                   "length_groups": hw.get("length_groups", 1)})
-    loss_fn = WeightedLoss([("ce", 1.0, {"in_batch": in_batch})], Context(task="ranking"))
+    loss_fn = WeightedLoss([("ce", 1.0, {"in_batch": in_batch, "scale": scale})], Context(task="ranking"))
     scorer.request(loss_fn.student_needs)
     size = min(batch_size, data.num_train)
     loader = DataLoader(task.examples(), batch_sampler=BucketBatchSampler(task.lengths(), size, seed),

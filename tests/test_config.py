@@ -87,6 +87,23 @@ def test_every_loss_yaml_names_registered_terms_with_every_setting_they_take():
     assert {n for p in (CONF / "loss").glob("*.yaml") for n in OmegaConf.load(p).terms} == set(specs.TERMS)
 
 
+def test_the_kl_losses_read_the_teachers_logits_at_the_scale_it_was_fine_tuned_at():
+    """teacher_scale follows teacher.finetune.scale (a cosine teacher fine-tuned at 20 gives the KL 20 x cos); a
+    setting of its own wins; other teachers give 1."""
+    for option in ("in_batch_kl", "in_batch_kl_ce", "in_batch_kl_ce_z", "listwise_kl", "tas_b"):
+        cfg = _compose(["teacher=minilm_finetuned", "teacher.similarity=cos", "teacher.finetune.scale=20",
+                        f"loss={option}"])
+        config.validate(cfg)
+        [kl] = [n for n in cfg.loss.terms if n in ("in_batch_kl", "listwise_kl")]
+        assert cfg.loss.terms[kl].teacher_scale == 20.0
+        assert _compose([f"loss={option}"]).loss.terms[kl].teacher_scale == 1.0
+    own = _compose(["teacher=minilm_finetuned", "teacher.finetune.scale=20", "loss=listwise_kl",
+                    "loss.terms.listwise_kl.teacher_scale=5"])
+    assert own.loss.terms.listwise_kl.teacher_scale == 5.0
+    with pytest.raises(ConfigError, match="loss.terms.listwise_kl.teacher_scale"):
+        config.validate(_compose(["loss=listwise_kl", "loss.terms.listwise_kl.teacher_scale=0"]))
+
+
 def test_experiment_presets_pick_their_task_families():
     cls = _compose(["experiment=classification_demo"])
     assert cls.data.task == "classification" and cls.teacher.kind == "classifier"

@@ -87,6 +87,24 @@ def test_listwise_kl_properties():
     assert low.dtype == torch.float32 and low.item() == pytest.approx(listwise_kl(s, t).item(), rel=5e-2)
 
 
+def test_teacher_scale_turns_a_cosine_teachers_scores_into_its_logits():
+    """teacher_scale: the teacher's scores times it before its softmax (a cosine teacher fine-tuned at scale 20 has
+    logits 20 x cos); the student's side is untouched, and z-scored rows do not see it."""
+    from kdrun.losses.functional import in_batch_kl
+
+    torch.manual_seed(0)
+    s, cos = torch.randn(4, 8) * 3, torch.rand(4, 8) * 2 - 1
+    for fn in (listwise_kl, in_batch_kl):
+        assert fn(s, cos, teacher_scale=20.0).item() == pytest.approx(fn(s, cos * 20).item(), rel=1e-6)
+        assert fn(s, cos, teacher_scale=20.0).item() != pytest.approx(fn(s, cos).item(), rel=1e-3)
+        assert fn(s, cos, teacher_scale=20.0, standardize=True).item() == pytest.approx(
+            fn(s, cos, standardize=True).item(), rel=1e-5, abs=1e-7)
+        assert fn(cos * 20, cos, teacher_scale=20.0).item() == pytest.approx(0.0, abs=1e-6)  # its own logits: 0
+    flat, sharp = listwise_kl(torch.zeros(1, 4), torch.tensor([[0.9, 0.1, 0.0, -0.2]]), teacher_scale=1.0), \
+        listwise_kl(torch.zeros(1, 4), torch.tensor([[0.9, 0.1, 0.0, -0.2]]), teacher_scale=20.0)
+    assert flat < 0.2 < sharp  # a softmax over cosines alone is near uniform
+
+
 def test_standardized_kl_reads_no_score_scale():
     """standardize=True (Sun et al. 2024's logit standardization): a positive scale and a shift of either side's
     rows change nothing, where the plain KL depends on the scale; a student that is an affine map of its teacher

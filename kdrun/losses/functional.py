@@ -29,7 +29,7 @@ def margin_mse(student_scores: torch.Tensor, teacher_scores: torch.Tensor) -> to
 
 
 def listwise_kl(student_scores: torch.Tensor, teacher_scores: torch.Tensor, temperature: float = 1.0,
-                standardize: bool = False) -> torch.Tensor:
+                standardize: bool = False, teacher_scale: float = 1.0) -> torch.Tensor:
     """Listwise KL (as in RocketQAv2 / Hofstaetter et al.'s listwise variants): per query, the KL
     divergence from the teacher's softmax over its n candidates to the student's:
 
@@ -40,8 +40,11 @@ def listwise_kl(student_scores: torch.Tensor, teacher_scores: torch.Tensor, temp
     Margin-MSE it is invariant to a per-query constant added to either side's scores, but it also
     depends on the scale of score differences (softmax sharpness). standardize=True matches the
     z-scored rows instead (see `standardize_rows`), so that a scale factor on either side changes nothing.
+    teacher_scale multiplies the teacher's scores first: a cosine teacher's logits are its cosines times the
+    scale it was trained at (its softmax over cosines alone is near uniform).
     """
     _check_lists("listwise_kl", student_scores, teacher_scores)
+    teacher_scores = teacher_scores.float() * teacher_scale
     if standardize:
         student_scores, teacher_scores = standardize_rows(student_scores), standardize_rows(teacher_scores)
     return forward_kl(student_scores, teacher_scores, temperature=temperature)
@@ -398,13 +401,14 @@ def feature_norm_direction(student_features: torch.Tensor, teacher_features: tor
 
 
 def in_batch_kl(student_scores: torch.Tensor, teacher_scores: torch.Tensor, temperature: float = 1.0,
-                standardize: bool = False) -> torch.Tensor:
+                standardize: bool = False, teacher_scale: float = 1.0) -> torch.Tensor:
     """In-batch negatives for bi-encoders (as in TAS-Balanced, Hofstaetter et al. 2021): every query is
     scored against every passage of the batch, [B, B*n], and the student's softmax over that row is matched
     to the teacher's: T^2 * mean_b KL(softmax(t_b / T) || softmax(s_b / T)). Passages of other queries act
     as extra negatives at no extra encoder cost. standardize=True z-scores each row of both sides first
-    (`standardize_rows`)."""
+    (`standardize_rows`); teacher_scale multiplies the teacher's scores first (as in `listwise_kl`)."""
     _check_lists("in_batch_kl", student_scores, teacher_scores)
+    teacher_scores = teacher_scores.float() * teacher_scale
     if standardize:
         student_scores, teacher_scores = standardize_rows(student_scores), standardize_rows(teacher_scores)
     return forward_kl(student_scores, teacher_scores, temperature=temperature)

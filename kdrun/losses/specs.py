@@ -104,6 +104,11 @@ class ListwiseKL(_Tempered):
     """Listwise KD (RocketQAv2-style): T^2 KL(p_t || p_s) over each query's 1 positive + k negatives."""
     tasks, reads, target = RANKING, "scores", "kdrun.losses.functional.listwise_kl"
     standardize: bool = False  # z-score each query's scores on both sides first (Sun et al. 2024): scale-free
+    teacher_scale: float = 1.0  # the teacher's scores times this: a cosine teacher's logits (conf: its fine-tune's)
+
+    def check(self, where: str) -> None:
+        super().check(where)
+        _positive(where, "teacher_scale", self.teacher_scale)
 
 
 @term("pointwise_mse")
@@ -121,6 +126,11 @@ class InBatchKL(_Tempered):
     tasks, reads, target = RANKING, "in_batch_scores", "kdrun.losses.functional.in_batch_kl"
     needs, online_teacher = frozenset({"in_batch_scores"}), True
     standardize: bool = False  # z-score each row on both sides first (Sun et al. 2024): scale-free
+    teacher_scale: float = 1.0  # the teacher's scores times this: a cosine teacher's logits (conf: its fine-tune's)
+
+    def check(self, where: str) -> None:
+        super().check(where)
+        _positive(where, "teacher_scale", self.teacher_scale)
 
 
 # ---- distributions: classification logits [B, C], LM logits [B, L, V] ----

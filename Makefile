@@ -29,7 +29,7 @@ $(VENV)/.kdrun-installed: pyproject.toml
 demo: install
 	$(BIN)/kdrun
 
-# Hofstaetter et al.'s claims on both offline ranking data sets (README, "Results"): 2 sweeps of 36 runs, 2 jobs at a time: 51 min on 2 CPU cores (measured once, README)
+# Hofstaetter et al.'s claims on both offline ranking data sets (README, "Results"): 4 sweeps of 18 runs (a sweep per data set and student, each student from its own teacher), 2 jobs at a time: 52 min on 2 CPU cores (measured once, README)
 reproduce: install
 	PATH=$(abspath $(BIN)):$$PATH scripts/reproduce_margin_mse
 

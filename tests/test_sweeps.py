@@ -400,9 +400,10 @@ def test_a_sweep_stopped_by_sigterm_continues_with_resume_auto(tmp_path):
 
 @pytest.mark.slow
 def test_the_quick_reproduction_sweeps_leave_the_results_tables(tmp_path, kdrun_cache):
-    """scripts/reproduce_margin_mse --quick (capped further here): one sweep per data set, 2 students x 2 of the 5
-    losses, 1 seed, the teacher fine-tuned first; each parent's results.md has the teacher's row (its own held-out metrics)
-    and one row per (student, loss); hydra.sweep.dir=DIR puts the sweeps under DIR/<data set>."""
+    """scripts/reproduce_margin_mse --quick (capped further here): a sweep per data set and student, 2 of the 6
+    losses, 1 seed, the student's teacher fine-tuned first (the bi-encoder's a dot-product one, ColBERT's a cosine one);
+    each parent's results.md has its teacher's row (its own held-out metrics) and one row per loss;
+    hydra.sweep.dir=DIR puts the sweeps under DIR/<data set>/<student>."""
     from mlflow.tracking import MlflowClient
 
     env = offline_env(tmp_path, cache=kdrun_cache)
@@ -414,26 +415,30 @@ def test_the_quick_reproduction_sweeps_leave_the_results_tables(tmp_path, kdrun_
                        capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-    losses = ("ce", "in_batch_kl_ce")  # of the 5 (tests/test_config.py checks the presets sweep all 5)
+    losses = ("ce", "in_batch_kl_ce")  # of the 6 (tests/test_config.py checks the presets sweep all 6)
     for data in ("chatterbot", "code_search"):
         runs = client.search_runs([client.get_experiment_by_name(f"reproduce_{data}").experiment_id])
-        parent = next(x for x in runs if x.data.tags.get("kdrun.sweep_parent") == "1")
-        assert len(runs) == 5 and all(x.info.status == "FINISHED" for x in runs)
-        child = next(x for x in runs if x is not parent)
-        assert child.data.params["data.negatives_per_query"] == "4" and "teacher/finetune_first_loss" in child.data.metrics
-        # one teacher pass per data set: in_batch_kl_ce's (ce reads no teacher: it skips the pass)
-        assert sum(x.data.metrics.get("teacher/cache_misses", 0) for x in runs if x is not parent) == 1
-        assert (tmp_path / "sw" / data / "summary" / "results.md").is_file()
-        local = Path(client.download_artifacts(parent.info.run_id, "summary/results.md", str(tmp_path / data)))
-        lines = local.read_text().splitlines()
-        assert lines[0].startswith("| model | student | loss | seeds | mrr_at_10 (before → after) | ndcg_at_10 (before")
-        assert "latency per query vs teacher" in lines[0] and "FLOPs per token vs teacher" in lines[0]
-        rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
-        assert rows[0][:4] == ["teacher", "", "", "1"] and float(rows[0][4].split()[0]) > 0  # the teacher's MRR@10
-        assert sorted((row[1], row[2]) for row in rows[1:]) == sorted((s, l) for s in ("teacher_slice", "colbert")
-                                                                      for l in losses)
-        assert all(row[3] == "1" for row in rows[1:])
-        flops = {row[1]: float(row[-2]) for row in rows[1:]}
-        assert flops["teacher_slice"] == pytest.approx(1 / 3, abs=1e-3)  # 2 of the teacher's 6 layers
-        assert 1 / 3 < flops["colbert"] < 0.36  # and ColBERT's projection to 128 dimensions
-        assert lines[0] in r.stdout and "| student | colbert | in_batch_kl_ce | 1 |" in r.stdout  # printed at the end
+        parents = [x for x in runs if x.data.tags.get("kdrun.sweep_parent") == "1"]
+        assert len(runs) == 6 and len(parents) == 2 and all(x.info.status == "FINISHED" for x in runs)
+        for student, similarity, flops in (("teacher_slice", "dot", (1 / 3, 1 / 3 + 1e-3)), ("colbert", "cos", (1 / 3, 0.36))):
+            children = [x for x in runs if x not in parents and x.data.params["student.arch"] ==
+                        {"teacher_slice": "bi_encoder", "colbert": "late_interaction"}[student]]
+            assert len(children) == 2 and {x.data.params["teacher.similarity"] for x in children} == {similarity}
+            child = children[0]
+            assert child.data.params["data.negatives_per_query"] == "4" and "teacher/finetune_first_loss" in child.data.metrics
+            # one teacher pass per sweep: in_batch_kl_ce's (ce reads no teacher: it skips the pass)
+            assert sum(x.data.metrics.get("teacher/cache_misses", 0) for x in children) == 1
+            assert (tmp_path / "sw" / data / student / "summary" / "results.md").is_file()
+            [parent] = [p for p in parents if p.info.run_id in {x.data.tags.get("mlflow.parentRunId") for x in children}]
+            local = Path(client.download_artifacts(parent.info.run_id, "summary/results.md", str(tmp_path / data / student)))
+            lines = local.read_text().splitlines()
+            # (one student per sweep: the table leaves out the column that does not vary)
+            assert lines[0].startswith("| model | loss | seeds | mrr_at_10 (before → after) | ndcg_at_10 (before")
+            assert "latency per query vs teacher" in lines[0] and "FLOPs per token vs teacher" in lines[0]
+            rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+            assert rows[0][:3] == ["teacher", "", "1"] and float(rows[0][3].split()[0]) > 0  # its teacher's MRR@10
+            assert sorted(row[1] for row in rows[1:]) == sorted(losses)
+            assert all(row[2] == "1" for row in rows[1:])
+            # 2 of the teacher's 6 layers (ColBERT: and its projection to 128 dimensions)
+            assert all(flops[0] - 1e-3 < float(row[-2]) < flops[1] for row in rows[1:])
+        assert lines[0] in r.stdout and "| student | in_batch_kl_ce | 1 |" in r.stdout  # printed at the end

@@ -91,6 +91,17 @@ class _Tempered(TermSpec):
 
 # ---- ranking: [B, n] scores, column 0 the positive ----
 
+@dataclass
+class _ScoreKL(_Tempered):
+    """A KL between the teacher's and the student's softmax over a row of ranking scores (listwise, in-batch)."""
+    standardize: bool = False  # z-score each row on both sides first (Sun et al. 2024): scale-free
+    teacher_scale: float = 1.0  # the teacher's scores times this: a cosine teacher's logits (conf: its fine-tune's)
+
+    def check(self, where: str) -> None:
+        super().check(where)
+        _positive(where, "teacher_scale", self.teacher_scale)
+
+
 @term("margin_mse")
 @dataclass
 class MarginMSE(TermSpec):
@@ -100,15 +111,9 @@ class MarginMSE(TermSpec):
 
 @term("listwise_kl")
 @dataclass
-class ListwiseKL(_Tempered):
+class ListwiseKL(_ScoreKL):
     """Listwise KD (RocketQAv2-style): T^2 KL(p_t || p_s) over each query's 1 positive + k negatives."""
     tasks, reads, target = RANKING, "scores", "kdrun.losses.functional.listwise_kl"
-    standardize: bool = False  # z-score each query's scores on both sides first (Sun et al. 2024): scale-free
-    teacher_scale: float = 1.0  # the teacher's scores times this: a cosine teacher's logits (conf: its fine-tune's)
-
-    def check(self, where: str) -> None:
-        super().check(where)
-        _positive(where, "teacher_scale", self.teacher_scale)
 
 
 @term("pointwise_mse")
@@ -120,17 +125,11 @@ class PointwiseMSE(TermSpec):
 
 @term("in_batch_kl")
 @dataclass
-class InBatchKL(_Tempered):
+class InBatchKL(_ScoreKL):
     """TAS-Balanced's in-batch KD (Hofstaetter et al. 2021): T^2 KL over every passage of the batch, per query. Online,
     or precomputed from a bi-encoder teacher (its embeddings are cached; out-of-fold teachers included)."""
     tasks, reads, target = RANKING, "in_batch_scores", "kdrun.losses.functional.in_batch_kl"
     needs, online_teacher = frozenset({"in_batch_scores"}), True
-    standardize: bool = False  # z-score each row on both sides first (Sun et al. 2024): scale-free
-    teacher_scale: float = 1.0  # the teacher's scores times this: a cosine teacher's logits (conf: its fine-tune's)
-
-    def check(self, where: str) -> None:
-        super().check(where)
-        _positive(where, "teacher_scale", self.teacher_scale)
 
 
 # ---- distributions: classification logits [B, C], LM logits [B, L, V] ----

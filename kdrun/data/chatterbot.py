@@ -18,6 +18,9 @@ from kdrun.data import ranking
 from kdrun.errors import DataError
 
 log = logging.getLogger(__name__)
+# libyaml's parser where PyYAML was built with it (the wheels are): the same documents, ~15x faster than the pure-Python
+# one (the English files: 1.2 s -> 0.08 s, measured), a second of every run on the default data
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def conversations(directory: Path) -> Tuple[List[List[str]], int]:
@@ -29,7 +32,7 @@ def conversations(directory: Path) -> Tuple[List[List[str]], int]:
     convs_out, skipped = [], 0
     for f in files:
         try:
-            doc = yaml.safe_load(f.read_text(encoding="utf-8"))
+            doc = yaml.load(f.read_text(encoding="utf-8"), Loader=_LOADER)  # noqa: S506 - a safe loader
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
             raise DataError(f"{f}: cannot read as YAML: {e}") from e
         convs = doc.get("conversations") if isinstance(doc, dict) else None

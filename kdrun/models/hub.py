@@ -54,6 +54,10 @@ def resolve_source(role: str, name: Optional[str], path: Optional[str], gguf_fil
         return str(p)
     if not name:
         raise ModelLoadError(f"{role}: set {role}.name (a hub name) or {role}.path=/local/dir")
+    from kdrun.models import tiny
+
+    if tiny.is_tiny(name):  # kdrun's own tiny random models: built locally on first use, never from the hub
+        return tiny.ensure(name)
     local = Path(name).expanduser()
     if local.is_dir():
         return resolve_source(role, None, str(local), gguf_file)

@@ -20,8 +20,9 @@ CARD = "README.md"
 
 def _model(params: Dict[str, str], who: str) -> Optional[str]:
     for key in (f"{who}.name", f"{who}.path"):  # a hub name first: what base_model means on the Hub
-        if params.get(key) not in (None, "", "None"):
-            return str(params[key])
+        value = params.get(key)
+        if value not in (None, "", "None", "null") and not str(value).startswith("kdrun-tiny/"):  # (not on the Hub)
+            return str(value)
     return None
 
 

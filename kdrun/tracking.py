@@ -155,7 +155,7 @@ def open_store(uri: Optional[str], experiment: Optional[str] = None, fallback: s
     # MLFLOW_TRACKING_URI before mlflow.get_tracking_uri(): a Tracker sets MLflow's process-wide URI for its fluent
     # calls, so an earlier run in this process (pipeline.run twice, a notebook) would otherwise pull the next one
     # into its store whatever the environment now says
-    resolved = uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    resolved = absolute(uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri())
     if resolved.startswith("http"):
         _http_quick_fail()
     try:
@@ -166,7 +166,17 @@ def open_store(uri: Optional[str], experiment: Optional[str] = None, fallback: s
             raise
         log.warning("%s. tracking.fallback=local: logging to the local store %s in %s instead (browse with "
                     "`make ui`)", e, LOCAL_STORE, Path.cwd())
-        return _connect(LOCAL_STORE, experiment)
+        return _connect(absolute(LOCAL_STORE), experiment)
+
+
+def absolute(uri: str) -> str:
+    """A SQLite store named relative to the working directory (MLflow's default, `sqlite:///mlflow.db`) named by its
+    absolute path: MLflow keeps one store object per URI for the life of the process, so a relative one would go on
+    writing to the first directory's file after the working directory changed (a notebook, a second run in-process)."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/") and ":memory:" not in uri:
+        return prefix + str(Path.cwd() / uri[len(prefix):])
+    return uri
 
 
 def _connect(uri: str, name: Optional[str]) -> Store:

@@ -184,7 +184,13 @@ def main() -> None:
         os.environ[_ARGV_ENV] = json.dumps(argv)  # sweep jobs (joblib's worker processes) print resume hints with it
         if not user_full_error:  # Hydra raises its composition errors to us instead of printing them in many lines
             os.environ["HYDRA_FULL_ERROR"] = "1"
-        _main()
+        try:
+            _main()
+        finally:
+            if multirun:
+                from kdrun import sweep
+
+                sweep.end_open_parents()  # a sweep whose job failed: its parent run ends FAILED now
     except Stopped as e:  # while starting, or between a sweep's jobs: nothing of a run to resume
         print(f"kdrun: {e}", file=sys.stderr)
         sys.exit(128 + e.signum)

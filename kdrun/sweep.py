@@ -32,6 +32,16 @@ SWEEP_DIR_TAG = "kdrun.sweep_dir"
 BOARD_ENV = "KDRUN_SWEEP_BOARD"
 MAIN_PID_ENV = "KDRUN_SWEEP_PID"  # the sweep's main process: a job elsewhere (a launcher's worker) is not it
 _STOPPED: list = []  # the signal that stopped this sweep (a job's, in this process), if any
+_OPEN_PARENTS: list = []  # (callback, config) of this process's sweeps whose parent run is still open
+
+
+def end_open_parents() -> None:
+    """A sweep that ended without Hydra's on_multirun_end (it skips it when a job raises): its parent run ends FAILED
+    (KILLED after a signal) now, when the kdrun command returns, and not only at the interpreter's exit, which for
+    kdrun called in a long-lived process (a notebook, a test suite) comes much later."""
+    while _OPEN_PARENTS:
+        callback, config = _OPEN_PARENTS.pop()
+        callback._fail_if_open(config)
 
 
 def stopped_by(signum: int) -> None:
@@ -228,6 +238,7 @@ class MlflowSweep(Callback):
         os.environ[ENV] = self.run_id
         os.environ[SWEPT_ENV] = ",".join(swept_keys(given, config))  # jobs name themselves by these
         atexit.register(self._fail_if_open, config)  # Hydra skips on_multirun_end when a job raises
+        _OPEN_PARENTS.append((self, config))  # (kdrun.cli ends it when the command returns: end_open_parents)
         self._stop_on_signals(config)
         log.info("MLflow sweep parent run %s (experiment '%s')", self.run_id, name)
 
@@ -247,6 +258,7 @@ class MlflowSweep(Callback):
         os.environ[ENV] = self.run_id
         os.environ[SWEPT_ENV] = ",".join(swept_keys(given, config))
         atexit.register(self._fail_if_open, config)
+        _OPEN_PARENTS.append((self, config))
         self._stop_on_signals(config)
         log.info("MLflow sweep parent run %s continues (resume %d)", self.run_id, resumes)
         return True

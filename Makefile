@@ -6,11 +6,10 @@ PORT   ?= 5000
 # torch build for a fresh environment (the CPU wheel on machines that have it on disk,
 # the default CUDA wheel from PyPI elsewhere); an existing torch is kept as it is.
 TORCH_SPEC ?= torch==2.13.0
-# test processes (pytest-xdist): a test file runs whole on one of them; 2 fits a 2-core machine, where most of a test's
-# time is one busy core (imports, tokenising, MLflow's store) and the other waits
+# test processes (pytest-xdist): a test file runs whole on one of them; 2 fits a 2-core machine
 TEST_JOBS ?= 2
 
-.PHONY: install demo reproduce test test-slow ui server clean
+.PHONY: install demo smoke reproduce test test-slow test-all ui server clean
 
 install: $(VENV)/.kdrun-installed
 
@@ -29,23 +28,28 @@ $(VENV)/.kdrun-installed: pyproject.toml
 demo: install
 	$(BIN)/kdrun
 
+# does this install work? each family's tiny models (built locally), 4 steps, evaluated, logged: seconds per family
+smoke: install
+	$(BIN)/kdrun experiment=smoke
+	$(BIN)/kdrun experiment=smoke_classification
+	$(BIN)/kdrun experiment=smoke_causal_lm
+
 # Hofstaetter et al.'s claims on both offline ranking data sets (README, "Results"): 4 sweeps of 18 runs (a sweep per data set and student, each student from its own teacher), 2 jobs at a time: 52 min on 2 CPU cores (measured once, README)
 reproduce: install
 	PATH=$(abspath $(BIN)):$$PATH scripts/reproduce_margin_mse
 
+# the default suite (unit tests, in-process runs on tiny models): under 5 minutes on 2 cores
 test: install
 	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile
 
-# the slow tests two at a time, then alone those whose signals and kills land at moments the machine's load moves
+# the slow tests (the real models where quality or timing is the point; processes for signals, kills, launchers,
+# torchrun) two at a time, then alone those whose signals and kills land at moments the machine's load moves
 test-slow: install
 	$(BIN)/python -m pytest -m "slow and not serial" -n $(TEST_JOBS) --dist loadfile
 	$(BIN)/python -m pytest -m "slow and serial"
 
-# long checks left out of CI: the classification and causal-LM demos run whole (each must improve its student),
-# kdrun-bench end to end, torch.compile, DDP stopped by SIGTERM and resumed, every ranking student from every
-# teacher mode: ~13 min on 2 CPU cores (the demos 5m51s, the rest 6m42s in CI before they moved here)
-test-demo: install
-	$(BIN)/python -m pytest -m demo
+# what CI runs (.ci/run): both
+test-all: test test-slow
 
 # MLflow UI over the default local store of this directory (the same one `kdrun` logs to); prints each kdrun
 # experiment's runs view (MLflow 3 otherwise opens an experiment on its GenAI pages)

@@ -1,36 +1,35 @@
+"""Fixtures for every test: the offline models, one kdrun cache per test session, the session's tiny models.
+
+Helpers (the in-process `kdrun`, `run_kdrun`, tolerances, the small-run lists) live in tests/support.py; tests import
+them from there (`pythonpath = ["tests"]` in pyproject.toml)."""
 import os
-import subprocess
-import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-CONF = ROOT / "conf"
+# The hub is never reached from a test and nothing of the user's own Hugging Face cache is seen, in this process as in
+# the processes it starts (set before anything imports huggingface_hub, which reads them once).
+os.environ.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_OFFLINE="0", MLFLOW_DISABLE_TELEMETRY="true",
+                  HF_HOME=os.environ.get("KDRUN_TEST_HF_HOME") or tempfile.mkdtemp(prefix="kdrun-test-hf-"))
+os.environ["KDRUN_TEST_HF_HOME"] = os.environ["HF_HOME"]  # (xdist's worker processes inherit it)
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two test processes on two cores: one thread each, not two fighting for one
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # (before torch is imported; the processes a test starts inherit it)
 
-# Float comparisons that hold on any CPU. The same computation with the same shapes gives the same bits on one
-# machine (tests assert torch.equal there). Across differently shaped computations (a text alone vs in a batch, a
-# cache filled in chunks of another size) oneDNN/MKL pick other kernels by shape and instruction set (AVX2, AVX-512,
-# AMX), which regroup the sums: the results then agree only up to float32 rounding. Such tests compare with
-# f32_close, a tolerance in float32 epsilons relative to the largest magnitude (norm-wise: a regrouped sum's error
-# scales with the size of its terms, so an element near zero may differ by more than its own few ulps).
-F32_EPS = 2.0 ** -23  # torch.finfo(torch.float32).eps
-# 2^6 eps: one forward pass of a 6-layer encoder, its matmuls regrouped (seen: up to 2.1 eps, AVX-512 + AMX)
-FORWARD_ULPS = 64
-# 2^8 eps: a few optimizer steps from teacher outputs that differ in their last bits (each step carries it on)
-TRAINING_ULPS = 256
+import support  # noqa: E402
 
 
-def f32_close(actual, expected, ulps: int = FORWARD_ULPS) -> bool:
-    """|actual - expected| <= ulps * eps32 * max|expected|, elementwise, for tensors or sequences of floats."""
-    import torch
+def _session_root(tmp_path_factory) -> Path:
+    """A folder the whole test session shares: with pytest-xdist, its two worker processes too."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
-    a = torch.as_tensor(actual, dtype=torch.float64)
-    e = torch.as_tensor(expected, dtype=torch.float64)
-    if a.shape != e.shape:
-        return False
-    scale = e.abs().max().item() if e.numel() else 0.0
-    return bool(((a - e).abs() <= ulps * F32_EPS * scale).all())
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_models(tmp_path_factory):
+    """The tiny models (and the de-quantised SmolLM2) are built once per test session, into one folder that every
+    kdrun cache of the session links to (support.offline_env)."""
+    support.share_models(_session_root(tmp_path_factory) / "kdrun-models")
 
 
 @pytest.fixture(scope="session")
@@ -42,53 +41,37 @@ def minilm_dir() -> str:
 
 @pytest.fixture(scope="session")
 def kdrun_cache(tmp_path_factory) -> Path:
-    """One kdrun cache (converted GGUF models, fine-tuned teachers) for the whole test session."""
-    return tmp_path_factory.mktemp("kdrun_cache")
+    """One kdrun cache (fine-tuned teachers, teacher outputs, tokens, built data) for the whole test session, its two
+    xdist processes too: kdrun's cache takes concurrent writers (entries are published by a rename), so what one
+    process built (the code_search extraction: 40 s) the other reads."""
+    cache = _session_root(tmp_path_factory) / "kdrun_cache"
+    cache.mkdir(exist_ok=True)
+    return cache
 
 
-def offline_env(tmp_path: Path, cache: Path = None) -> dict:
-    """An environment where the hub cannot be reached and nothing is cached (but kdrun's own cache, when given)."""
-    env = dict(os.environ)
-    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="0",
-               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
-               KDRUN_CACHE=str(cache or tmp_path / "kdrun_cache"))
-    return env
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    """kdrun-tiny/bert's local directory (built once per session)."""
+    return _tiny(tmp_path_factory, "bert")
 
 
-def run_kdrun(args, cwd: Path, env=None, timeout=600) -> subprocess.CompletedProcess:
-    """The real console entry point, as a user types it."""
-    exe = Path(sys.executable).with_name("kdrun")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "kdrun"]
-    return subprocess.run(cmd + list(args), cwd=cwd, env=env or dict(os.environ), capture_output=True,
-                          text=True, timeout=timeout)
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    """kdrun-tiny/llama's local directory (built once per session)."""
+    return _tiny(tmp_path_factory, "llama")
 
 
-def free_port() -> int:
-    import socket
+def _tiny(tmp_path_factory, kind: str) -> str:
+    from kdrun.models import tiny
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def mlflow_server(tmp: Path, port: int) -> subprocess.Popen:
-    """A real `mlflow server` (what `make server` starts) on 127.0.0.1:port, its SQLite store and artifacts in tmp
-    (kept across restarts); returns once /health answers. Stop it with os.killpg(proc.pid, signal)."""
-    import time
-    import urllib.request
-
-    mlflow = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen([str(mlflow), "server", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
-                             "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"], cwd=tmp, stdout=open(tmp / "server.log", "a"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
-                return proc
-        except OSError:
-            time.sleep(0.5)
-        assert proc.poll() is None, (tmp / "server.log").read_text()[-3000:]
-    os.killpg(proc.pid, 9)
-    pytest.fail("mlflow server did not come up in 120 s: " + (tmp / "server.log").read_text()[-3000:])
+    cache = tmp_path_factory.mktemp("tiny_cache")
+    env = support.offline_env(cache, cache / "kdrun_cache")
+    saved = os.environ.get("KDRUN_CACHE")
+    os.environ["KDRUN_CACHE"] = env["KDRUN_CACHE"]
+    try:
+        return tiny.ensure(tiny.PREFIX + kind)
+    finally:
+        if saved is None:
+            os.environ.pop("KDRUN_CACHE")
+        else:
+            os.environ["KDRUN_CACHE"] = saved

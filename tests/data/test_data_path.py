@@ -8,7 +8,7 @@ import torch
 from kdrun.data import tokens
 from kdrun.data.batching import BucketBatchSampler
 
-from conftest import f32_close
+from support import CONF, f32_close
 
 
 def _area(groups, lengths, multiple):
@@ -31,6 +31,19 @@ def _brute_force(lengths, max_groups, multiple):
     return best
 
 
+def test_bucket_sampler_covers_everything_once_and_reshuffles():
+    lengths = [i % 37 for i in range(1000)]
+    s = BucketBatchSampler(lengths, batch_size=32, seed=0, chunk_batches=5)
+    e1, e2 = list(s), list(s)
+    assert len(e1) == len(s) == 1000 // 32
+    flat = [i for b in e1 for i in b]
+    assert len(flat) == len(set(flat)) == 31 * 32
+    assert all(len(b) == 32 for b in e1)
+    assert e1 != e2  # a new order each epoch
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in e1) / len(e1)
+    assert spread < 10  # similar lengths within a batch (random batches would span ~36)
+
+
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("max_groups,multiple", [(1, 8), (2, 8), (3, 1), (4, 8), (8, 1)])
 def test_length_groups_are_optimal_and_cover_every_row_once(seed, max_groups, multiple):
@@ -43,14 +56,14 @@ def test_length_groups_are_optimal_and_cover_every_row_once(seed, max_groups, mu
     assert _area(groups, lengths, multiple) == _brute_force(lengths, max_groups, multiple)
 
 
-def test_grouped_padding_leaves_bi_encoder_and_colbert_scores_unchanged(minilm_dir):
+def test_grouped_padding_leaves_bi_encoder_and_colbert_scores_unchanged(tiny_bert):
     """Length groups only save padding: a bi-encoder's and a late-interaction model's scores match plain padding."""
     from transformers import AutoModel, AutoTokenizer
 
     from kdrun.models.encoders import BiEncoder, LateInteraction
 
-    tok = AutoTokenizer.from_pretrained(minilm_dir)
-    enc = AutoModel.from_pretrained(minilm_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    enc = AutoModel.from_pretrained(tiny_bert).eval()
     queries = ["hi", "what is the capital of france and why is it paris"]
     passages = [["hello there", "the capital of france is paris, a city on the seine with a long history"],
                 ["paris", "a very long passage " * 8]]
@@ -122,7 +135,6 @@ def test_the_demo_data_is_mostly_real_tokens_and_the_student_uses_sdpa(tmp_path,
     vs 19% with shuffled batches padded to their longest text)."""
     from hydra import compose, initialize_config_dir
 
-    from conftest import CONF
     from kdrun import pipeline
     from kdrun.config import register
 

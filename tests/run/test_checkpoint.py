@@ -206,3 +206,43 @@ def test_resume_from_a_path_without_checkpoints_names_it(tmp_path):
     with pytest.raises(ConfigError, match="no valid checkpoint"):
         checkpoint.locate(str(tmp_path / "empty"), str(tmp_path))
     assert checkpoint.locate("auto", str(tmp_path)) is None  # auto: nothing to resume, a fresh start
+
+
+@pytest.mark.parametrize("target,error", [
+    ("torch.save", RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")),
+    ("safetensors.torch.save_model",
+     "SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')"),
+])
+def test_a_full_disk_in_torch_save_or_safetensors_is_a_checkpoint_error(tmp_path, monkeypatch, target, error):
+    """What torch.save and safetensors raise on a full disk (RuntimeError, SafetensorError: measured on a full tmpfs)
+    ends as a CheckpointError (training goes on) with no staging dir left, not as a crash."""
+    from safetensors import SafetensorError
+
+    if isinstance(error, str):
+        error = SafetensorError(error.split("'")[1])
+    student, loss = DropScorer(), _loss()
+    save = _saver(tmp_path, student, loss, make_optim([student, loss], RT, STEPS, **OPT))
+    save(1, {"step": 1, "window": {}, "window_steps": 0, "skipped": 0})
+
+    def full(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(target, full)
+    with pytest.raises(CheckpointError) as e:
+        save(2, {"step": 2, "window": {}, "window_steps": 0, "skipped": 0})
+    assert "ckpt-00000002" in str(e.value) and "ckpt-00000001" in str(e.value)
+    if target != "torch.save":
+        assert "No space left on device" in str(e.value)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["ckpt-00000001"]
+
+
+def test_resume_prunes_a_checkpoint_left_over_by_a_kill_before_pruning(tmp_path):
+    """Killed between writing ckpt-6 and pruning: three checkpoints with keep_checkpoints=2, and a resumed run that
+    wrote no other checkpoint kept all three. Resume prunes (never the checkpoint it resumed from)."""
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        (root / f"ckpt-{step:08d}").mkdir(parents=True)
+    checkpoint.prune(root, 2, protect=root / "ckpt-00000002")
+    assert sorted(p.name for p in root.iterdir()) == ["ckpt-00000002", "ckpt-00000004", "ckpt-00000006"]
+    checkpoint.prune(root, 2, protect=root / "ckpt-00000006")
+    assert sorted(p.name for p in root.iterdir()) == ["ckpt-00000004", "ckpt-00000006"]

@@ -9,7 +9,7 @@ from torch import nn
 from kdrun.errors import NonFiniteLossError
 from kdrun.losses import Context, WeightedLoss
 from kdrun.runtime import make_runtime
-from kdrun.train import make_optim, train
+from kdrun.train import make_optim, train, warmup_then
 
 RT = make_runtime("cpu", "fp32")
 OPT = dict(lr=0.1, weight_decay=0.0, betas=[0.9, 0.999], eps=1e-8, schedule="constant", warmup_ratio=0.0,
@@ -215,3 +215,12 @@ def test_up_to_n_non_finite_steps_are_skipped_and_counted():
     assert all(math.isfinite(m["train/loss"]) for _, m in logs)  # skipped steps stay out of the means
     with pytest.raises(NonFiniteLossError, match=r"step 5: .*the 3th; train.max_nonfinite_skips=2"):
         _nan_run(bad={1, 2, 5}, skips=2)
+
+
+def test_warmup_then_linear_decay():
+    f = warmup_then("linear", warmup_steps=4, total_steps=14)
+    assert [round(f(s), 3) for s in range(4)] == [0.2, 0.4, 0.6, 0.8]
+    assert f(4) == pytest.approx(1.0)
+    assert f(9) == pytest.approx(0.5)
+    assert f(14) == 0.0
+    assert warmup_then("constant", 2, 10)(8) == 1.0

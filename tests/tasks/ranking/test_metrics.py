@@ -1,10 +1,11 @@
+"""Ranking metrics as the IR community computes them: known values, cutoffs and ties, graded relevance, and the
+TREC files kdrun writes scored by ir_measures to the same numbers."""
 import math
 
 import pytest
 import torch
 
 from kdrun.tasks.ranking import ranking_metrics
-from kdrun.train import warmup_then
 
 
 def test_ranking_metrics_known_values():
@@ -102,11 +103,3 @@ def test_a_written_run_file_scored_by_ir_measures_gives_the_same_numbers(tmp_pat
     assert [outside[m] for m in measures] == pytest.approx(
         [logged[k] for k in ("mrr_at_10", "ndcg_at_10", "recall_at_10", "recall_at_50", "mrr_at_10_rel2")], rel=1e-12)
 
-
-def test_warmup_then_linear_decay():
-    f = warmup_then("linear", warmup_steps=4, total_steps=14)
-    assert [round(f(s), 3) for s in range(4)] == [0.2, 0.4, 0.6, 0.8]
-    assert f(4) == pytest.approx(1.0)
-    assert f(9) == pytest.approx(0.5)
-    assert f(14) == 0.0
-    assert warmup_then("constant", 2, 10)(8) == 1.0

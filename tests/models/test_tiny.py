@@ -1,0 +1,67 @@
+"""kdrun's tiny random models (kdrun/models/tiny.py): built locally from a fixed seed (the same bytes on every machine
+and every build), loaded by transformers with every weight in place, with the real offline models' tokenizers and
+depths at width 32; named like hub models (kdrun-tiny/...), never looked up on the hub."""
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdrun.errors import ModelLoadError
+from kdrun.models import tiny
+from kdrun.models.hub import resolve_source
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_tiny_model_is_the_same_bytes_whoever_builds_it_and_leaves_the_random_state_alone(tmp_path, monkeypatch,
+                                                                                          tiny_bert):
+    monkeypatch.setenv("KDRUN_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    again = Path(tiny.ensure("kdrun-tiny/bert"))
+    assert torch.equal(torch.get_rng_state(), state)  # a run's seed is not moved by building its teacher
+    assert again != Path(tiny_bert) and again.parent == tmp_path / "cache" / "tiny"
+    assert _sha(again / "model.safetensors") == _sha(Path(tiny_bert) / "model.safetensors")
+    assert (again / "kdrun_complete").is_file() and tiny.ensure("kdrun-tiny/bert") == str(again)  # built once
+
+
+def test_the_tiny_bert_is_minilms_tokenizer_and_depth_at_width_32(tiny_bert, minilm_dir):
+    from transformers import AutoModel, AutoTokenizer
+
+    model, info = AutoModel.from_pretrained(tiny_bert, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]  # every weight is in the file
+    real = AutoModel.from_pretrained(minilm_dir).config
+    assert (model.config.num_hidden_layers, model.config.hidden_size) == (real.num_hidden_layers, 32)
+    assert AutoTokenizer.from_pretrained(tiny_bert).get_vocab() == AutoTokenizer.from_pretrained(minilm_dir).get_vocab()
+    assert model.config.vocab_size == real.vocab_size
+    assert sum(p.numel() for p in model.parameters()) < 1.2e6  # the embeddings are most of it: a second to run
+
+
+def test_the_tiny_llama_is_smollm2s_tokenizer_chat_template_and_depth(tiny_llama):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, info = AutoModelForCausalLM.from_pretrained(tiny_llama, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 32  # SmolLM2-135M's depth
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # grouped-query attention, as SmolLM2
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    assert len(tok) == model.config.vocab_size == 49152 and tok.eos_token == "<|im_end|>"
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert "<|im_start|>user\nhi<|im_end|>" in chat  # SmolLM2's chat template came along
+    with torch.inference_mode():
+        logits = model(**tok(["a tiny test"], return_tensors="pt")).logits
+    assert logits.shape[-1] == 49152 and torch.isfinite(logits).all()
+
+
+def test_tiny_names_are_built_here_never_asked_of_the_hub_and_a_path_wins(tmp_path, monkeypatch, tiny_bert):
+    monkeypatch.setenv("KDRUN_CACHE", str(Path(tiny_bert).parents[1]))  # the session's cache: already built
+    assert resolve_source("teacher", "kdrun-tiny/bert", None) == str(Path(tiny_bert))
+    assert resolve_source("teacher", "kdrun-tiny/bert", tiny_bert) == tiny_bert  # teacher.path wins over the name
+    with pytest.raises(ModelLoadError, match=r"kdrun-tiny/gpt: kdrun's tiny models are \['kdrun-tiny/bert', "
+                                             r"'kdrun-tiny/llama'\]"):
+        resolve_source("student", "kdrun-tiny/gpt", None)
+    assert tiny.is_tiny("kdrun-tiny/bert") and not tiny.is_tiny("sentence-transformers/all-MiniLM-L6-v2")
+    assert not tiny.is_tiny(None)

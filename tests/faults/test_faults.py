@@ -225,6 +225,25 @@ def test_a_signal_after_the_work_is_done_leaves_exit_status_0(tmp_path):
     assert proc.returncode == 0 and "stopped" not in err and "Traceback" not in err, (proc.returncode, err[-2000:])
 
 
+@pytest.mark.parametrize("delay", [1.0, 2.5])
+def test_sigterm_while_the_console_script_starts_ends_in_one_line_and_143(tmp_path, delay):
+    """The fault suite forks from a zygote that has imported kdrun, so its "start" faults land after the imports; a
+    SIGTERM into the console script's own start (its imports take seconds: torch, transformers, MLflow) is checked
+    here: one line saying so, status 128 + 15, no traceback (the handler is installed ahead of the imports; on a
+    machine that has finished them by then, the run's own stop says the same and how to go on)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("kdrun")), f"hydra.run.dir={tmp_path / 'run'}"],
+                            cwd=tmp_path, env=offline_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err[-2000:])
+    assert "Traceback" not in err and "kdrun: stopped by SIGTERM" in err, err[-2000:]
+
+
 def test_an_empty_output_dir_is_a_config_error(tmp_path):
     r = kdrun(["output_dir="], tmp_path, offline_env(tmp_path))
     assert r.returncode == 2 and "output_dir='' would write" in r.stderr, r.stderr[-2000:]

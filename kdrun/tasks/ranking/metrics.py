@@ -11,7 +11,7 @@ Candidates are ranked by descending score. Ties follow the tools ir_measures run
 script (the lower passage id first, as strings); for nDCG and R, trec_eval (the higher id first). So a list ranked
 here and the same list written as a TREC run and scored by ir_measures agree even where scores tie.
 `fast_metrics` is kdrun's own (periodic evaluations during training); `library_metrics` is ir_measures (the
-evaluations a run reports before and after training). tests/test_metrics.py checks that they agree.
+evaluations a run reports before and after training). tests/tasks/ranking/test_metrics.py checks that they agree.
 """
 from __future__ import annotations
 

@@ -408,6 +408,56 @@ def parallel_sweep_in(tmp):
 
 # ---- a real tracking server ----------------------------------------------------------------------------------------
 
+# ---- a small ranking setting for the teachers' unit tests (tests/teachers, tests/tasks/ranking) ----
+
+TEACHER = dict(name=None, gguf_file=None, pooling="mean", similarity="cos", label_index=-1, max_length=64, top_k=0)
+STUDENT = dict(name=None, path=None, init="teacher_layers", layers=[0, 5], pooling="mean", similarity="dot",
+               max_length=64, scratch={}, tokenizer=None, dim=16)
+QUERIES = ["what is your name", "how old are you", "do you like music", "what is the weather like today",
+           "tell me a joke", "where do you live"]
+PASSAGES = [["my name is bot", "it rains a lot here", "i am a computer program"],
+            ["i was made last year", "i like jazz", "ask me later"],
+            ["yes, especially jazz and some rock", "no", "my name is bot"],
+            ["sunny with a light breeze and twenty degrees", "i live in the cloud", "ha ha"],
+            ["why did the chicken cross the road? to get to the other side", "no", "sunny"],
+            ["in the cloud, on many servers", "i like jazz", "i was made last year"]]
+
+
+def build_ranking_student(*args, **kwargs):
+    """kdrun.tasks.build_student as the ranking family calls it."""
+    from kdrun.tasks import build_student
+
+    return build_student(*args, task="ranking", **kwargs)
+
+
+def ranking_data(train=None):
+    """QUERIES x PASSAGES to train on (first passage positive), the first two queries held out."""
+    from kdrun.data.ranking import RankingData
+
+    train = train or list(zip(QUERIES, PASSAGES))
+    return RankingData(train, QUERIES[:2], [PASSAGES[0], PASSAGES[1]], [[1, 0, 0], [1, 0, 0]], "test")
+
+
+def ranking_task(teacher, data=None):
+    from kdrun.runtime import make_runtime
+    from kdrun.tasks.ranking import RankingTask
+
+    return RankingTask(data or ranking_data(), teacher, None, make_runtime("cpu", "fp32"), eval_batch_size=4)
+
+
+def ranking_rows(n=40, scores=False) -> list:
+    """Rows in sentence-transformers' column layout (anchor, positive, negative_1, negative_2; with a teacher's
+    margins where scores=True), for a user's own ranking file or `datasets` folder."""
+    rows = []
+    for i in range(n):
+        row = {"anchor": f"what does animal {i} eat", "positive": f"animal {i} eats food number {i}",
+               "negative_1": f"animal {i + 1} sleeps in place {i}", "negative_2": f"plants grow in soil {i}"}
+        if scores:
+            row["margin"] = [3.0 + i % 3, 5.0]
+        rows.append(row)
+    return rows
+
+
 def free_port() -> int:
     import socket
 

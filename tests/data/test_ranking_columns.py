@@ -5,6 +5,7 @@ import json
 import pytest
 
 from kdrun.errors import DataError
+from support import ranking_rows
 
 
 def _jsonl(path, rows):
@@ -12,32 +13,21 @@ def _jsonl(path, rows):
     return str(path)
 
 
-def _ranking_rows(n=40, scores=False):
-    rows = []
-    for i in range(n):
-        row = {"anchor": f"what does animal {i} eat", "positive": f"animal {i} eats food number {i}",
-               "negative_1": f"animal {i + 1} sleeps in place {i}", "negative_2": f"plants grow in soil {i}"}
-        if scores:
-            row["margin"] = [3.0 + i % 3, 5.0]
-        rows.append(row)
-    return rows
-
-
 def test_ranking_columns_take_the_rows_negatives_first_then_bm25s(tmp_path):
     from kdrun.data.ranking_columns import load
 
     args = dict(name=None, train_split="train", eval_split=None, eval_fraction=0.25, split_salt="s", seed=1,
                 mine_depth=30, eval_candidates=10, max_train_queries=None, max_eval_queries=None)
-    data = load(path=_jsonl(tmp_path / "t.jsonl", _ranking_rows()), negatives_per_query=3, **args)
-    row = {r["anchor"]: r for r in _ranking_rows()}
+    data = load(path=_jsonl(tmp_path / "t.jsonl", ranking_rows()), negatives_per_query=3, **args)
+    row = {r["anchor"]: r for r in ranking_rows()}
     for q, ps in data.train:
         assert ps[:3] == [row[q]["positive"], row[q]["negative_1"], row[q]["negative_2"]] and len(ps) == 4
     assert data.teacher_scores is None and data.stats["examples_filled_by_bm25"] == len(data.train)
     assert all(len(c) == 10 and sum(y) == 1 for c, y in zip(data.eval_candidates, data.eval_labels))
-    scored = load(path=_jsonl(tmp_path / "s.jsonl", _ranking_rows(scores=True)), negatives_per_query=2, **args)
+    scored = load(path=_jsonl(tmp_path / "s.jsonl", ranking_rows(scores=True)), negatives_per_query=2, **args)
     for (q, _), s in zip(scored.train, scored.teacher_scores):  # margins: 0 for the positive, -margin per negative
         assert s.tolist() == [0.0, -(3.0 + int(q.split()[3]) % 3), -5.0]
     with pytest.raises(DataError, match="fewer than data.negatives_per_query=3"):
-        load(path=_jsonl(tmp_path / "s.jsonl", _ranking_rows(scores=True)), negatives_per_query=3, **args)
+        load(path=_jsonl(tmp_path / "s.jsonl", ranking_rows(scores=True)), negatives_per_query=3, **args)
     with pytest.raises(DataError, match=r"no positive column \(looked for \['positive'\]"):
         load(path=_jsonl(tmp_path / "q.jsonl", [{"anchor": "a", "pos": "b"}]), negatives_per_query=1, **args)

@@ -1,66 +1,11 @@
 """Several teachers (kdrun/models/ensemble.py): their outputs averaged with their weights, each one's own kept for
 a loss term that names it."""
-import json
-import os
-import shutil
-from functools import partial
-
-import numpy as np
-import pytest
 import torch
 
-from kdrun import teacher_cache
-from kdrun.data import scores_file
-from kdrun.data.ranking import RankingData, text_id
-from kdrun.errors import ConfigError, DataError
 from kdrun.losses import WeightedLoss, Context
 from kdrun.models import load_teacher
-from kdrun.tasks import build_student as family_student
 from kdrun.models.ensemble import Ensemble, combine
-from kdrun.runtime import make_runtime
-from kdrun.tasks.ranking import RankingTask
-from support import f32_close
-
-
-TEACHER = dict(name=None, gguf_file=None, pooling="mean", similarity="cos", label_index=-1, max_length=64, top_k=0)
-
-
-build_student = partial(family_student, task="ranking")  # as the ranking family builds it
-
-
-STUDENT = dict(name=None, path=None, init="teacher_layers", layers=[0, 5], pooling="mean", similarity="dot",
-               max_length=64, scratch={}, tokenizer=None, dim=16)
-
-
-QUERIES = ["what is your name", "how old are you", "do you like music", "what is the weather like today",
-           "tell me a joke", "where do you live"]
-
-
-PASSAGES = [["my name is bot", "it rains a lot here", "i am a computer program"],
-            ["i was made last year", "i like jazz", "ask me later"],
-            ["yes, especially jazz and some rock", "no", "my name is bot"],
-            ["sunny with a light breeze and twenty degrees", "i live in the cloud", "ha ha"],
-            ["why did the chicken cross the road? to get to the other side", "no", "sunny"],
-            ["in the cloud, on many servers", "i like jazz", "i was made last year"]]
-
-
-@pytest.fixture(scope="module")
-def teacher(tiny_bert):
-    return load_teacher(path=tiny_bert, kind="bi_encoder", **TEACHER)
-
-
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):  # score files are converted under kdrun's cache
-    monkeypatch.setenv("KDRUN_CACHE", str(tmp_path / "kdrun_cache"))
-
-
-def _data(train=None):
-    train = train or list(zip(QUERIES, PASSAGES))
-    return RankingData(train, QUERIES[:2], [PASSAGES[0], PASSAGES[1]], [[1, 0, 0], [1, 0, 0]], "test")
-
-
-def _task(teacher, data=None):
-    return RankingTask(data or _data(), teacher, None, make_runtime("cpu", "fp32"), eval_batch_size=4)
+from support import PASSAGES, QUERIES, TEACHER, f32_close
 
 
 def test_several_teachers_average_with_weights_and_a_term_can_name_one(teacher, tiny_bert):

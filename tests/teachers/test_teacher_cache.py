@@ -6,7 +6,6 @@ a missing entry once. On the tiny BERT: the cache's mechanics, not the teacher's
 import json
 import os
 import shutil
-from functools import partial
 
 import numpy as np
 import pytest
@@ -14,56 +13,11 @@ import torch
 
 from kdrun import teacher_cache
 from kdrun.data import scores_file
-from kdrun.data.ranking import RankingData, text_id
-from kdrun.errors import ConfigError, DataError
 from kdrun.losses import WeightedLoss, Context
 from kdrun.models import load_teacher
-from kdrun.tasks import build_student as family_student
-from kdrun.models.ensemble import Ensemble, combine
 from kdrun.runtime import make_runtime
 from kdrun.tasks.ranking import RankingTask
-from support import f32_close
-
-
-TEACHER = dict(name=None, gguf_file=None, pooling="mean", similarity="cos", label_index=-1, max_length=64, top_k=0)
-
-
-build_student = partial(family_student, task="ranking")  # as the ranking family builds it
-
-
-STUDENT = dict(name=None, path=None, init="teacher_layers", layers=[0, 5], pooling="mean", similarity="dot",
-               max_length=64, scratch={}, tokenizer=None, dim=16)
-
-
-QUERIES = ["what is your name", "how old are you", "do you like music", "what is the weather like today",
-           "tell me a joke", "where do you live"]
-
-
-PASSAGES = [["my name is bot", "it rains a lot here", "i am a computer program"],
-            ["i was made last year", "i like jazz", "ask me later"],
-            ["yes, especially jazz and some rock", "no", "my name is bot"],
-            ["sunny with a light breeze and twenty degrees", "i live in the cloud", "ha ha"],
-            ["why did the chicken cross the road? to get to the other side", "no", "sunny"],
-            ["in the cloud, on many servers", "i like jazz", "i was made last year"]]
-
-
-@pytest.fixture(scope="module")
-def teacher(tiny_bert):
-    return load_teacher(path=tiny_bert, kind="bi_encoder", **TEACHER)
-
-
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):  # score files are converted under kdrun's cache
-    monkeypatch.setenv("KDRUN_CACHE", str(tmp_path / "kdrun_cache"))
-
-
-def _data(train=None):
-    train = train or list(zip(QUERIES, PASSAGES))
-    return RankingData(train, QUERIES[:2], [PASSAGES[0], PASSAGES[1]], [[1, 0, 0], [1, 0, 0]], "test")
-
-
-def _task(teacher, data=None):
-    return RankingTask(data or _data(), teacher, None, make_runtime("cpu", "fp32"), eval_batch_size=4)
+from support import PASSAGES, QUERIES, STUDENT, TEACHER, build_ranking_student, f32_close, ranking_data, ranking_task
 
 
 def test_online_teacher_is_frozen_in_low_precision_and_outside_the_optimizer(tiny_bert):
@@ -82,7 +36,7 @@ def test_online_teacher_is_frozen_in_low_precision_and_outside_the_optimizer(tin
     assert not teacher.training and teacher.exact
     assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}  # the profile's low precision
     assert not any(p.requires_grad for p in teacher.parameters())
-    student = build_student(**STUDENT, arch="bi_encoder", teacher=teacher)
+    student = build_ranking_student(**STUDENT, arch="bi_encoder", teacher=teacher)
     loss = WeightedLoss([("margin_mse", 1.0)], Context(task="ranking"))
     optim = make_optim([student, loss], rt, 2, lr=1e-3, weight_decay=0.0, betas=[0.9, 0.999], eps=1e-8,
                        schedule="constant", warmup_ratio=0.0, max_grad_norm=1.0)
@@ -127,7 +81,7 @@ def _padded_row(features, row):
 
 
 def test_cache_fills_then_hits_with_identical_outputs(teacher, tmp_path):
-    task = _task(teacher)
+    task = ranking_task(teacher)
     first, second = teacher_cache.CacheInfo(), teacher_cache.CacheInfo()
     a = teacher_cache.teacher_outputs(task, teacher, task.rt, str(tmp_path), True, first)
     b = teacher_cache.teacher_outputs(task, teacher, task.rt, str(tmp_path), True, second)
@@ -140,7 +94,7 @@ def test_cache_fills_then_hits_with_identical_outputs(teacher, tmp_path):
 def test_scores_alone_are_read_from_an_entry_that_kept_the_embeddings_too(teacher, tmp_path):
     """A sweep's in-batch loss keeps the teacher's embeddings beside its scores; its other losses read the scores
     there instead of running the teacher again."""
-    task = _task(teacher)
+    task = ranking_task(teacher)
     want = np.array(teacher_cache.teacher_outputs(task, teacher, task.rt, None, False, teacher_cache.CacheInfo())["scores"])
     wide, scores_only = teacher_cache.CacheInfo(), teacher_cache.CacheInfo()
     teacher.request({"in_batch_scores"})
@@ -166,7 +120,7 @@ def test_scores_alone_are_read_from_an_entry_that_kept_the_embeddings_too(teache
 
 
 def test_a_killed_teacher_pass_goes_on_from_its_finished_shards(teacher, tmp_path, monkeypatch):
-    task = _task(teacher)
+    task = ranking_task(teacher)
     task.teacher_chunk = 2  # 3 shards of 2 examples
     calls = []
     real = task.teacher_outputs_range
@@ -196,7 +150,7 @@ def test_a_killed_teacher_pass_goes_on_from_its_finished_shards(teacher, tmp_pat
 def test_a_damaged_shard_of_a_killed_pass_is_computed_again(teacher, tmp_path, monkeypatch, caplog):
     """Issue 20: the shards a killed pass leaves carry checksums; a flipped byte is caught before it reaches the
     entry (whose own checksum would be made from the flipped data)."""
-    task = _task(teacher)
+    task = ranking_task(teacher)
     task.teacher_chunk = 2
     real, calls = task.teacher_outputs_range, []
 
@@ -263,10 +217,10 @@ def test_reading_a_cache_entry_costs_memory_for_the_batch_not_the_entry(tmp_path
 
 
 def test_cache_key_follows_data_weights_settings_and_precision(teacher, tmp_path):
-    task = _task(teacher)
+    task = ranking_task(teacher)
     rt = task.rt
     base = teacher_cache.key_of(teacher_cache.describe(teacher, task.fingerprint(), rt))
-    other_data = _task(teacher, _data(list(zip(QUERIES[:5], PASSAGES[:5]))))
+    other_data = ranking_task(teacher, ranking_data(list(zip(QUERIES[:5], PASSAGES[:5]))))
     assert teacher_cache.key_of(teacher_cache.describe(teacher, other_data.fingerprint(), rt)) != base
     assert teacher_cache.key_of(teacher_cache.describe(teacher, task.fingerprint(), make_runtime("cpu", "bf16"))) != base
     teacher.max_length = 32
@@ -285,7 +239,7 @@ def test_cache_key_follows_data_weights_settings_and_precision(teacher, tmp_path
 @pytest.mark.parametrize("damage", ["flip_bytes", "truncate", "other_inputs", "no_marker", "wrong_shape",
                                     "meta_null", "plain_file"])
 def test_a_damaged_cache_entry_is_rebuilt_not_used(teacher, tmp_path, damage):
-    task = _task(teacher)
+    task = ranking_task(teacher)
     info = teacher_cache.CacheInfo()
     good = np.array(teacher_cache.teacher_outputs(task, teacher, task.rt, str(tmp_path), True, info)["scores"])
     entry = next(p for p in (tmp_path / "ranking").iterdir() if p.is_dir())  # (not the entry's .lock file)
@@ -322,7 +276,7 @@ def test_a_damaged_cache_entry_is_rebuilt_not_used(teacher, tmp_path, damage):
 
 
 def test_a_directory_where_the_lock_goes_is_repaired(teacher, tmp_path):
-    task = _task(teacher)
+    task = ranking_task(teacher)
     info = teacher_cache.CacheInfo()
     key = teacher_cache.key_of(teacher_cache.describe(teacher, task.fingerprint(), task.rt))
     (tmp_path / "ranking" / f"{key}.lock" / "junk").mkdir(parents=True)
@@ -334,7 +288,7 @@ def test_a_directory_where_the_lock_goes_is_repaired(teacher, tmp_path):
 
 
 def test_an_unusable_cache_dir_runs_the_teacher_uncached(teacher, tmp_path, caplog):
-    task = _task(teacher)
+    task = ranking_task(teacher)
     want = np.array(teacher_cache.teacher_outputs(task, teacher, task.rt, None, False, teacher_cache.CacheInfo())["scores"])
     (tmp_path / "file").write_text("x")
     for where in ("/dev/null", str(tmp_path / "file")):
@@ -350,7 +304,7 @@ def test_a_full_disk_while_caching_keeps_the_computed_outputs(teacher, tmp_path,
     nothing is left in the cache dir, and the next run with space caches them."""
     import errno
 
-    task = _task(teacher)
+    task = ranking_task(teacher)
     want = np.array(teacher_cache.teacher_outputs(task, teacher, task.rt, None, False, teacher_cache.CacheInfo())["scores"])
 
     def full(*args, **kwargs):
@@ -376,17 +330,19 @@ def test_a_full_disk_while_caching_keeps_the_computed_outputs(teacher, tmp_path,
 _RACER = """
 import sys, time, torch
 sys.path.insert(0, {tests!r})
-from teachers import test_teacher_cache as t
+import support as t
 from kdrun import teacher_cache
 from kdrun.models import load_teacher
+from kdrun.runtime import make_runtime
+from kdrun.tasks.ranking import RankingTask
 
-class Slow(t.RankingTask):
+class Slow(RankingTask):
     def teacher_outputs(self, teacher):
         time.sleep(3)  # a long teacher pass: the other process arrives while this one computes
         return super().teacher_outputs(teacher)
 
 teacher = load_teacher(path={minilm!r}, kind="bi_encoder", **t.TEACHER)
-task = Slow(t._data(), teacher, None, t.make_runtime("cpu", "fp32"), eval_batch_size=4)
+task = Slow(t.ranking_data(), teacher, None, make_runtime("cpu", "fp32"), eval_batch_size=4)
 info = teacher_cache.CacheInfo()
 teacher_cache.teacher_outputs(task, teacher, task.rt, {cache!r}, True, info)
 print("MISSES", info.misses, "HITS", info.hits)

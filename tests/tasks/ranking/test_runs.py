@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from support import RANK, check_run, every_loss, history, kdrun, losses_for, offline_env, ok, only_run, runs
+from support import (RANK, check_run, every_loss, history, kdrun, losses_for, offline_env, ok, only_run, ranking_rows,
+                     runs)
 
 
 RANK_LOSSES = losses_for("ranking")
@@ -52,17 +53,6 @@ def _source(tmp_path, kind, rows):
 
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "saved"))
     return str(tmp_path / "saved")
-
-
-def ranking_rows(n=40, scores=False):
-    rows = []
-    for i in range(n):
-        row = {"anchor": f"what does animal {i} eat", "positive": f"animal {i} eats food number {i}",
-               "negative_1": f"animal {i + 1} sleeps in place {i}", "negative_2": f"plants grow in soil {i}"}
-        if scores:
-            row["margin"] = [3.0 + i % 3, 5.0]
-        rows.append(row)
-    return rows
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "folder"])

@@ -9,25 +9,16 @@ from functools import partial
 import pytest
 import torch
 
-from kdrun.errors import ConfigError, ModelLoadError
+from kdrun.errors import ConfigError
 from kdrun.models import load_teacher
 from kdrun.tasks import build_student as family_student
-from support import f32_close
+from support import PASSAGES, QUERIES, f32_close
+from support import STUDENT as ARCH_STUDENT  # (with the layers: an architecture test names no layers)
 from kdrun.models.encoders import LateInteraction, load_scorer, maxsim
 
 # the builders' arguments, as the ranking family gives them: layers named per test, or the first and last
 STUDENT = dict(name=None, path=None, init="teacher_layers", pooling="mean", similarity="dot", max_length=64,
                scratch={}, tokenizer=None, arch="bi_encoder", dim=128)
-ARCH_STUDENT = dict(name=None, path=None, init="teacher_layers", layers=[0, 5], pooling="mean", similarity="dot",
-                    max_length=64, scratch={}, tokenizer=None, dim=16)
-QUERIES = ["what is your name", "how old are you", "do you like music", "what is the weather like today",
-           "tell me a joke", "where do you live"]
-PASSAGES = [["my name is bot", "it rains a lot here", "i am a computer program"],
-            ["i was made last year", "i like jazz", "ask me later"],
-            ["yes, especially jazz and some rock", "no", "my name is bot"],
-            ["sunny with a light breeze and twenty degrees", "i live in the cloud", "ha ha"],
-            ["why did the chicken cross the road? to get to the other side", "no", "sunny"],
-            ["in the cloud, on many servers", "i like jazz", "i was made last year"]]
 
 
 build_student = partial(family_student, task="ranking")  # as the ranking family builds it

@@ -10,6 +10,7 @@ import hashlib
 import os
 import shutil
 import socket
+import time
 from pathlib import Path
 from typing import Optional
 from urllib.parse import urlparse
@@ -89,6 +90,21 @@ def cached(out: Path) -> bool:
     return (out / "kdrun_complete").is_file()
 
 
+def built_by_rank_0(out: Path, timeout: float = 1800.0) -> bool:
+    """Under torchrun, a model entry is written by rank 0 alone: once the process group is up, transformers'
+    save_pretrained writes weights and config on rank 0 only, so another rank's copy would be a tokenizer and nothing
+    else. True where this process is another rank and rank 0 has published `out` (waited for here)."""
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if rank == 0:
+        return False
+    deadline = time.monotonic() + timeout
+    while not cached(out):
+        if time.monotonic() > deadline:
+            raise ModelLoadError(f"rank {rank}: waited {timeout:.0f} s for rank 0 to write {out}")
+        time.sleep(0.2)
+    return True
+
+
 def staging_dir(out: Path) -> Path:
     """Where to write a cache entry before `publish` moves it to `out` (private to this process)."""
     return out.with_name(out.name + f".tmp{os.getpid()}")
@@ -114,7 +130,7 @@ def _gguf_as_hf_dir(role: str, source: str, gguf_file: str, model_class: str) ->
     key = hashlib.sha1(f"{f.resolve() if st else source}|{gguf_file}|{st.st_size if st else ''}|"
                        f"{st.st_mtime_ns if st else ''}|{model_class}".encode()).hexdigest()[:16]
     out = cache_root() / "gguf" / f"{Path(gguf_file).stem}-{key}"
-    if cached(out):
+    if cached(out) or built_by_rank_0(out):
         return str(out)
     cls = getattr(transformers, model_class)
     try:

@@ -82,13 +82,13 @@ MODELS = {"bert": _bert, "llama": _llama}
 
 def ensure(name: str) -> str:
     """The local directory of tiny model `name` (kdrun-tiny/bert or kdrun-tiny/llama), built on first use."""
-    from kdrun.models.hub import cache_root, cached, publish, staging_dir
+    from kdrun.models.hub import built_by_rank_0, cache_root, cached, publish, staging_dir
 
     kind = str(name)[len(PREFIX):]
     if kind not in MODELS:
         raise ModelLoadError(f"{name}: kdrun's tiny models are {[PREFIX + k for k in MODELS]}")
     out = cache_root() / "tiny" / f"{kind}-v{VERSION}"
-    if cached(out):
+    if cached(out) or built_by_rank_0(out):
         return str(out)
     from filelock import FileLock
 

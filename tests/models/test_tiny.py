@@ -65,3 +65,27 @@ def test_tiny_names_are_built_here_never_asked_of_the_hub_and_a_path_wins(tmp_pa
         resolve_source("student", "kdrun-tiny/gpt", None)
     assert tiny.is_tiny("kdrun-tiny/bert") and not tiny.is_tiny("sentence-transformers/all-MiniLM-L6-v2")
     assert not tiny.is_tiny(None)
+
+
+def test_under_torchrun_only_rank_0_builds_a_tiny_model_and_the_others_wait_for_it(tmp_path, monkeypatch):
+    """Once DDP's process group is up, transformers' save_pretrained writes weights and config on rank 0 only: a tiny
+    model built by rank 1 was a tokenizer with nothing else, published for every later run (found by two test
+    processes, one of them torchrun's rank 1, building it at once). Rank 1 now waits for rank 0's entry."""
+    import threading
+    import time
+
+    from kdrun.models import hub
+
+    monkeypatch.setenv("KDRUN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ModelLoadError, match="rank 1: waited 0 s for rank 0 to write"):
+        hub.built_by_rank_0(tmp_path / "cache" / "tiny" / "bert-v1", timeout=0.0)
+    got = []
+    waiting = threading.Thread(target=lambda: got.append(tiny.ensure("kdrun-tiny/bert")))
+    waiting.start()
+    time.sleep(0.5)
+    assert waiting.is_alive() and not (tmp_path / "cache" / "tiny" / "bert-v1").exists()  # rank 1 builds nothing
+    monkeypatch.setenv("RANK", "0")
+    built = tiny.ensure("kdrun-tiny/bert")  # rank 0's
+    waiting.join(timeout=60)
+    assert got == [built] and (Path(built) / "config.json").is_file() and (Path(built) / "model.safetensors").is_file()

@@ -66,12 +66,6 @@ def _tiny(tmp_path_factory, kind: str) -> str:
 
     cache = tmp_path_factory.mktemp("tiny_cache")
     env = support.offline_env(cache, cache / "kdrun_cache")
-    saved = os.environ.get("KDRUN_CACHE")
-    os.environ["KDRUN_CACHE"] = env["KDRUN_CACHE"]
-    try:
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("KDRUN_CACHE", env["KDRUN_CACHE"])
         return tiny.ensure(tiny.PREFIX + kind)
-    finally:
-        if saved is None:
-            os.environ.pop("KDRUN_CACHE")
-        else:
-            os.environ["KDRUN_CACHE"] = saved

@@ -269,12 +269,34 @@ def compose(overrides=(), hydra: bool = False):
 
 # ---- kdrun as a new process ----------------------------------------------------------------------------------------
 
+def _console_script() -> list:
+    exe = Path(sys.executable).with_name("kdrun")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "kdrun"]
+
+
 def run_kdrun(args, cwd: Path, env=None, timeout=600) -> subprocess.CompletedProcess:
     """The real console script, as a user types it, in a new process."""
-    exe = Path(sys.executable).with_name("kdrun")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "kdrun"]
-    return subprocess.run(cmd + list(map(str, args)), cwd=cwd, env=env or dict(os.environ), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(_console_script() + list(map(str, args)), cwd=cwd, env=env or dict(os.environ),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start_kdrun(args, cwd: Path, env: dict, stderr=subprocess.PIPE) -> subprocess.Popen:
+    """The real console script started in a new process, to signal it or run beside another: stdout piped, stderr
+    piped (or stderr=subprocess.STDOUT), text."""
+    return subprocess.Popen(_console_script() + list(map(str, args)), cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=stderr, text=True)
+
+
+def wait_until(proc: subprocess.Popen, ready, timeout: float = 300, every: float = 0.05) -> None:
+    """Poll ready() until it is true; fail with the process's last output if it ends first or time runs out."""
+    deadline = time.time() + timeout
+    while not ready():
+        if proc.poll() is not None or time.time() > deadline:
+            if proc.poll() is None:
+                proc.kill()
+            out, err = proc.communicate()
+            raise AssertionError(f"waited {timeout} s; status {proc.returncode}: {(err or out or '')[-3000:]}")
+        time.sleep(every)
 
 
 # ---- reading what landed in MLflow ---------------------------------------------------------------------------------

@@ -10,15 +10,13 @@ from pathlib import Path
 import pytest
 
 from kdrun import config, tracking
-from support import RANK, free_port, kdrun, mlflow_server, offline_env, ok, run_kdrun
+from support import RANK, free_port, kdrun, mlflow_server, offline_env, ok, run_kdrun, start_kdrun, wait_until
 
 
 def test_runs_started_together_get_their_own_output_dirs(tmp_path):
     """Two kdrun processes started at once (in the same second, as often as not) resolve different output dirs:
     the default run dir ends in the process id, where outputs/DATE/TIME alone made them share one."""
-    exe = Path(sys.executable).with_name("kdrun")
-    procs = [subprocess.Popen([str(exe), "--cfg", "job", "--resolve"], cwd=tmp_path, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [start_kdrun(["--cfg", "job", "--resolve"], tmp_path, dict(os.environ)) for _ in range(2)]
     dirs = []
     for p in procs:
         out, err = p.communicate(timeout=120)
@@ -53,13 +51,8 @@ def test_sigterm_during_the_final_evaluation_ends_killed_and_the_resumed_run_log
     args = ["train.max_steps=6", "train.batch_size=4", "data.max_train_queries=16", "train.eval_every=0",
             "train.log_every=1", "train.checkpoint_every=3", f"hydra.run.dir={out}", "tracking.experiment=final",
             "data.eval_candidates=50"]  # every held-out query against 50 candidates: seconds of final evaluation
-    exe = Path(sys.executable).with_name("kdrun")
-    proc = subprocess.Popen([str(exe), *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "ckpt-00000006").is_dir():
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.02)
+    proc = start_kdrun(args, tmp_path, env)
+    wait_until(proc, lambda: (out / "checkpoints" / "ckpt-00000006").is_dir(), every=0.02)
     time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
@@ -133,13 +126,9 @@ def test_sigterm_to_a_parallel_sweep_stops_its_workers_and_marks_every_run(tmp_p
             "train.checkpoint_every=10", "train.log_every=10", "tracking.log_student=false", "data.max_train_queries=64",
             "data.max_eval_queries=20", "train.batch_size=4", "tracking.experiment=psweep", "optimizer.lr=1e-4,2e-4",
             f"hydra.sweep.dir={sweep_dir}"]  # the tiny models; steps enough (300) for both workers to be training
-    exe = Path(sys.executable).with_name("kdrun")
-    proc = subprocess.Popen([str(exe), *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.time() + 400
-    while not all(list((sweep_dir / j / "checkpoints").glob("ckpt-*")) for j in ("0", "1")):  # both training
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.1)
+    proc = start_kdrun(args, tmp_path, env)
+    both_training = lambda: all(list((sweep_dir / j / "checkpoints").glob("ckpt-*")) for j in ("0", "1"))  # noqa: E731
+    wait_until(proc, both_training, timeout=400, every=0.1)
     workers = psutil.Process(proc.pid).children(recursive=True)
     assert workers
     t0 = time.time()
@@ -214,8 +203,7 @@ def test_a_signal_after_the_work_is_done_leaves_exit_status_0(tmp_path):
     out.mkdir()
     (out / "kdrun-result.json").write_text(json.dumps({"run_id": "0" * 32, "objective": 0.5}))
     env = offline_env(tmp_path) | {"PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("kdrun")), f"hydra.run.dir={out}", "resume=auto"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_kdrun([f"hydra.run.dir={out}", "resume=auto"], tmp_path, env)
     line = proc.stdout.readline()
     assert "has nothing to do" in line, (line, proc.communicate()[1][-2000:])
     while proc.poll() is None:
@@ -234,9 +222,7 @@ def test_sigterm_while_the_console_script_starts_ends_in_one_line_and_143(tmp_pa
     import signal
     import time
 
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("kdrun")), f"hydra.run.dir={tmp_path / 'run'}"],
-                            cwd=tmp_path, env=offline_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = start_kdrun([f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, offline_env(tmp_path))
     time.sleep(delay)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from support import f32_close, kdrun, offline_env, ok
+from support import f32_close, kdrun, offline_env, ok, wait_until
 
 COMMON = ["experiment=smoke", "train.max_steps=3", "train.batch_size=4", "train.log_every=1", "train.eval_every=0",
           "data.max_train_queries=16", "data.max_eval_queries=10", "student.dropout=0", "tracking.experiment=ddp"]
@@ -88,7 +88,6 @@ def test_ddp_stopped_by_sigterm_resumes_to_the_uninterrupted_weights(tmp_path):
     RNG state; resumed under torchrun, the run ends with the weights and losses of a run that never stopped (with
     dropout on: each rank's RNG must continue where it was)."""
     import signal
-    import time
 
     from mlflow.tracking import MlflowClient
     from safetensors.torch import load_file
@@ -104,10 +103,7 @@ def test_ddp_stopped_by_sigterm_resumes_to_the_uninterrupted_weights(tmp_path):
     stop_args = [*args, "tracking.run_name=stopped", f"hydra.run.dir={out}"]
     proc = subprocess.Popen([*torchrun, *stop_args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "ckpt-00000002").is_dir():
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.2)
+    wait_until(proc, lambda: (out / "checkpoints" / "ckpt-00000002").is_dir(), every=0.2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert "stopped by SIGTERM after step" in err, err[-3000:]

@@ -1,26 +1,16 @@
 """The real `kdrun`, stopped with SIGTERM mid-run and resumed with resume=auto: the same MLflow run continues (no
 duplicate steps) and ends with exactly the weights and logged losses of a run that was never stopped."""
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from support import kdrun, offline_env, ok
+from support import kdrun, offline_env, ok, start_kdrun, wait_until
 
 # the tiny models (experiment=smoke), with steps enough (about 7 s of training on 2 cores) for the signal to land in training
 ARGS = ["experiment=smoke", "train.max_steps=120", "train.checkpoint_every=5", "train.log_every=3", "train.eval_every=40",
         "data.max_train_queries=200", "data.max_eval_queries=40", "train.batch_size=8"]
-
-
-def _kdrun_popen(args, cwd, env):
-    exe = Path(sys.executable).with_name("kdrun")
-    return subprocess.Popen([str(exe), *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
 
 
 def _histories(client, run, keys):
@@ -30,13 +20,10 @@ def _histories(client, run, keys):
 @pytest.mark.slow  # two real processes (the console script, signalled mid-training), then two more runs
 def test_sigterm_then_resume_auto_equals_an_uninterrupted_run(tmp_path):
     env = offline_env(tmp_path)
-    ref = _kdrun_popen([*ARGS, "tracking.experiment=ref", f"hydra.run.dir={tmp_path / 'ref'}"], tmp_path, env)
+    ref = start_kdrun([*ARGS, "tracking.experiment=ref", f"hydra.run.dir={tmp_path / 'ref'}"], tmp_path, env)
     out = tmp_path / "stopped"
-    stopped = _kdrun_popen([*ARGS, "tracking.experiment=stopped", f"hydra.run.dir={out}"], tmp_path, env)
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "ckpt-00000005").is_dir():  # stop it once it is training
-        assert stopped.poll() is None and time.time() < deadline, stopped.communicate()[1][-3000:]
-        time.sleep(0.2)
+    stopped = start_kdrun([*ARGS, "tracking.experiment=stopped", f"hydra.run.dir={out}"], tmp_path, env)
+    wait_until(stopped, lambda: (out / "checkpoints" / "ckpt-00000005").is_dir())  # stop it once it is training
     stopped.send_signal(signal.SIGTERM)
     _, err = stopped.communicate(timeout=300)
     assert stopped.returncode == 128 + signal.SIGTERM, err[-3000:]

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from support import SWEEP as SMALL, client, compose, entry, kdrun, offline_env, ok, parallel_sweep_in, run_kdrun
+from support import (SWEEP as SMALL, client, compose, entry, kdrun, offline_env, ok, parallel_sweep_in, run_kdrun,
+                     start_kdrun, wait_until)
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +240,6 @@ def test_a_sweep_stopped_by_sigterm_continues_with_resume_auto(tmp_path):
     """Pre-empted mid-sweep, then the same command with resume=auto: the stopped job continues its own MLflow run,
     the job that never ran starts, a finished job is not repeated, and the sweep keeps its one parent run."""
     import signal
-    import time
 
     from mlflow.tracking import MlflowClient
 
@@ -248,13 +248,8 @@ def test_a_sweep_stopped_by_sigterm_continues_with_resume_auto(tmp_path):
     args = ["-m", "experiment=smoke", "train.max_steps=48", "train.checkpoint_every=4", "train.log_every=4",
             "tracking.log_student=false",
             "data.max_train_queries=200", "data.max_eval_queries=40", "train.batch_size=8", "tracking.experiment=presweep", "optimizer.lr=1e-4,2e-4", f"hydra.sweep.dir={sweep_dir}"]
-    exe = Path(sys.executable).with_name("kdrun")
-    proc = subprocess.Popen([str(exe), *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not (sweep_dir / "0" / "checkpoints" / "ckpt-00000004").is_dir():
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.02)
+    proc = start_kdrun(args, tmp_path, env)
+    wait_until(proc, lambda: (sweep_dir / "0" / "checkpoints" / "ckpt-00000004").is_dir(), every=0.02)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kdrun import tracking
-from support import RANK, entry, free_port, kdrun, mlflow_server, offline_env, ok, only_run
+from support import RANK, entry, free_port, kdrun, mlflow_server, offline_env, ok, only_run, start_kdrun, wait_until
 
 
 @pytest.fixture
@@ -206,25 +206,21 @@ def test_a_server_that_dies_mid_run_loses_nothing(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = mlflow_server(tmp_path, port)
-    exe = Path(sys.executable).with_name("kdrun")
     out = tmp_path / "out"
-    run = subprocess.Popen([str(exe), "experiment=smoke", "train.max_steps=300", "train.log_every=5",
-                            "tracking.experiment=outage",
-                            "data.max_train_queries=200", "data.max_eval_queries=40", "train.batch_size=8",
-                            f"tracking.uri={url}", f"hydra.run.dir={out}"], cwd=tmp_path,
-                           env={**offline_env(tmp_path), "MLFLOW_TRACKING_URI": ""}, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
+    run = start_kdrun(["experiment=smoke", "train.max_steps=300", "train.log_every=5", "tracking.experiment=outage",
+                       "data.max_train_queries=200", "data.max_eval_queries=40", "train.batch_size=8",
+                       f"tracking.uri={url}", f"hydra.run.dir={out}"], tmp_path,
+                      {**offline_env(tmp_path), "MLFLOW_TRACKING_URI": ""}, stderr=subprocess.STDOUT)
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=url)
-    deadline = time.time() + 300
-    while True:  # the server goes away once training has logged its first steps
-        assert run.poll() is None and time.time() < deadline, run.communicate()[0][-3000:]
+
+    def training_logged() -> bool:  # the server goes away once training has logged its first steps
         exp = client.get_experiment_by_name("outage")
         runs = client.search_runs([exp.experiment_id]) if exp else []
-        if runs and "train/loss" in runs[0].data.metrics:
-            break
-        time.sleep(0.1)
+        return bool(runs) and "train/loss" in runs[0].data.metrics
+
+    wait_until(run, training_logged, every=0.1)
     os.killpg(server.pid, 9)
     server.wait()
     text = run.communicate(timeout=600)[0]

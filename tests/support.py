@@ -291,12 +291,16 @@ def wait_until(proc: subprocess.Popen, ready, timeout: float = 300, every: float
     """Poll ready() until it is true; fail with the process's last output if it ends first or time runs out."""
     deadline = time.time() + timeout
     while not ready():
-        if proc.poll() is not None or time.time() > deadline:
-            if proc.poll() is None:
-                proc.kill()
-            out, err = proc.communicate()
-            raise AssertionError(f"waited {timeout} s; status {proc.returncode}: {(err or out or '')[-3000:]}")
+        in_time = proc.poll() is None and time.time() <= deadline
+        if not in_time and proc.poll() is None:
+            proc.kill()  # (past the deadline: its output now, not a wait for its end)
+        assert in_time, f"waited {timeout} s; status {proc.poll()}: {_tail(proc.communicate())}"
         time.sleep(every)
+
+
+def _tail(outputs) -> str:
+    out, err = outputs
+    return (err or out or "")[-3000:]
 
 
 # ---- reading what landed in MLflow ---------------------------------------------------------------------------------

@@ -294,7 +294,7 @@ def wait_until(proc: subprocess.Popen, ready, timeout: float = 300, every: float
         in_time = proc.poll() is None and time.time() <= deadline
         if not in_time and proc.poll() is None:
             proc.kill()  # (past the deadline: its output now, not a wait for its end)
-        assert in_time, f"waited {timeout} s; status {proc.poll()}: {_tail(proc.communicate())}"
+        assert in_time, f"waited {timeout} s: {_tail(proc.communicate())} (status {proc.returncode})"
         time.sleep(every)
 
 

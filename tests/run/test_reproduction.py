@@ -16,15 +16,16 @@ def test_the_quick_reproduction_sweeps_leave_the_results_tables(tmp_path, kdrun_
     each parent's results.md has its teacher's row (its own held-out metrics) and one row per loss;
     hydra.sweep.dir=DIR puts the sweeps under DIR/<data set>/<student>. In fp32 (the presets' bf16 is emulated, ~10x
     slower, on a CPU without AVX512-BF16: the tables' mechanics are the point here), one job at a time (--jobs 1: the
-    other test process has the other core; tests/run/test_sweeps.py runs the joblib launcher); over 60 s (four teacher
-    fine-tunes and twelve runs of the real script): what `make reproduce` promises, which no smaller test shows."""
+    other test process has the other core; tests/run/test_sweeps.py runs the joblib launcher); over 60 s (eight teacher
+    3-step fine-tunes, two folds per sweep, and eight runs in four sweeps of the real script): what `make reproduce` promises, which no smaller test shows."""
     from mlflow.tracking import MlflowClient
 
     env = offline_env(tmp_path, cache=kdrun_cache)
     script = ROOT / "scripts" / "reproduce_margin_mse"
     r = subprocess.run([str(script), "--quick", "--jobs", "1", "loss=in_batch_kl_ce,ce", "train.max_steps=3", "train.batch_size=4",
-                        "teacher.finetune.steps=3", "hardware.precision=fp32",
-                        "data.max_train_queries=32", "data.max_eval_queries=8", f"hydra.sweep.dir={tmp_path / 'sw'}"],
+                        "teacher.finetune.steps=3", "teacher.finetune.batch_size=4", "hardware.precision=fp32",
+                        "data.max_train_queries=16", "data.max_eval_queries=8", "data.eval_candidates=10",
+                        f"hydra.sweep.dir={tmp_path / 'sw'}"],
                        cwd=tmp_path, env={**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"},
                        capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]

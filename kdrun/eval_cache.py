@@ -25,7 +25,7 @@ def key_of(task, model, runtime, batch_size: int) -> Optional[str]:
     """The entry's key, or None where the task cannot be cached (no eval_digest)."""
     if not hasattr(task, "eval_digest"):
         return None
-    from kdrun.teacher_cache import tokenizer_fingerprint, weights_fingerprint
+    from kdrun.store import tokenizer_fingerprint, weights_fingerprint
 
     members = dict(model.members) if hasattr(model, "members") else {"": model}
     keys = ("pooling", "similarity", "label_index", "max_length", "query_length", "exact")
@@ -43,7 +43,7 @@ def key_of(task, model, runtime, batch_size: int) -> Optional[str]:
 
 
 def _path(key: str) -> Path:
-    from kdrun.models.hub import cache_root
+    from kdrun.store import cache_root
 
     return cache_root() / "evals" / f"{key}.json"
 

@@ -49,9 +49,9 @@ def cached(family: str, source: str, data_digest: str, settings: Dict, cache_dir
     """(directory of the fine-tuned teacher, its metrics): `train()` -> (model with .save(dir), metrics) runs on a
     cache miss only; it trains on `runtime`'s device and precision, which the key holds. Metrics: teacher/finetune_cache_hit, teacher/finetune_seconds and the training's own (its
     first and last loss), which a cache hit reads back from the entry."""
-    from kdrun.models.hub import cache_root
-    from kdrun.models.hub import cached as is_cached
-    from kdrun.teacher_cache import locked
+    from kdrun.store import cache_root
+    from kdrun.store import cached as is_cached
+    from kdrun.store import locked
 
     root = Path(cache_dir).expanduser() if cache_dir else cache_root() / "teachers"
     settings = {**settings, "device": runtime.device.type, "precision": runtime.precision}
@@ -66,7 +66,7 @@ def cached(family: str, source: str, data_digest: str, settings: Dict, cache_dir
 
 
 def _train_and_publish(family: str, source: str, settings: Dict, out: Path, train, what: str):
-    from kdrun.models.hub import publish, staging_dir
+    from kdrun.store import publish, staging_dir
 
     t0 = time.perf_counter()
     log.info("teacher: fine-tuning %s from %s for %d steps (cached afterwards in %s)", what, source,

@@ -18,13 +18,13 @@ from typing import Any, Dict, Optional, Tuple
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
-from kdrun import checkpoint, eval_cache, sweep, tasks, teacher_cache
-from kdrun.config import enum_value
+from kdrun import checkpoint, eval_cache, sweep, tags, tasks, teacher_cache
+from kdrun.names import enum_value
 from kdrun.data import scores_file
 from kdrun.data.batching import BucketBatchSampler
 from kdrun.errors import ConfigError, DataError, KdrunError, NonFiniteLossError, Stopped, work_done
-from kdrun.report import JOB_TAG
 from kdrun.secrets import redact, redact_arg
+from kdrun.store import write_error
 from kdrun.tracking import NullTracker, Tracker, flatten, summary_table
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def _choices() -> Dict[str, str]:
 
     if not HydraConfig.initialized():
         return {}
-    return {f"kdrun.choice.{g.split('@')[-1]}": str(c) for g, c in HydraConfig.get().runtime.choices.items()
+    return {f"{tags.CHOICE}{g.split('@')[-1]}": str(c) for g, c in HydraConfig.get().runtime.choices.items()
             if c is not None and "/" not in g}  # "teacher@teachers.cls" (an extra teacher) -> "teachers.cls"
 
 
@@ -358,8 +358,8 @@ def begin(cfg: DictConfig, rt, tracker, found, b: Built, params: Dict[str, str],
         sizes["data/distinct_texts"] = f"{b.setup.pop('data/distinct_texts'):g}"
     job = sweep.job_number()
     run_id = tracker.start(cfg.tracking.run_name or _run_name(), {**params, **sizes},
-                           tags={**resolved["tracking"]["tags"], "kdrun.task": b.family.name, **_choices(),
-                                 **({} if job is None else {JOB_TAG: str(job)})},
+                           tags={**resolved["tracking"]["tags"], tags.TASK: b.family.name, **_choices(),
+                                 **({} if job is None else {tags.JOB_NUM: str(job)})},
                            parent_run_id=sweep.parent_run_id())
     marker = Path(cfg.output_dir) / RUN_ID_FILE
     if rt.is_main and marker.is_file():  # an earlier run here died before any checkpoint: not left RUNNING
@@ -489,7 +489,7 @@ def record(cfg: DictConfig, rt, tracker, b: Built, found, run_id: str, loop_stat
                                        keep=tr.keep_checkpoints)
             except checkpoint.CheckpointError as e:  # training goes on; the previous checkpoint is intact
                 log.error("%s", e)
-                tracker.tags({"kdrun.checkpoint_error": str(e)})
+                tracker.tags({tags.CHECKPOINT_ERROR: str(e)})
                 return None
             tracker.metrics({"train/checkpoint_seconds": time.perf_counter() - t0}, step=step)
             return path
@@ -527,7 +527,7 @@ def record(cfg: DictConfig, rt, tracker, b: Built, found, run_id: str, loop_stat
                 write_card(cfg, out, b, params, before, after, teacher_eval)
             except checkpoint.WRITE_ERRORS as e:
                 last = checkpoint.latest_name(ckpt_dir)
-                raise KdrunError(f"could not save the trained student to {out} ({checkpoint.write_error(e, out)}); "
+                raise KdrunError(f"could not save the trained student to {out} ({write_error(e, out)}); "
                                  "free space there (or set output_dir elsewhere) and run the same command with "
                                  "resume=auto" + (f": it continues from {last}" if last else "")) from None
             tracker.artifacts(str(out), "student")  # the plain folder: what from_pretrained users take
@@ -540,7 +540,7 @@ def record(cfg: DictConfig, rt, tracker, b: Built, found, run_id: str, loop_stat
     except BaseException as e:
         if isinstance(e, NonFiniteLossError) and (last := checkpoint.latest_name(ckpt_dir)):
             e.args = (f"{e}. The last good checkpoint is kept: {last}",)
-        tracker.tags({"kdrun.failure": f"{type(e).__name__}: {e}"[:4000]})  # why, in the UI
+        tracker.tags({tags.FAILURE: f"{type(e).__name__}: {e}"[:4000]})  # why, in the UI
         tracker.end("FAILED")
         raise
     finally:

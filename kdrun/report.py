@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from kdrun import tags
 
-PARENT_TAG = "kdrun.sweep_parent"  # set on a sweep's parent run
-JOB_TAG = "kdrun.job_num"  # a sweep job's number (Hydra's hydra.job.num): tables list jobs in this order
+
 # params that differ between jobs without being a choice of the user
 # (data/*: what the data config produced; resume, tracking.*: where a run goes and how it was restarted)
 _NOISE = ("output_dir", "tracking.", "scores_out", "data/", "resume", "teacher.cache_dir", "teacher.finetune.cache_dir")
@@ -34,13 +34,13 @@ def runs_of(client, *, parent_run_id: Optional[str] = None, experiment: Optional
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
             raise SystemExit(f"kdrun-report: no MLflow experiment named '{experiment}' in {client.tracking_uri}")
-        runs = [r for r in client.search_runs([exp.experiment_id], max_results=5000) if PARENT_TAG not in r.data.tags]
+        runs = [r for r in client.search_runs([exp.experiment_id], max_results=5000) if tags.SWEEP_PARENT not in r.data.tags]
     return run_order(runs)
 
 
 def job_num(run) -> Optional[int]:
     """A sweep job's number: its tag, or the "#N" its name starts with (runs logged before the tag); else None."""
-    tag = run.data.tags.get(JOB_TAG)
+    tag = run.data.tags.get(tags.JOB_NUM)
     if tag is not None and tag.isdigit():
         return int(tag)
     name = run.info.run_name or ""
@@ -103,7 +103,7 @@ def primary(runs: Sequence) -> Tuple[str, str]:
     """(metric key, "max"|"min") of the runs' task (the first run's kdrun.task tag)."""
     from kdrun import tasks
 
-    task = next((r.data.tags.get("kdrun.task") for r in runs if r.data.tags.get("kdrun.task")), tasks.names()[0])
+    task = next((r.data.tags.get(tags.TASK) for r in runs if r.data.tags.get(tags.TASK)), tasks.names()[0])
     fam = tasks.family(task)
     return f"eval/student/{fam.primary}", fam.direction
 
@@ -188,23 +188,22 @@ def _readable(column: str, text: str) -> str:
 
 
 SEED_KEY = "train.seed"  # what a reproduction sweep repeats; results average over it
-CHOICE_TAG = "kdrun.choice."  # a run's config-group choices (kdrun.choice.student = colbert, ...)
 
 
 def factors(runs: Sequence) -> List[str]:
     """What tells the groups of a sweep apart, the seed left out: config groups whose choice varies ("student",
     "loss"), then varied params outside those groups ("optimizer.lr")."""
     order = ("teacher", "student", "loss", "data", "hardware", "optimizer", "experiment")
-    groups = sorted({k[len(CHOICE_TAG):] for r in runs for k in r.data.tags if k.startswith(CHOICE_TAG)},
+    groups = sorted({k[len(tags.CHOICE):] for r in runs for k in r.data.tags if k.startswith(tags.CHOICE)},
                     key=lambda g: (order.index(g) if g in order else len(order), g))
-    groups = [g for g in groups if len({r.data.tags.get(CHOICE_TAG + g) for r in runs}) > 1]
+    groups = [g for g in groups if len({r.data.tags.get(tags.CHOICE + g) for r in runs}) > 1]
     params = [p for p in varied_params(runs) if p != SEED_KEY and not p.startswith(tuple(f"{g}." for g in groups))]
     return groups + params
 
 
 def _factor(run, key: str) -> str:
     """A run's value of a factor: its choice of that config group (a tag), else the param."""
-    choice = run.data.tags.get(CHOICE_TAG + key)
+    choice = run.data.tags.get(tags.CHOICE + key)
     return choice if choice is not None else short(key, param(run, key))
 
 

@@ -146,17 +146,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def to_device(obj, device: torch.device):
-    """Tensors in (nested) dicts/lists to the device, non-blocking (from pinned memory: asynchronous)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_device(v, device) for v in obj)
-    return obj
-
-
 def loss_param_sync(rt: Runtime, params: List[torch.nn.Parameter]):
     """DDP for parameters outside the student (loss terms' projections): their gradients averaged over the
     ranks once per step, in one all-reduce; a no-op when not distributed or there are none."""

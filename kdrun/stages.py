@@ -20,10 +20,10 @@ from typing import Dict, List
 from omegaconf import DictConfig
 
 from kdrun.errors import ConfigError
+from kdrun import tags
 
 log = logging.getLogger(__name__)
 ENV = "KDRUN_STAGES_PARENT"  # the parent run of the stage now running (kdrun.sweep.parent_run_id reads it)
-PARENT_TAG, DIR_TAG = "kdrun.stages_parent", "kdrun.stages_dir"
 _OWN_KEYS = ("stages", "output_dir", "resume")  # what the driver sets per stage
 
 
@@ -57,7 +57,7 @@ def run(cfg: DictConfig) -> Dict[str, object]:
     from hydra.core.hydra_config import HydraConfig
 
     from kdrun import pipeline
-    from kdrun.config import enum_value
+    from kdrun.names import enum_value
 
     check(cfg)
     out = Path(cfg.output_dir).resolve()
@@ -92,7 +92,7 @@ def run(cfg: DictConfig) -> Dict[str, object]:
 
 
 def _store(cfg: DictConfig):
-    from kdrun.config import enum_value
+    from kdrun.names import enum_value
     from kdrun.tracking import open_store
 
     return open_store(cfg.tracking.uri or None, cfg.tracking.experiment, enum_value(cfg.tracking.fallback))
@@ -100,18 +100,17 @@ def _store(cfg: DictConfig):
 
 def _parent(store, cfg: DictConfig, out: Path) -> str:
     """The parent run of this output directory's chain: the one a previous attempt opened, else a new one."""
-    from kdrun import report
     from kdrun.tracking import command_line
 
-    found = store.client.search_runs([store.experiment_id], f"tags.`{DIR_TAG}` = '{out}'", max_results=1)
+    found = store.client.search_runs([store.experiment_id], f"tags.`{tags.STAGES_DIR}` = '{out}'", max_results=1)
     if found:
         log.info("stages: continuing the parent run %s of %s", found[0].info.run_id, out)
         store.client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
     run = store.client.create_run(store.experiment_id, run_name=cfg.tracking.run_name or f"stages {out.name}",
-                                  tags={PARENT_TAG: "1", report.PARENT_TAG: "1", DIR_TAG: str(out),
-                                        "kdrun.command": command_line(),
-                                        "kdrun.stages": ", ".join(str(s.name) for s in cfg.stages)})
+                                  tags={tags.STAGES_PARENT: "1", tags.SWEEP_PARENT: "1", tags.STAGES_DIR: str(out),
+                                        tags.COMMAND: command_line(),
+                                        tags.STAGES: ", ".join(str(s.name) for s in cfg.stages)})
     for i, stage in enumerate(cfg.stages):
         store.client.log_param(run.info.run_id, f"stages.{i + 1}.{stage.name}", " ".join(stage.overrides)[:6000])
     return run.info.run_id

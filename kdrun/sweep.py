@@ -23,16 +23,30 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun.errors import KdrunError, on_stop_signals
+from kdrun import tags
 
 log = logging.getLogger(__name__)
 _WORKER_GRACE_S = 120  # what a sweep's workers get to checkpoint and end their runs after SIGTERM
 ENV = "KDRUN_PARENT_RUN_ID"
 SWEPT_ENV = "KDRUN_SWEPT_KEYS"
-SWEEP_DIR_TAG = "kdrun.sweep_dir"
 BOARD_ENV = "KDRUN_SWEEP_BOARD"
 MAIN_PID_ENV = "KDRUN_SWEEP_PID"  # the sweep's main process: a job elsewhere (a launcher's worker) is not it
 _STOPPED: list = []  # the signal that stopped this sweep (a job's, in this process), if any
 _OPEN_PARENTS: list = []  # (callback, config) of this process's sweeps whose parent run is still open
+
+ARGV_ENV = "KDRUN_ARGV"  # the command line of a sweep (set by the CLI): its jobs print resume hints with it
+
+
+def resume_command(sweep_dir: str) -> str:
+    """The sweep's command again, continuing in its directory (credentials redacted: fill them in)."""
+    import json
+    import shlex
+
+    from kdrun.secrets import redact_arg
+
+    argv = json.loads(os.environ.get(ARGV_ENV, "null")) or sys.argv[1:]
+    args = [redact_arg(a) for a in argv if not a.startswith(("resume=", "hydra.sweep.dir="))]
+    return shlex.join(["kdrun", *args, f"hydra.sweep.dir={sweep_dir}", "resume=auto"])
 
 
 def end_open_parents() -> None:
@@ -77,7 +91,7 @@ def in_worker() -> bool:
 
 def _store(config: DictConfig, experiment: Optional[str] = None):
     """The sweep's tracking store, reached as its jobs reach it (tracking.uri, the probe, tracking.fallback)."""
-    from kdrun.config import enum_value
+    from kdrun.names import enum_value
     from kdrun.tracking import open_store
 
     return open_store(config.tracking.uri or None, experiment, enum_value(config.tracking.fallback))
@@ -149,7 +163,7 @@ def parent_run_id() -> Optional[str]:
 
     sweep_dir = str(Path(HydraConfig.get().sweep.dir).resolve())
     found = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=1,
-                               filter_string=f"tags.`{SWEEP_DIR_TAG}` = '{sweep_dir}'")
+                               filter_string=f"tags.`{tags.SWEEP_DIR}` = '{sweep_dir}'")
     return found[0].info.run_id if found else None
 
 
@@ -215,7 +229,6 @@ class MlflowSweep(Callback):
             sys.exit(2)
 
     def _open_parent(self, config: DictConfig) -> None:
-        from kdrun.report import PARENT_TAG
         from kdrun.secrets import redact_arg
         from kdrun.tracking import command_line, git_commit
 
@@ -228,8 +241,8 @@ class MlflowSweep(Callback):
             return
         commit = git_commit()
         run = client.create_run(exp_id, run_name=f"sweep {Path(_sweep_dir(config)).name}", tags={
-            PARENT_TAG: "1", SWEEP_DIR_TAG: _sweep_dir(config), "kdrun.command": command_line(),
-            **({"kdrun.git_commit": commit} if commit else {})})
+            tags.SWEEP_PARENT: "1", tags.SWEEP_DIR: _sweep_dir(config), tags.COMMAND: command_line(),
+            **({tags.GIT_COMMIT: commit} if commit else {})})
         self.run_id = run.info.run_id
         client.log_param(self.run_id, "sweep.overrides", " ".join(overrides)[:6000])
         client.log_param(self.run_id, "sweep.sweeper", OmegaConf.select(config, "hydra.sweeper._target_", default=""))
@@ -245,16 +258,15 @@ class MlflowSweep(Callback):
     def _continue(self, client, exp_id: str, config: DictConfig, given: list) -> bool:
         """A sweep run again with resume=...: its jobs continue their own runs (finished ones are not repeated), so
         the parent run of the same sweep directory continues too, rather than a new, childless one."""
-        from kdrun.report import PARENT_TAG
 
-        found = client.search_runs([exp_id], max_results=1, filter_string=f"tags.`{SWEEP_DIR_TAG}` = "
-                                   f"'{_sweep_dir(config)}' and tags.`{PARENT_TAG}` = '1'")
+        found = client.search_runs([exp_id], max_results=1, filter_string=f"tags.`{tags.SWEEP_DIR}` = "
+                                   f"'{_sweep_dir(config)}' and tags.`{tags.SWEEP_PARENT}` = '1'")
         if not found:
             return False
         self.run_id = found[0].info.run_id
         client.update_run(self.run_id, status="RUNNING")
-        resumes = int(found[0].data.tags.get("kdrun.resumes", "0")) + 1
-        client.set_tag(self.run_id, "kdrun.resumes", str(resumes))
+        resumes = int(found[0].data.tags.get(tags.RESUMES, "0")) + 1
+        client.set_tag(self.run_id, tags.RESUMES, str(resumes))
         os.environ[ENV] = self.run_id
         os.environ[SWEPT_ENV] = ",".join(swept_keys(given, config))
         atexit.register(self._fail_if_open, config)
@@ -316,9 +328,7 @@ class MlflowSweep(Callback):
             shutil.rmtree(board, ignore_errors=True)
             stopped_by(signum)
             self._fail_if_open(config)
-            from kdrun.cli import sweep_resume_command
-
-            print(f"kdrun: sweep stopped by {name}; continue with: {sweep_resume_command(_sweep_dir(config))}",
+            print(f"kdrun: sweep stopped by {name}; continue with: {resume_command(_sweep_dir(config))}",
                   file=sys.stderr, flush=True)
             logging.shutdown()
             os._exit(128 + signum)  # not through joblib's shutdown, which would wait for the workers it lost

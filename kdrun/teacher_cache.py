@@ -17,7 +17,6 @@ never read half an entry; one process computes an entry while the others wait fo
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import logging
@@ -31,43 +30,11 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from kdrun.models.hub import cache_root, cached, publish, staging_dir
+from kdrun.store import (cache_root, cached, file_sha256, locked, publish, remove, staging_dir, tokenizer_fingerprint,
+                         weights_fingerprint, write_error)
 
 log = logging.getLogger(__name__)
 FORMAT = 2  # bump when the layout or the meaning of stored outputs changes (2: .npy files, memory-mapped; shards)
-
-
-def weights_fingerprint(module: torch.nn.Module) -> str:
-    """SHA-256 over every parameter and buffer: name, dtype, shape and bytes."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """SHA-256 of the full tokenizer definition (fast tokenizers) or of its vocabulary and special tokens. A fast
-    tokenizer's serialised truncation and padding are left out: they are the last call's settings (a tokenizer
-    that has been called once serialises differently), not the definition."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        text = _canonical_definition(backend.to_str())
-    else:
-        text = json.dumps(sorted(tokenizer.get_vocab().items()))
-    extra = json.dumps([type(tokenizer).__name__, tokenizer.all_special_tokens], sort_keys=True)
-    return hashlib.sha256((text + extra).encode()).hexdigest()
-
-
-@functools.lru_cache(maxsize=16)
-def _canonical_definition(serialised: str) -> str:
-    """A fast tokenizer's definition as sorted JSON, without its truncation and padding. Kept per serialised form:
-    parsing and re-sorting a 30k-50k-token vocabulary took 0.17 s, and a run asks for it six times."""
-    definition = json.loads(serialised)
-    definition.pop("truncation", None)
-    definition.pop("padding", None)
-    return json.dumps(definition, sort_keys=True)
 
 
 def describe(teacher, data_fingerprint: str, runtime, outputs=None) -> Dict[str, str]:
@@ -86,15 +53,6 @@ def describe(teacher, data_fingerprint: str, runtime, outputs=None) -> Dict[str,
 
 def key_of(description: Dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file's bytes, read in blocks (cache entries, checkpoints)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read(entry: Path, key: str, description: Dict[str, str], n: int) -> Tuple[Optional[Dict[str, np.ndarray]], str]:
@@ -221,7 +179,7 @@ def teacher_outputs(task, teacher, runtime, cache_dir: Optional[str], use_cache:
             entry.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:  # e.g. teacher.cache_dir=/dev/null, or a file where a directory goes
             log.warning("teacher cache: cannot use %s (%s); the teacher runs without the cache (set "
-                        "teacher.cache_dir to a writable directory)", entry.parent, _reason(e, entry.parent))
+                        "teacher.cache_dir to a writable directory)", entry.parent, write_error(e, entry.parent))
             info.cache_seconds += time.perf_counter() - t0
             return teacher_outputs(task, teacher, runtime, cache_dir, False, info, name)
         with locked(entry):
@@ -259,35 +217,6 @@ def _for(task, outputs: Dict[str, np.ndarray]) -> Dict[str, "np.ndarray | torch.
     return {k: torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v for k, v in outputs.items()}
 
 
-@contextlib.contextmanager
-def locked(entry: Path):
-    """An exclusive lock file next to a cache entry (the teacher cache's, a token-cache file) (POSIX flock; where there
-    is none, no lock: still correct, as entries are published by rename, but parallel jobs may compute the same one)."""
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    lock = entry.with_name(entry.name + ".lock")
-    try:
-        if lock.is_dir() and not lock.is_symlink():  # not kdrun's: a lock file goes there
-            log.warning("cache: %s is a directory where the lock file goes; removing it", lock)
-            shutil.rmtree(lock)
-        f = open(lock, "w")
-    except OSError as e:
-        log.warning("cache: cannot open the lock file %s (%s); going on without it (parallel jobs may "
-                    "compute the same entry)", lock, _reason(e, lock.parent))
-        yield
-        return
-    with f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _fill(task, teacher, entry: Path, key: str, description: Dict[str, str], why: str, info: CacheInfo, name: str,
           n: int) -> Dict[str, np.ndarray]:
     if why != "missing":
@@ -322,7 +251,7 @@ def _fill(task, teacher, entry: Path, key: str, description: Dict[str, str], why
     except OSError as e:  # a full disk: the outputs were computed, so training goes on with them, uncached
         remove(tmp)
         log.warning("teacher cache: cannot write the entry %s (%s); training goes on with the outputs in memory, "
-                    "not cached", entry, _reason(e, entry.parent))
+                    "not cached", entry, write_error(e, entry.parent))
         return held()
     outputs, why = read(entry, key, description, n)
     if outputs is None:  # (not seen: publish lost the rename to something that is not an entry)
@@ -418,7 +347,7 @@ def _shards(task, teacher, entry: Path, n: int, info: CacheInfo, name: str, rank
                 raise
             if not memory:
                 log.warning("teacher cache: cannot write to %s (%s); the teacher's outputs stay in memory and are "
-                            "not cached", partial, _reason(e, partial))
+                            "not cached", partial, write_error(e, partial))
             memory[(start, stop)] = {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
                                      for k, v in outputs.items()}
         bar.update(stop - start)
@@ -441,21 +370,6 @@ def _sound_shard(shard: Path) -> bool:
     log.warning("teacher cache: the shard %s of an interrupted pass is %s; computing it again", shard, why)
     remove(shard)
     return False
-
-
-def remove(path: Path) -> None:
-    """A cache path gone, whatever it is (a directory, or a file someone put where an entry goes)."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(OSError):
-            path.unlink()
-
-
-def _reason(e: OSError, where: Path) -> str:
-    from kdrun.checkpoint import write_error
-
-    return write_error(e, where)
 
 
 def _gathered(entry: Path, ranges, memory: Dict) -> Dict[str, np.ndarray]:

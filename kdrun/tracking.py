@@ -19,7 +19,8 @@ from typing import Any, Dict, Iterable, Optional
 
 from kdrun.errors import KdrunError, deferred_signals
 from kdrun.secrets import redact, redact_arg, redact_text
-from kdrun.ui import KIND_TAG, MODEL_TRAINING, mark_model_training, runs_url
+from kdrun import tags as T
+from kdrun.tags import mark_model_training, runs_url
 
 log = logging.getLogger(__name__)
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
@@ -194,7 +195,7 @@ def _connect(uri: str, name: Optional[str]) -> Store:
             if found is None:
                 try:
                     return Store(uri, client, retry_locked(client.create_experiment, name,
-                                                           tags={KIND_TAG: MODEL_TRAINING}))
+                                                           tags={T.KIND: T.MODEL_TRAINING}))
                 except Exception:  # another job created it first (a server: no file lock across machines)
                     found = retry_locked(client.get_experiment_by_name, name)
                     if found is None:
@@ -246,10 +247,10 @@ class Tracker:
             retry_locked(self.mlflow.log_params, dict(items[i:i + 100]))
         commit = git_commit()
         retry_locked(self.mlflow.set_tags, {
-            "kdrun.command": command_line(),
-            "kdrun.host": socket.gethostname(), "kdrun.job_pid": str(os.getpid()),
-            **({"kdrun.rerun_of": os.environ["KDRUN_RERUN_OF"]} if os.environ.get("KDRUN_RERUN_OF") else {}),
-            **({"mlflow.source.git.commit": commit, "kdrun.git_commit": commit} if commit else {}),
+            T.COMMAND: command_line(),
+            T.HOST: socket.gethostname(), T.JOB_PID: str(os.getpid()),
+            **({T.RERUN_OF: os.environ["KDRUN_RERUN_OF"]} if os.environ.get("KDRUN_RERUN_OF") else {}),
+            **({"mlflow.source.git.commit": commit, T.GIT_COMMIT: commit} if commit else {}),
             **tags,
         })
         return self.run_id
@@ -268,12 +269,12 @@ class Tracker:
         # evaluation) holds some keys at that step and not others; those others are logged when the step is redone
         self.held = {k: max((m.step for m in self.client.get_metric_history(run_id, k)), default=-1)
                      for k in run.data.metrics}
-        for stale in ("kdrun.failure", "kdrun.checkpoint_error"):  # from before the interruption: not this run's end
+        for stale in (T.FAILURE, T.CHECKPOINT_ERROR):  # from before the interruption: not this run's end
             if stale in run.data.tags:
                 with contextlib.suppress(Exception):  # (the run's end status says the rest)
                     retry_locked(self.client.delete_tag, run_id, stale)
-        resumes = int(run.data.tags.get("kdrun.resumes", "0")) + 1
-        self.tags({"kdrun.resumes": resumes, f"kdrun.resume.{resumes}": f"step {step}: {command_line()}"})
+        resumes = int(run.data.tags.get(T.RESUMES, "0")) + 1
+        self.tags({T.RESUMES: resumes, f"{T.RESUME}{resumes}": f"step {step}: {command_line()}"})
         return run_id
 
     def close_stale(self, run_id: str, successor: str) -> None:
@@ -284,7 +285,7 @@ class Tracker:
         except Exception:  # noqa: BLE001 - another store, or deleted: nothing to close
             return
         if run.info.status == "RUNNING":
-            self.client.set_tag(run_id, "kdrun.superseded_by", successor)
+            self.client.set_tag(run_id, T.SUPERSEDED_BY, successor)
             self.client.set_terminated(run_id, "KILLED")
             log.warning("MLflow run %s of this output dir was left RUNNING (killed before its first checkpoint); "
                         "marked KILLED, superseded by run %s", run_id, successor)

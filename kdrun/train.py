@@ -11,9 +11,10 @@ import torch
 import kdrun
 from kdrun import progress
 from kdrun.checkpoint import Interrupted, StopSignals
+from kdrun.data.batching import to_device
 from kdrun.data.tokens import token_counts
 from kdrun.errors import NonFiniteLossError
-from kdrun.runtime import Runtime, loss_param_sync, to_device
+from kdrun.runtime import Runtime, loss_param_sync
 
 
 @dataclass

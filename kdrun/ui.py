@@ -12,28 +12,15 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
-KIND_TAG = "mlflow.experimentKind"  # MLflow 3's experiment kind (its UI picks the experiment page's view by it)
-MODEL_TRAINING = "custom_model_development"  # the kind whose page shows the runs table
-WORKFLOW = "workflowType=machine_learning"  # the UI's own switch, in the URL: the "Model training" side
-
-
-def mark_model_training(client, experiment) -> None:
-    """Tag an experiment as a model-training one, unless it has a kind already (someone chose it)."""
-    if experiment is not None and KIND_TAG not in (experiment.tags or {}):
-        client.set_experiment_tag(experiment.experiment_id, KIND_TAG, MODEL_TRAINING)
-
-
-def runs_url(base: str, experiment_id: str, run_id: Optional[str] = None) -> str:
-    """The experiment's runs view (or one run's page) in the MLflow UI at `base`."""
-    root = f"{base.rstrip('/')}/#/experiments/{experiment_id}"
-    return f"{root}/runs/{run_id}" if run_id else f"{root}/runs?{WORKFLOW}"
+from kdrun import tags
+from kdrun.tags import mark_model_training, runs_url
 
 
 def kdrun_experiments(client) -> List:
     """Experiments that hold kdrun runs, most recently used first (marked as model-training ones on the way)."""
     found = []
     for exp in client.search_experiments():
-        runs = client.search_runs([exp.experiment_id], "tags.`kdrun.command` != ''", max_results=1,
+        runs = client.search_runs([exp.experiment_id], f"tags.`{tags.COMMAND}` != ''", max_results=1,
                                   order_by=["attributes.start_time DESC"])
         if runs:
             mark_model_training(client, exp)

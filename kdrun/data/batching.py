@@ -46,3 +46,16 @@ class BucketBatchSampler:
         keep = len(batches) // self.world_size * self.world_size
         mine, self.skip = batches[self.rank:keep:self.world_size][self.skip:], 0
         return iter(mine)
+
+
+def to_device(obj, device):
+    """Tensors in (nested) dicts/lists to the device, non-blocking (from pinned memory: asynchronous)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj

@@ -54,7 +54,7 @@ def search(passages: Iterable[str], n_passages: int, queries: Sequence[str], dep
 
     import numpy as np
 
-    from kdrun.models.hub import cache_root, cached, publish, staging_dir
+    from kdrun.store import cache_root, cached, publish, staging_dir
 
     out = cache_root() / "bm25" / f"{key[:24]}-k0.9-b0.4-v1"
     # the results too: every job of a sweep searches the same queries (4 s a job on code_search's 2,300 queries)
@@ -76,7 +76,7 @@ def _search(out, passages: Iterable[str], n_passages: int, queries: Sequence[str
             key: str) -> List[List[int]]:
     import bm25s
 
-    from kdrun.models.hub import cached, publish, staging_dir
+    from kdrun.store import cached, publish, staging_dir
 
     if cached(out):
         index = bm25s.BM25.load(str(out), mmap=True, show_progress=False)

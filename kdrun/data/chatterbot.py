@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 
 import yaml
 
-from kdrun.config import package_dir
+from kdrun.names import package_dir
 from kdrun.data import ranking
 from kdrun.errors import DataError
 
@@ -75,7 +75,7 @@ def chat_file(language: str) -> Path:
     import hashlib
     import json
 
-    from kdrun.models.hub import cache_root, cached, publish, staging_dir
+    from kdrun.store import cache_root, cached, publish, staging_dir
 
     directory = _language_dir(language)
     files = sorted(directory.glob("*.yml"))

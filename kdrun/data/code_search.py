@@ -177,7 +177,7 @@ def content_key(sources: Sequence[Source], max_code_chars: int) -> str:
 
 def cached_pairs(sources: Sequence[Source], max_code_chars: int) -> Tuple[List[Pair], Dict[str, float], bool]:
     """(pairs, stats, cache hit): extracted once per content, then read back from $KDRUN_CACHE/data/code_search."""
-    from kdrun.models.hub import cache_root, cached, publish, staging_dir
+    from kdrun.store import cache_root, cached, publish, staging_dir
 
     out = cache_root() / "data" / "code_search" / content_key(sources, max_code_chars)[:24]
     if cached(out):

@@ -76,7 +76,7 @@ def lines(key: str, path: str) -> Iterator[Tuple[int, List[str], Path]]:
 
 
 def _entry(kind: str, parts: Sequence[str]) -> Path:
-    from kdrun.models.hub import cache_root
+    from kdrun.store import cache_root
 
     key = hashlib.sha256("|".join([kind, str(FORMAT), *parts]).encode()).hexdigest()[:24]
     return cache_root() / "data" / f"{kind}-{key}"
@@ -85,7 +85,7 @@ def _entry(kind: str, parts: Sequence[str]) -> Path:
 def _convert(out: Path, build: Callable[[Path], str]) -> Path:
     """`out`, built by `build(staging dir)` unless a complete conversion is there (published by rename: parallel
     sweep jobs never read half of one; the first to finish wins)."""
-    from kdrun.models.hub import cached, publish, staging_dir
+    from kdrun.store import cached, publish, staging_dir
 
     if not cached(out):
         stage = staging_dir(out)
@@ -96,7 +96,7 @@ def _convert(out: Path, build: Callable[[Path], str]) -> Path:
 
 
 def file_digest(path: str) -> str:
-    from kdrun.teacher_cache import file_sha256
+    from kdrun.store import file_sha256
 
     return file_sha256(Path(path).expanduser())
 

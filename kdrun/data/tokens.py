@@ -55,7 +55,7 @@ def _sound(cache_file: Optional[str]) -> bool:
     has finished it) holds its checksum. A damaged one (truncated, emptied, flipped bytes, a directory in its place,
     no mark) is removed with a warning and rebuilt: `datasets` would fail on it with a pyarrow traceback, or worse,
     read flipped ids that stay in range and train on wrong tokens."""
-    from kdrun.teacher_cache import file_sha256, remove
+    from kdrun.store import file_sha256, remove
 
     if cache_file is None:
         return False
@@ -85,7 +85,7 @@ def _seal(cache_file: Optional[str]) -> None:
     """Write a finished cache file's completion mark (renamed into place: never half a mark)."""
     import os
 
-    from kdrun.teacher_cache import file_sha256
+    from kdrun.store import file_sha256
 
     if cache_file is None or not Path(cache_file).is_file():
         return
@@ -103,7 +103,7 @@ def _locked(cache_file: Optional[str]):
     """One process builds a cache file while the others (parallel sweep jobs) wait, then read it."""
     import contextlib
 
-    from kdrun.teacher_cache import locked
+    from kdrun.store import locked
 
     return contextlib.nullcontext() if cache_file is None else locked(Path(cache_file))
 
@@ -126,7 +126,7 @@ def _map(ds, tokenizer, max_length: int, cache_file: Optional[str], key: str, nu
     except OSError as e:
         if cache_file is None:
             raise
-        from kdrun.checkpoint import write_error
+        from kdrun.store import write_error
 
         log.warning("token cache: cannot write %s (%s); tokenising in memory, uncached", cache_file,
                     write_error(e, Path(cache_file).parent))
@@ -136,7 +136,7 @@ def _map(ds, tokenizer, max_length: int, cache_file: Optional[str], key: str, nu
 def pretokenize(tokenizer, texts: Sequence[str], max_length: int, cache_dir: Optional[Path], fingerprint: str,
                 num_proc: int = 1) -> Tuple[TokenTable, bool]:
     """(table of every distinct text's ids, whether it came from the cache). `fingerprint` names the tokenizer
-    (teacher_cache.tokenizer_fingerprint); the cache file's name covers it, max_length and the texts."""
+    (store.tokenizer_fingerprint); the cache file's name covers it, max_length and the texts."""
     import datasets
 
     distinct = list(dict.fromkeys(texts))
@@ -203,8 +203,7 @@ def tokenize_columns(student, columns: Dict[str, object]) -> Tuple[Dict[str, Row
     cache, keyed by the tokenizer); the metrics say how long it took and whether the cache had them."""
     import time
 
-    from kdrun.models.hub import cache_root
-    from kdrun.teacher_cache import tokenizer_fingerprint
+    from kdrun.store import cache_root, tokenizer_fingerprint
 
     t0 = time.perf_counter()
     fingerprint = tokenizer_fingerprint(student.tokenizer)
@@ -222,8 +221,7 @@ def tokenize_once(student, texts: Sequence[str]) -> Dict[str, float]:
     tokenizer), kept as its token table; the metrics say how long it took and whether the cache had them."""
     import time
 
-    from kdrun.models.hub import cache_root
-    from kdrun.teacher_cache import tokenizer_fingerprint
+    from kdrun.store import cache_root, tokenizer_fingerprint
 
     t0 = time.perf_counter()
     student.token_table, hit = pretokenize(student.tokenizer, texts, student.max_length, cache_root() / "tokens",

@@ -479,7 +479,7 @@ def parse(terms: Any, task: str, teachers: List[str], online: bool, where: str =
         else:
             cls = TERMS.get(str(key))
             if cls is None:
-                from kdrun.config import closest
+                from kdrun.names import closest
 
                 guess = closest(str(key), list(TERMS))
                 raise ConfigError(f"{here}: no loss term '{key}'" + (f"; did you mean {guess}?" if guess else "")

@@ -14,7 +14,7 @@ from torch import nn
 
 from kdrun import progress
 from kdrun.errors import ModelLoadError
-from kdrun.runtime import to_device
+from kdrun.data.batching import to_device
 from kdrun.models.encoders import run_groups, tokenize, tokenize_groups
 
 Features = Dict[str, torch.Tensor]

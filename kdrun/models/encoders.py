@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdrun import progress
-from kdrun.runtime import to_device
+from kdrun.data.batching import to_device
 
 Features = Dict[str, torch.Tensor]
 

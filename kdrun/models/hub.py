@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import socket
-import time
 from pathlib import Path
 from typing import Optional
 from urllib.parse import urlparse
 
 from kdrun.errors import ModelLoadError
+from kdrun.store import built_by_rank_0, cache_root, cached, publish, staging_dir
 
 _TRUTHY = {"1", "true", "yes", "on"}
 
@@ -78,46 +77,6 @@ def resolve_source(role: str, name: Optional[str], path: Optional[str], gguf_fil
         f"reachable (`hf download {name} --local-dir DIR`, the command huggingface_hub installs) and pass "
         f"{role}.path=DIR"
     )
-
-
-def cache_root() -> Path:
-    """kdrun's own cache (fine-tuned teachers, converted GGUF models): $KDRUN_CACHE or ~/.cache/kdrun."""
-    return Path(os.environ.get("KDRUN_CACHE") or "~/.cache/kdrun").expanduser()
-
-
-def cached(out: Path) -> bool:
-    """Whether a cache entry was completely written (see `publish`)."""
-    return (out / "kdrun_complete").is_file()
-
-
-def built_by_rank_0(out: Path, timeout: float = 1800.0) -> bool:
-    """Under torchrun, a model entry is written by rank 0 alone: once the process group is up, transformers'
-    save_pretrained writes weights and config on rank 0 only, so another rank's copy would be a tokenizer and nothing
-    else. True where this process is another rank and rank 0 has published `out` (waited for here)."""
-    rank = int(os.environ.get("RANK", "0") or 0)
-    if rank == 0:
-        return False
-    deadline = time.monotonic() + timeout
-    while not cached(out):
-        if time.monotonic() > deadline:
-            raise ModelLoadError(f"rank {rank}: waited {timeout:.0f} s for rank 0 to write {out}")
-        time.sleep(0.2)
-    return True
-
-
-def staging_dir(out: Path) -> Path:
-    """Where to write a cache entry before `publish` moves it to `out` (private to this process)."""
-    return out.with_name(out.name + f".tmp{os.getpid()}")
-
-
-def publish(tmp: Path, out: Path, note: str) -> None:
-    """Mark a filled staging directory complete and rename it to `out` in one step, so a reader never sees
-    half an entry; when another process (a sweep job) published first, its copy is kept."""
-    (tmp / "kdrun_complete").write_text(note)
-    try:
-        tmp.rename(out)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _gguf_as_hf_dir(role: str, source: str, gguf_file: str, model_class: str) -> str:

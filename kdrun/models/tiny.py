@@ -82,7 +82,7 @@ MODELS = {"bert": _bert, "llama": _llama}
 
 def ensure(name: str) -> str:
     """The local directory of tiny model `name` (kdrun-tiny/bert or kdrun-tiny/llama), built on first use."""
-    from kdrun.models.hub import built_by_rank_0, cache_root, cached, publish, staging_dir
+    from kdrun.store import built_by_rank_0, cache_root, cached, publish, staging_dir
 
     kind = str(name)[len(PREFIX):]
     if kind not in MODELS:

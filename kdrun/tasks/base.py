@@ -115,7 +115,7 @@ def registered(families: Dict[str, str]) -> Dict[str, Family]:
 
 
 def unknown_family(name: str, known: Sequence[str]) -> ConfigError:
-    from kdrun.config import closest
+    from kdrun.names import closest
 
     guess = closest(name, list(known))
     return ConfigError(f"data.task={name}: no such task family" + (f"; did you mean {guess}?" if guess else "")

@@ -74,12 +74,12 @@ def test_under_torchrun_only_rank_0_builds_a_tiny_model_and_the_others_wait_for_
     import threading
     import time
 
-    from kdrun.models import hub
+    from kdrun import store
 
     monkeypatch.setenv("KDRUN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(ModelLoadError, match="rank 1: waited 0 s for rank 0 to write"):
-        hub.built_by_rank_0(tmp_path / "cache" / "tiny" / "bert-v1", timeout=0.0)
+        store.built_by_rank_0(tmp_path / "cache" / "tiny" / "bert-v1", timeout=0.0)
     got = []
     waiting = threading.Thread(target=lambda: got.append(tiny.ensure("kdrun-tiny/bert")))
     waiting.start()

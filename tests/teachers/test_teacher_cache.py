@@ -11,12 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from kdrun import teacher_cache
-from kdrun.data import scores_file
+from kdrun import store, teacher_cache
 from kdrun.losses import WeightedLoss, Context
-from kdrun.models import load_teacher
 from kdrun.runtime import make_runtime
-from kdrun.tasks.ranking import RankingTask
 from support import PASSAGES, QUERIES, STUDENT, TEACHER, build_ranking_student, f32_close, ranking_data, ranking_task
 
 
@@ -183,7 +180,7 @@ def test_reading_a_cache_entry_costs_memory_for_the_batch_not_the_entry(tmp_path
     code = textwrap.dedent(f"""
         import json, resource, numpy as np
         from pathlib import Path
-        from kdrun import teacher_cache
+        from kdrun import store, teacher_cache
         entry = Path({str(tmp_path / "entry")!r})
         entry.mkdir()
         n = 64 * 2**20  # [n, 2] float32: 512 MiB
@@ -191,7 +188,7 @@ def test_reading_a_cache_entry_costs_memory_for_the_batch_not_the_entry(tmp_path
         for i in range(0, n, 2**22):
             whole[i:i + 2**22] = (np.arange(i, min(i + 2**22, n)) % 1000).astype(np.float32)[:, None]
         whole.flush(); del whole
-        files = {{"scores": {{"sha256": teacher_cache.file_sha256(entry / "scores.npy"), "shape": [n, 2],
+        files = {{"scores": {{"sha256": store.file_sha256(entry / "scores.npy"), "shape": [n, 2],
                               "dtype": "float32"}}}}
         (entry / "meta.json").write_text(json.dumps({{"key": "k", "description": {{}}, "files": files}}))
         (entry / "kdrun_complete").write_text("k")
@@ -228,11 +225,11 @@ def test_cache_key_follows_data_weights_settings_and_precision(teacher, tmp_path
         assert teacher_cache.key_of(teacher_cache.describe(teacher, task.fingerprint(), rt)) != base
     finally:
         teacher.max_length = 64
-    fp = teacher_cache.weights_fingerprint(teacher)
+    fp = store.weights_fingerprint(teacher)
     with torch.no_grad():
         p = next(teacher.parameters())
         p[0, 0] += 1e-3
-        assert teacher_cache.weights_fingerprint(teacher) != fp
+        assert store.weights_fingerprint(teacher) != fp
         p[0, 0] -= 1e-3
 
 
@@ -264,7 +261,7 @@ def test_a_damaged_cache_entry_is_rebuilt_not_used(teacher, tmp_path, damage):
     else:
         np.save(outputs, np.zeros((5, 3), dtype=np.float32))
         m = json.loads(meta.read_text())
-        m["files"]["scores"]["sha256"] = teacher_cache.file_sha256(outputs)
+        m["files"]["scores"]["sha256"] = store.file_sha256(outputs)
         meta.write_text(json.dumps(m))
     again = teacher_cache.CacheInfo()
     rebuilt = teacher_cache.teacher_outputs(task, teacher, task.rt, str(tmp_path), True, again)
@@ -332,9 +329,7 @@ import sys, time, torch
 sys.path.insert(0, {tests!r})
 import support as t
 from kdrun import teacher_cache
-from kdrun.models import load_teacher
 from kdrun.runtime import make_runtime
-from kdrun.tasks.ranking import RankingTask
 
 class Slow(RankingTask):
     def teacher_outputs(self, teacher):
@@ -368,6 +363,6 @@ def test_a_tokenizers_fingerprint_does_not_change_when_it_is_called(minilm_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(minilm_dir)
-    before = teacher_cache.tokenizer_fingerprint(tok)
+    before = store.tokenizer_fingerprint(tok)
     tok(["a question", "a longer answer than that"], truncation=True, max_length=8, padding=True)
-    assert teacher_cache.tokenizer_fingerprint(tok) == before
+    assert store.tokenizer_fingerprint(tok) == before

@@ -47,11 +47,12 @@ def test_sweep_jobs_are_ordered_by_job_number_not_by_start_time():
     from types import SimpleNamespace as NS
 
     from kdrun import report
+    from kdrun import tags as kdtags
 
     def run(num, start, parent="p1", name=None):
         tags = {"mlflow.parentRunId": parent} if parent else {}
         if num is not None and name is None:
-            tags[report.JOB_TAG] = str(num)
+            tags[kdtags.JOB_NUM] = str(num)
         return NS(info=NS(start_time=start, run_id=f"id{num}{start}", run_name=name or f"#{num} x", status="FINISHED"),
                   data=NS(tags=tags, metrics={}, params={}))
 

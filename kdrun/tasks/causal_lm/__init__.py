@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Optional
 
-from kdrun.config import enum_value
+from kdrun.names import enum_value
 from kdrun.errors import ConfigError
 from kdrun.tasks.base import Family
 

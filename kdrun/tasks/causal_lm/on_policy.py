@@ -81,7 +81,7 @@ class OnPolicy:
 
     def __call__(self, student, batch: Dict, step: int, micro: int = 0) -> Dict:
         """The collated (CPU) batch with its chosen rows replaced; the batch itself when none is chosen."""
-        from kdrun.tasks.causal_lm.task import collate_rows
+        from kdrun.tasks.causal_lm.batches import collate_rows
 
         self.seen += batch["size"]
         rows = self.rows_for(step, micro, batch["size"]) if self.fraction > 0 else []

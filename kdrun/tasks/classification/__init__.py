@@ -4,7 +4,7 @@ content). The torch side is task.py."""
 from __future__ import annotations
 
 import importlib
-from typing import Any, Optional
+from typing import Optional
 
 from kdrun.errors import ConfigError
 from kdrun.tasks.base import Family

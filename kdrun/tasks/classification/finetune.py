@@ -35,7 +35,7 @@ def _train(source: str, data, *, steps, lr, batch_size, warmup_ratio, seed, max_
     from kdrun.losses import Context, WeightedLoss
     from kdrun.models.classifier import SequenceClassifier
     from kdrun.models.hub import load_pretrained
-    from kdrun.tasks.classification import Collate
+    from kdrun.tasks.classification.task import Collate
 
     torch.manual_seed(seed)
     names = list(data.label_names)

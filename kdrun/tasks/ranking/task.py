@@ -216,7 +216,7 @@ class RankingTask:
         its projection's weights."""
         if self.align is None:
             return ""
-        from kdrun.teacher_cache import weights_fingerprint
+        from kdrun.store import weights_fingerprint
 
         return "asymmetric:" + weights_fingerprint(self.align)
 

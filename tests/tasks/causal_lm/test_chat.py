@@ -15,7 +15,8 @@ def smol_tokenizer(tiny_llama):
 
 
 def test_chat_tokens_carry_loss_only_on_the_assistant_turns(smol_tokenizer):
-    from kdrun.tasks.causal_lm.task import collate_rows, encode_chat
+    from kdrun.tasks.causal_lm.batches import collate_rows
+    from kdrun.tasks.causal_lm.task import encode_chat
 
     tok = smol_tokenizer
     ids, trained = encode_chat(tok, {"messages": CHATS[1], "train_from": 0}, 256)

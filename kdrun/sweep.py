@@ -1,6 +1,6 @@
 """Sweeps as first-class MLflow objects: a Hydra callback opens one parent run per multirun, every job logs as
 its child (MLflow's `mlflow.parentRunId` tag, so the UI nests them), and when the sweep ends the parent gets
-the summary (kdrun/report.py): a table of every child's varied params and final metrics (CSV, Markdown),
+the summary (kdrun/summary.py): a table of every child's varied params and final metrics (CSV, Markdown),
 the quality-vs-cost plot with the Pareto front, and the loss curves.
 
 Jobs find their parent through KDRUN_PARENT_RUN_ID (set before any job starts, inherited by launcher worker
@@ -339,20 +339,20 @@ class MlflowSweep(Callback):
         job_running(False)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from kdrun import report
+        from kdrun import summary
 
         if not self.run_id:
             return
         client = _client(config)
-        runs = report.runs_of(client, parent_run_id=self.run_id)
+        runs = summary.runs_of(client, parent_run_id=self.run_id)
         status = "FINISHED" if runs and all(r.info.status == "FINISHED" for r in runs) else "FAILED"
         files = {}
         try:
             if runs:
-                files = report.write_report(client, runs, Path(_sweep_dir(config)) / "summary")
+                files = summary.write_report(client, runs, Path(_sweep_dir(config)) / "summary")
                 for f in files.values():
                     client.log_artifact(self.run_id, str(f), "summary")
-                key, direction = report.primary(runs)
+                key, direction = summary.primary(runs)
                 values = [r.data.metrics[key] for r in runs if key in r.data.metrics]
                 if values:
                     client.log_metric(self.run_id, f"best/{key}", max(values) if direction == "max" else min(values))

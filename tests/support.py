@@ -385,7 +385,7 @@ def run_of(swept, loss):
     """(client, the sweep's run of loss `loss`, the loss yaml's terms)."""
     from omegaconf import OmegaConf
 
-    from kdrun.report import term_names
+    from kdrun.summary import term_names
 
     c, jobs = swept
     yaml_terms = list(OmegaConf.load(CONF / "loss" / f"{loss}.yaml").terms)

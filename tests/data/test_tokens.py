@@ -17,7 +17,6 @@ def _flip(f: Path) -> None:
 def test_a_damaged_token_cache_file_is_rebuilt_with_a_warning(tmp_path, monkeypatch, caplog, minilm_dir, damage, how):
     """Defect 5: a truncated, zero-byte, directory or bit-flipped tokens-*.arrow gave a pyarrow traceback on every later
     run, or trained silently on wrong ids. Each is detected (checksum, completion mark) and rebuilt, once."""
-    import shutil
 
     from transformers import AutoTokenizer
 

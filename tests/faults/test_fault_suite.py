@@ -7,7 +7,6 @@ end. Every trial must leave: the final student bit-identical to an uninterrupted
 with the uninterrupted run's held-out metrics, no RUNNING run, no traceback printed, no planted secret on screen, on disk
 or in the store. The totals are printed (pytest -s) and asserted."""
 import json
-import os
 import random
 import shutil
 import signal

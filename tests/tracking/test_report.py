@@ -1,4 +1,4 @@
-"""A sweep's summary (kdrun/report.py), from runs made by hand: results averaged over seeds per student and loss with
+"""A sweep's summary (kdrun/summary.py), from runs made by hand: results averaged over seeds per student and loss with
 the teacher first, jobs in their numbers' order, the Pareto front and its caveats, loss panels. The summary a real
 sweep's parent holds, and `kdrun-report` over it: tests/run/test_sweeps.py."""
 import pytest
@@ -16,21 +16,21 @@ def _fake_run(seed, student, loss, mrr, ms, status="FINISHED"):
 
 
 def test_results_average_over_seeds_per_student_and_loss_with_the_teacher_first():
-    from kdrun import report
+    from kdrun import summary
 
     runs = [_fake_run(s, st, lo, mrr, ms) for st, lo, base in (("bi", "ce", 0.3), ("colbert", "margin_mse", 0.5))
             for s, mrr, ms in ((1, base, 4.0), (2, base + 0.1, 6.0), (3, base + 0.2, 5.0))]
     runs.append(_fake_run(4, "bi", "ce", 0.99, 1.0, status="FAILED"))  # failed runs are left out
-    assert report.factors(runs[:6]) == ["student", "loss"]  # the seed and the groups' own params are not factors
+    assert summary.factors(runs[:6]) == ["student", "loss"]  # the seed and the groups' own params are not factors
     runs[0].data.params["data/extraction_cache_hit"] = "0"  # what the data config produced (the first job built a
     for r in runs[1:6]:                                       # cache the others read) splits no group
         r.data.params["data/extraction_cache_hit"] = "1"
-    assert report.factors(runs[:6]) == ["student", "loss"]
+    assert summary.factors(runs[:6]) == ["student", "loss"]
     for i, r in enumerate(runs[:6]):  # bookkeeping: a resumed sweep's jobs differ in resume=, the store in tracking.*
         r.data.params.update({"resume": "auto" if i % 2 else "None", "tracking.uri": f"sqlite:///{i}.db",
                               "tracking.experiment": f"e{i % 2}", "teacher.cache_dir": f"/c{i}"})
-    assert report.factors(runs[:6]) == ["student", "loss"]
-    csv_columns, csv_rows, md_columns, md_rows = report.results(runs)
+    assert summary.factors(runs[:6]) == ["student", "loss"]
+    csv_columns, csv_rows, md_columns, md_rows = summary.results(runs)
     assert csv_columns[:6] == ["model", "student", "loss", "seeds", "mrr_at_10_mean", "mrr_at_10_std"]
     assert csv_rows[0][:6] == ["teacher", "", "", "3", "0.6", "0"]
     assert [r[:3] for r in csv_rows[1:]] == [["student", "bi", "ce", "3"][:3], ["student", "colbert", "margin_mse"]]
@@ -46,7 +46,7 @@ def test_sweep_jobs_are_ordered_by_job_number_not_by_start_time():
     """Parallel jobs start in no fixed order: tables list a sweep's jobs by number, whatever their start times."""
     from types import SimpleNamespace as NS
 
-    from kdrun import report
+    from kdrun import summary
     from kdrun import tags as kdtags
 
     def run(num, start, parent="p1", name=None):
@@ -57,16 +57,16 @@ def test_sweep_jobs_are_ordered_by_job_number_not_by_start_time():
                   data=NS(tags=tags, metrics={}, params={}))
 
     jobs = [run(3, 100), run(1, 101), run(0, 103), run(2, 102)]  # job 3 happened to start first
-    assert [report.job_num(r) for r in report.run_order(jobs)] == [0, 1, 2, 3]
+    assert [summary.job_num(r) for r in summary.run_order(jobs)] == [0, 1, 2, 3]
     old = run(None, 50, parent="p0", name="#1 lr=2")  # logged before the tag: its name says "#1"
     older = run(None, 60, parent="p0", name="#0 lr=1")
     single = run(None, 10, parent=None, name="kdrun-1129")
-    ordered = report.run_order([*jobs, old, single, older])
+    ordered = summary.run_order([*jobs, old, single, older])
     assert [r.info.run_name.split(" ")[0] for r in ordered] == ["kdrun-1129", "#0", "#1", "#0", "#1", "#2", "#3"]
 
 
 def test_a_cost_panel_without_a_trade_off_says_so_instead_of_drawing_a_front():
-    from kdrun.report import front_caveat
+    from kdrun.summary import front_caveat
 
     assert "every student has 15.6M parameters" in front_caveat([15.6, 15.6, 15.6], "model/student_params", 0.0)
     assert "15.62-15.66M" in front_caveat([15.62, 15.66], "model/student_params", 0.0)  # a projection more
@@ -80,7 +80,7 @@ def test_loss_terms_get_panels_of_their_own_and_short_runs_log_often():
     from types import SimpleNamespace as NS
 
     from kdrun.pipeline import log_interval
-    from kdrun.report import loss_panels
+    from kdrun.summary import loss_panels
 
     def run(terms, metrics):
         params = {f"loss.terms.{name}.weight": str(w) for name, w in terms.items()}
@@ -90,7 +90,7 @@ def test_loss_terms_get_panels_of_their_own_and_short_runs_log_often():
     mse = run({"margin_mse": 1.0}, ["train/loss", "train/margin_mse"])
     old = NS(data=NS(params={"loss.terms": '[{"name": "kd_kl", "weight": 0.5}, {"name": "ce", "weight": 0.5}]'},
                      metrics={}))  # logged before terms were keyed by name
-    from kdrun.report import term_names
+    from kdrun.summary import term_names
 
     assert term_names(old) == ["kd_kl", "ce"] and term_names(kd) == ["kd_kl", "ce"]
     assert loss_panels([mse]) == ["train/loss"]  # one term of weight 1: it is the total
@@ -99,7 +99,7 @@ def test_loss_terms_get_panels_of_their_own_and_short_runs_log_often():
 
 
 def test_pareto_front():
-    from kdrun.report import pareto
+    from kdrun.summary import pareto
 
     pts = [(1.0, 0.5), (2.0, 0.6), (2.0, 0.4), (3.0, 0.6), (0.5, 0.1)]
     assert pareto(pts, "max") == [0, 1, 4]

@@ -106,9 +106,9 @@ def test_causal_lm_trains_on_chat_data_and_on_the_students_own_samples(tmp_path,
     assert {"eval/student/kl_to_teacher", "eval/student/kl_to_teacher_on_samples"} <= set(on.data.metrics)
     assert on.data.metrics["train/generate_seconds"] > 0 and on.data.metrics["train/generated_tokens_per_s"] > 0
     assert on.data.metrics["train/on_policy_share"] == 1.0
-    from kdrun import report  # the sweep report's teacher-gap plot (an LM sweep's summary/teacher_gap.png)
+    from kdrun import summary  # the sweep summary's teacher-gap plot (an LM sweep's summary/teacher_gap.png)
 
-    files = report.write_report(c, [on], tmp_path / "report")
+    files = summary.write_report(c, [on], tmp_path / "report")
     assert files["teacher_gap.png"].stat().st_size > 10_000
     steps = [s for s, _ in history(c, on, "eval/student/kl_to_teacher_on_samples")]
     assert steps == [0, 2]  # before training and at the end

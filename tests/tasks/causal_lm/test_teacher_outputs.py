@@ -1,6 +1,5 @@
 """A causal-LM teacher's outputs for the cache (kdrun/tasks/causal_lm): top-k logits, their ids and the
 log-normaliser, which give the online top-k teacher's log-probs."""
-import pytest
 import torch
 
 from kdrun.runtime import make_runtime

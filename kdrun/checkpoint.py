@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from kdrun.errors import ConfigError, KdrunError, StopHandlers
+from kdrun.errors import ConfigError, KdrunError
 from kdrun.store import file_sha256, write_error
 
 log = logging.getLogger(__name__)
@@ -279,56 +279,3 @@ def restore_rng(path: Path, rank: int) -> None:
     set_rng_state(_rank_state(path, rank)["rng"])
 
 
-# ---------------------------------------------------------------------------------------------- signals
-
-class PhaseSignals(StopHandlers):
-    """Outside the training loop (loading, the teacher pass, evaluations, saving): SIGTERM or SIGINT raises
-    errors.Stopped at once, naming the phase and the newest checkpoint, so the run ends KILLED with a resume hint
-    instead of dying where it stands (SIGTERM's default) or with a KeyboardInterrupt traceback. The loop's own
-    StopSignals takes over while it trains and hands back to this when it ends."""
-
-    def __init__(self, checkpoints: Optional[Path] = None):
-        self._phase, self.checkpoints = "while starting", checkpoints
-
-    @property
-    def phase(self) -> str:
-        return self._phase
-
-    @phase.setter
-    def phase(self, name: str) -> None:
-        self.check()  # a new phase starts only if no stop was lost in the last one
-        self._phase = name
-
-    def _handle(self, signum, frame):
-        for s in self._old:  # a second signal while this one unwinds: not again
-            signal.signal(s, signal.SIG_IGN)
-        from kdrun.errors import Stopped
-
-        last = latest_name(self.checkpoints) if self.checkpoints is not None else None
-        raise Stopped(signum, self.phase, last)
-
-    @staticmethod
-    def check() -> None:
-        """A stop raised while a finalizer ran, which Python swallowed, raised again (errors.raise_lost)."""
-        from kdrun.errors import raise_lost
-
-        raise_lost()
-
-
-class StopSignals(StopHandlers):
-    """While training: SIGTERM or SIGINT asks the loop to checkpoint at the end of the step and stop (a second SIGINT
-    stops at once). Under DDP the ranks agree on the step (one tiny all-reduce per step)."""
-
-    def __init__(self):
-        self.signum = 0
-
-    def _handle(self, signum, frame):
-        if self.signum == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = self.signum or signum
-        log.warning("%s: finishing this step, writing a checkpoint, then stopping (Ctrl-C again: stop now)",
-                    signal.Signals(signum).name)
-
-    def requested(self, rt) -> int:
-        """The signal number when a stop was asked for (on any rank), else 0."""
-        return rt.max_int(self.signum)

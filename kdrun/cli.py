@@ -11,7 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from kdrun.errors import KdrunError, Stopped, held_signals, on_stop_signals, raise_lost
+from kdrun.errors import KdrunError
+from kdrun.signals import Stopped, held_signals, on_stop_signals, raise_lost
 
 
 def _stop_while_starting(signum, frame):

@@ -22,8 +22,9 @@ from kdrun import checkpoint, eval_cache, sweep, tags, tasks, teacher_cache
 from kdrun.names import enum_value
 from kdrun.data import scores_file
 from kdrun.data.batching import BucketBatchSampler
-from kdrun.errors import ConfigError, DataError, KdrunError, NonFiniteLossError, Stopped, work_done
+from kdrun.errors import ConfigError, DataError, KdrunError, NonFiniteLossError
 from kdrun.secrets import redact, redact_arg
+from kdrun.signals import PhaseSignals, StopSignals, Stopped, work_done
 from kdrun.store import write_error
 from kdrun.tracking import NullTracker, Tracker, flatten, summary_table
 
@@ -427,7 +428,7 @@ def record(cfg: DictConfig, rt, tracker, b: Built, found, run_id: str, loop_stat
 
     tr, student, teacher, task, counter = cfg.train, b.student, b.teacher, b.task, b.counter
     ckpt_dir = checkpoint.root(cfg.output_dir)
-    signals = checkpoint.StopSignals().__enter__()  # from now on SIGTERM/SIGINT end in a checkpoint, not a dead run
+    signals = StopSignals().__enter__()  # from now on SIGTERM/SIGINT end in a checkpoint, not a dead run
     latency: Dict[str, float] = {}  # the last evaluation's milliseconds per held-out example
     try:
         n_params = lambda m: sum(p.numel() for p in m.parameters())
@@ -603,7 +604,8 @@ def run(cfg: DictConfig) -> Dict[str, object]:
               "nothing to do")
         return result
     rt = runtime(cfg)
-    phases = checkpoint.PhaseSignals(checkpoint.root(cfg.output_dir)).__enter__()  # a signal in any phase: KILLED
+    checkpoints = checkpoint.root(cfg.output_dir)
+    phases = PhaseSignals(lambda: checkpoint.latest_name(checkpoints)).__enter__()  # a signal in any phase: KILLED
     try:
         result = _run(cfg, rt, phases)
         if rt.is_main:

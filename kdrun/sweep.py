@@ -22,7 +22,8 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from kdrun.errors import KdrunError, on_stop_signals
+from kdrun.errors import KdrunError
+from kdrun.signals import on_stop_signals
 from kdrun import tags
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
 
-from kdrun.errors import KdrunError, deferred_signals
+from kdrun.errors import KdrunError
+from kdrun.signals import deferred_signals
 from kdrun.secrets import redact, redact_arg, redact_text
 from kdrun import tags as T
 from kdrun.tags import mark_model_training, runs_url
@@ -116,7 +117,7 @@ def _http_quick_fail() -> None:
 class Uninterrupted:
     """An MLflow client whose calls run whole: SIGTERM/SIGINT during a call are handled when it returns (a Stopped
     raised inside SQLAlchemy can leave a SQLite transaction open, and the store locked for every process; see
-    errors.deferred_signals). Anything else is the client's own."""
+    signals.deferred_signals). Anything else is the client's own."""
 
     def __init__(self, client: Any):
         self._client = client

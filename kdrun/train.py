@@ -10,11 +10,12 @@ import torch
 
 import kdrun
 from kdrun import progress
-from kdrun.checkpoint import Interrupted, StopSignals
+from kdrun.checkpoint import Interrupted
 from kdrun.data.batching import to_device
 from kdrun.data.tokens import token_counts
 from kdrun.errors import NonFiniteLossError
 from kdrun.runtime import Runtime, loss_param_sync
+from kdrun.signals import StopSignals
 
 
 @dataclass

@@ -8,7 +8,7 @@ grimp = pytest.importorskip("grimp", reason="the test extra installs grimp (pip 
 # lowest first; a module's layer is that of its longest matching prefix
 LAYERS = {
     "foundation": ["kdrun", "kdrun.errors", "kdrun.names", "kdrun.store", "kdrun.tags", "kdrun.progress",
-                   "kdrun.secrets", "kdrun.models", "kdrun.data"],
+                   "kdrun.secrets", "kdrun.signals", "kdrun.models", "kdrun.data"],
     "engine": ["kdrun.runtime", "kdrun.checkpoint", "kdrun.train", "kdrun.tracking", "kdrun.logged_model",
                "kdrun.model_card"],
     "domain": ["kdrun.losses", "kdrun.tasks", "kdrun.teacher_cache", "kdrun.finetune", "kdrun.eval_cache"],

@@ -83,8 +83,7 @@ def test_a_stop_swallowed_by_a_finalizer_is_raised_at_the_next_phase_without_a_t
     import time
     import weakref
 
-    from kdrun.checkpoint import PhaseSignals
-    from kdrun.errors import Stopped
+    from kdrun.signals import PhaseSignals, Stopped
 
     class Thing:
         pass

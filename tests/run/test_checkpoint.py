@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdrun import checkpoint
+from kdrun import checkpoint, signals
 from kdrun.checkpoint import CheckpointError, Interrupted
 from kdrun.data.batching import BucketBatchSampler
 from kdrun.errors import ConfigError
@@ -186,7 +186,7 @@ def test_taid_schedule_state_is_part_of_the_state_dict():
 
 def test_stop_signals_catch_sigterm_then_restore_the_old_handler():
     old = signal.getsignal(signal.SIGTERM)
-    with checkpoint.StopSignals() as s:
+    with signals.StopSignals() as s:
         assert s.requested(RT) == 0
         os.kill(os.getpid(), signal.SIGTERM)
         assert s.requested(RT) == signal.SIGTERM

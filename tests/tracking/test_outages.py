@@ -104,7 +104,7 @@ def test_a_signal_is_handled_after_the_store_call_it_arrived_in_and_never_leaves
 
     from mlflow.entities import Metric
 
-    from kdrun.errors import Stopped
+    from kdrun.signals import Stopped
 
     db = tmp_path / "store.db"
     store = tracking.open_store(f"sqlite:///{db}", "locks")
@@ -143,11 +143,11 @@ def test_a_signal_is_handled_after_the_store_call_it_arrived_in_and_never_leaves
 
 
 def test_a_deferred_signal_goes_to_the_handler_that_was_there(tmp_path):
-    """errors.deferred_signals: a raising handler raises after the block, a recording one (the training loop's)
+    """signals.deferred_signals: a raising handler raises after the block, a recording one (the training loop's)
     records; nothing is lost, nothing raised inside the block."""
     import signal
 
-    from kdrun.errors import deferred_signals
+    from kdrun.signals import deferred_signals
 
     seen = []
     old = signal.signal(signal.SIGTERM, lambda s, f: seen.append(s))

@@ -29,6 +29,7 @@ from omegaconf import DictConfig  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 from kdrun import config  # noqa: E402
+from kdrun.names import enum_value  # noqa: E402
 
 
 def _conf_dir() -> str:
@@ -55,7 +56,7 @@ def _main(cfg: DictConfig):
 
             result = stages.run(cfg)
         else:
-            result = pipeline.score(cfg) if config.enum_value(cfg.mode) == "score" else pipeline.run(cfg)
+            result = pipeline.score(cfg) if enum_value(cfg.mode) == "score" else pipeline.run(cfg)
     except Stopped as e:  # SIGTERM/SIGINT outside the training loop
         _stopped(e)
     except KdrunError as e:

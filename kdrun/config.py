@@ -18,7 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, ListConfig, OmegaConf
 
 from kdrun.errors import ConfigError
-from kdrun.names import closest, enum_value, package_dir  # noqa: F401 (config.closest etc. for the CLI's layer)
+from kdrun.names import closest, enum_value, package_dir
 
 
 class TeacherMode(Enum):

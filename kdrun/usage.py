@@ -12,6 +12,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from kdrun import config
 from kdrun.errors import ConfigError
+from kdrun.names import closest
 
 GROUPS = ("teacher", "student", "loss", "data", "hardware", "optimizer", "experiment")  # kdrun's own config groups
 # Hydra's flags (hydra/_internal/utils.py get_args_parser): those that take a value, and those that do not
@@ -72,7 +73,7 @@ def _not_a_flag(flag: str, value: Optional[str]) -> str:
     word = flag.lstrip("-").replace("-", "_")
     keys = config.schema_keys()
     exact = sorted((k for k in keys if k.split(".")[-1] == word or k == word), key=lambda k: (k.count("."), k))
-    match = exact[0] if exact else config.closest(word, keys)  # --lr: optimizer.lr before teacher.finetune.lr
+    match = exact[0] if exact else closest(word, keys)  # --lr: optimizer.lr before teacher.finetune.lr
     example = f"{match}={value if value is not None else '...'}" if match else "train.max_steps=5"
     return (f"{flag} is not an option: kdrun's settings are key=value overrides, e.g. `kdrun {example}`"
             + ("" if match else "; `kdrun --help` lists the groups and keys"))
@@ -111,7 +112,7 @@ def check_group_options(overrides: Iterable[str], conf_dir: str) -> None:
 
 
 def unknown_option(group: str, name: str, options: Sequence[str]) -> str:
-    guess = config.closest(name, options)
+    guess = closest(name, options)
     return (f"{group}={name}: no such option;" + (f" did you mean {group}={guess}?" if guess else "")
             + f" {group} options: {', '.join(options)}")
 
@@ -176,7 +177,7 @@ def unknown_key(key: str, schema=None) -> str:
         siblings = [f"{parent}.{f.name}" if parent else f.name for f in dataclasses.fields(schema)]
     else:
         siblings = [k for k in config.schema_keys() if k.rpartition(".")[0] == parent]
-    guess = config.closest(key, siblings)
+    guess = closest(key, siblings)
     elsewhere = [name for name, s in config.DATA_SCHEMAS.items() if leaf in {f.name for f in dataclasses.fields(s)}] \
         if parent == "data" else []
     return (f"{key} is not a kdrun setting" + (f" of this data option; data={'/'.join(elsewhere)} has it" if elsewhere

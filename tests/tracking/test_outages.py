@@ -244,3 +244,32 @@ def test_a_server_that_dies_mid_run_loses_nothing(tmp_path):
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def test_a_sigterm_during_the_model_logging_is_handled_when_it_returns(tracker, monkeypatch):
+    """The student's MLflow model logging on a local (SQLite) store runs whole: a SIGTERM in the middle of it (MLflow's
+    SQLAlchemy calls) raises Stopped once it has returned, not inside it, where it broke the ORM and left the store
+    locked for the next process (the fault suite's 'database is locked')."""
+    import signal
+
+    from kdrun import logged_model
+    from kdrun.signals import PhaseSignals, Stopped
+
+    steps = []
+
+    def log(directory, **kwargs):  # MLflow's calls, with a SIGTERM arriving between two of them
+        steps.append("first store call")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        steps.append("second store call")
+        return type("Info", (), {"model_id": "m-1", "model_uri": "models:/m-1", "registered_model_version": None})
+
+    monkeypatch.setattr(logged_model, "log", log)
+    phases = PhaseSignals().__enter__()
+    try:
+        phases.phase = "during the student's save"
+        with pytest.raises(Stopped, match="SIGTERM during the student's save"):
+            tracker.model("student", examples=[("q", "p")], step=1)
+    finally:
+        phases.__exit__()
+    assert steps == ["first store call", "second store call"]

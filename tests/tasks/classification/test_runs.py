@@ -60,8 +60,10 @@ def test_a_loss_that_reads_no_teacher_skips_a_precomputed_teachers_pass(tmp_path
     assert "teacher/cache_misses" not in run.data.metrics and "teacher/cache_hits" not in run.data.metrics
 
 
-def test_classification_precomputed_teacher_scratch_student_and_a_loadable_save(tmp_path, cls_cache):
-    """(In the loss runs' cache, where no other run precomputes this teacher's outputs: one miss, this run's.)"""
+def test_classification_precomputed_teacher_scratch_student_and_a_loadable_save(cls_runs, tmp_path, cls_cache):
+    """(In the loss runs' cache, after them (cls_runs: their teacher fine-tuned there first, as the once-per-sweep test
+    counts; run before them, this test's fine-tune made every loss run a hit), where no other run precomputes this
+    teacher's outputs: one miss, this run's.)"""
     r = ok(kdrun([*CLS, "teacher.mode=precompute", "student=scratch", "loss=kd", "tracking.log_student=true",
                   "tracking.experiment=cls_pre", f"hydra.run.dir={tmp_path / 'out'}"], tmp_path,
                  offline_env(tmp_path, cls_cache)))

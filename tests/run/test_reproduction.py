@@ -17,7 +17,8 @@ def test_the_quick_reproduction_sweeps_leave_the_results_tables(tmp_path, kdrun_
     hydra.sweep.dir=DIR puts the sweeps under DIR/<data set>/<student>. In fp32 (the presets' bf16 is emulated, ~10x
     slower, on a CPU without AVX512-BF16: the tables' mechanics are the point here), one job at a time (--jobs 1: the
     other test process has the other core; tests/run/test_sweeps.py runs the joblib launcher); over 60 s (eight teacher
-    3-step fine-tunes, two folds per sweep, and eight runs in four sweeps of the real script): what `make reproduce` promises, which no smaller test shows."""
+    3-step fine-tunes, two folds per sweep, and eight runs in four sweeps of the real script): what `make reproduce`
+    promises, which no smaller test shows."""
     from mlflow.tracking import MlflowClient
 
     env = offline_env(tmp_path, cache=kdrun_cache)

@@ -135,6 +135,24 @@ def test_a_classifier_student_is_a_transformers_model_whose_predictions_give_the
     assert math.isclose(accuracy, run.data.metrics["eval/student/accuracy"], abs_tol=1e-9)
 
 
+@pytest.mark.parametrize("kind,task", [("bert", "text-classification"), ("llama", "text-generation")])
+def test_the_signature_kdrun_gives_a_pipeline_is_the_one_mlflow_infers_from_the_input_example(kind, task, request):
+    """kdrun gives MLflow the signature of a classifier's and a causal LM's pipeline instead of letting it run the
+    pipeline on the input example (a generation on the causal-LM demo's student: 8 s): the same signature."""
+    import transformers
+    from mlflow.transformers.signature import infer_or_get_default_signature
+
+    from kdrun.logged_model import pipeline_signature
+
+    d = request.getfixturevalue(f"tiny_{kind}")
+    auto = transformers.AutoModelForSequenceClassification if kind == "bert" else transformers.AutoModelForCausalLM
+    pipe = transformers.pipeline(task, model=auto.from_pretrained(d), tokenizer=transformers.AutoTokenizer.from_pretrained(d),
+                                 **({"max_new_tokens": 2} if kind == "llama" else {}))
+    inferred = infer_or_get_default_signature(pipe, example=["a held-out text", "another one"])
+    assert pipeline_signature(task) == inferred
+    assert pipeline_signature(task) != pipeline_signature("text-generation" if kind == "bert" else "text-classification")
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["tracking.register_as=kd", "tracking.log_student=false"], "keep tracking.log_student=true"),
     (["tracking.register_as= "], "give a model name"),

@@ -493,8 +493,9 @@ def free_port() -> int:
 
 
 def mlflow_server(tmp: Path, port: int) -> subprocess.Popen:
-    """A real `mlflow server` (what `make server` starts) on 127.0.0.1:port, its SQLite store and artifacts in tmp
-    (kept across restarts); returns once /health answers. Stop it with os.killpg(proc.pid, signal)."""
+    """A real `mlflow server` (what `make server` starts: without MLflow's job runners, which kdrun does not use) on
+    127.0.0.1:port, its SQLite store and artifacts in tmp (kept across restarts); returns once /health answers. Stop it
+    with os.killpg(proc.pid, signal)."""
     import urllib.request
 
     import pytest
@@ -503,7 +504,8 @@ def mlflow_server(tmp: Path, port: int) -> subprocess.Popen:
     proc = subprocess.Popen([str(mlflow), "server", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
                              "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1",
                              "--port", str(port), "--workers", "1"], cwd=tmp, stdout=open(tmp / "server.log", "a"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     deadline = time.time() + 180
     while time.time() < deadline:
         try:

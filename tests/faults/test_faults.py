@@ -108,7 +108,6 @@ def test_a_stop_swallowed_by_a_finalizer_is_raised_at_the_next_phase_without_a_t
 
 
 @pytest.mark.slow
-@pytest.mark.serial
 def test_sigterm_to_a_parallel_sweep_stops_its_workers_and_marks_every_run(tmp_path):
     """Defect 2, sweeps: SIGTERM to the main process of a joblib sweep killed it alone, its workers trained on as
     orphans and the parent run stayed RUNNING. Now the workers checkpoint and exit, every run ends KILLED, and the

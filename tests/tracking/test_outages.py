@@ -199,7 +199,6 @@ def test_fallback_local_takes_a_sweep_parent_along_with_its_jobs(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.serial
 def test_a_server_that_dies_mid_run_loses_nothing(tmp_path):
     """A run in a process of its own, on the tiny models with steps enough (300: about 20 s on 2 cores) to lose its
     server mid-way."""

@@ -57,10 +57,11 @@ test: install
 
 # the slow tests (the real models where quality or timing is the point; processes for signals, kills, launchers,
 # torchrun), three at a time on 2 cores: their processes wait part of the time (on a sweep's jobs, torchrun's ranks, a
-# server, the phase a kill waits for): 1.94 of the 2 cores busy, measured; none depends on the machine's load
+# server, the phase a kill waits for): 1.94 of the 2 cores busy, measured; none depends on the machine's load.
+# The longest first (tests/conftest.py: @pytest.mark.slow(seconds=N)), in that order (--no-loadscope-reorder)
 SLOW_JOBS ?= 3
 test-slow: install
-	$(BIN)/python -m pytest -m slow -n $(SLOW_JOBS) --dist loadfile
+	$(BIN)/python -m pytest -m slow -n $(SLOW_JOBS) --dist loadfile --no-loadscope-reorder
 
 # what CI runs (.ci/run): both
 test-all: test test-slow

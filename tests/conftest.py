@@ -19,6 +19,21 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # two test processes on two cores: on
 import support  # noqa: E402
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-randomly's shuffle
+def pytest_collection_modifyitems(items):
+    """The longest first: `@pytest.mark.slow(seconds=N)` (about what the test takes alone on 2 cores) orders the slow
+    tier so that pytest-xdist starts the long ones first and the short ones fill the end (a test file runs whole on
+    one test process, which takes the next file in this order when it has one test left; `make test-slow` keeps the
+    order with --no-loadscope-reorder). Without it a long test drawn last ran alone for minutes while the other test
+    processes had nothing left (CI at 2abb31a: the causal-LM demo). Among equals, and in the default suite, the order
+    is pytest-randomly's."""
+    def seconds(item) -> float:
+        mark = item.get_closest_marker("slow")
+        return mark.kwargs.get("seconds", 0) if mark else 0
+
+    items.sort(key=lambda item: -seconds(item))
+
+
 def _session_root(tmp_path_factory) -> Path:
     """A folder the whole test session shares: with pytest-xdist, its two worker processes too."""
     base = tmp_path_factory.getbasetemp()

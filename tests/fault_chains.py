@@ -1,13 +1,13 @@
-"""The fault-injection suite (issue 20), shared by tests/faults/test_kills_*.py: `kdrun` processes (forked from a
+"""The fault-injection suite (issue 20), shared by tests/faults/test_sig*.py: `kdrun` processes (forked from a
 zygote that imported kdrun once: tests/zygote.py) killed with SIGKILL or SIGTERM at seeded random offsets, so that
 every phase gets hit (start, the teacher pass, training, a checkpoint write, an evaluation, the student's save), two
 chains at a time against one MLflow store and one token cache. Each chain is up to 5 faults on one output dir, each
 followed by `resume=auto`, then a last `resume=auto` to the end. Every trial must leave: the final student bit-identical
 to an uninterrupted run's, every metric key once per step with the uninterrupted run's held-out metrics, no RUNNING run,
 no traceback printed, no planted secret on screen, on disk or in the store. The totals are printed (pytest -s) and
-asserted. The phases are split over two test files (the first four, the last three) so that the two halves run on two
-test processes at once; the first half injects at least 24 faults, the second (where a fault costs a whole run) at
-least 16: 40 in all, as the one suite did before."""
+asserted. The suite runs as two tests that can run on two test processes at once, one per signal
+(tests/faults/test_sigkills.py, tests/faults/test_sigterms.py), each with its own seeds until 20 faults have landed:
+40 in all, as the one suite did before."""
 import json
 import random
 import signal
@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from support import offline_env
 from zygote import Zygote
 
-MAX_CHAINS, FAULTS_PER_CHAIN, PARALLEL = 16, 5, 2  # per half: chains until its faults have been injected
+MAX_CHAINS, FAULTS_PER_CHAIN, PARALLEL = 12, 5, 2  # per half: chains until its faults have been injected
 SECRET, PASSWORD = "hf_" + "F" * 32, "Fau1tInj3ctPw"
 ARGS = ["teacher=tiny", "student=scratch", "student.scratch.num_layers=1", "student.scratch.hidden_size=64",
         "student.scratch.num_heads=2", "student.scratch.intermediate_size=128", "student.max_length=32",
@@ -93,16 +93,11 @@ def _behind(phase, cache) -> bool:
                                            for p in (cache / "ranking").glob("*"))
 
 
-def _fault(proc, rng, out, cache, logfile, phases):
-    """Wait for a phase of `phases` drawn from the seed, then signal the process; (phase, signal) or None if it ended
-    first (or the chain has passed every phase of `phases`: it runs to its end)."""
-    fresh = [p for p in PHASES if p[0] in phases and (p[0] == "start" or not p[1](out, cache, "") and
-                                                       not _behind(p[0], cache))]
-    if not fresh:
-        proc.wait(timeout=300)
-        return None
+def _fault(proc, rng, out, cache, logfile, signals):
+    """Wait for a phase drawn from the seed, then send one of `signals`; (phase, signal) or None if it ended first."""
+    fresh = [p for p in PHASES if p[0] == "start" or not p[1](out, cache, "") and not _behind(p[0], cache)]
     name, seen, most = rng.choice(fresh)
-    sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
+    sig = rng.choice(signals)
     delay = rng.uniform(0, most)
     while proc.poll() is None:
         if seen(out, cache, logfile.read_text(errors="replace") if logfile.exists() else ""):
@@ -115,7 +110,7 @@ def _fault(proc, rng, out, cache, logfile, phases):
     return None
 
 
-def _chain(zygote, seed, tmp, env, ref, totals, phases):
+def _chain(zygote, seed, tmp, env, ref, totals, signals):
     from mlflow.tracking import MlflowClient
 
     rng = random.Random(seed)
@@ -125,7 +120,7 @@ def _chain(zygote, seed, tmp, env, ref, totals, phases):
         logfile = tmp / f"chain{seed}-{k}.out"
         proc = zygote.kdrun(_args(out, experiment, cache, *(["resume=auto"] if k else [])), tmp, env,
                             stdout=logfile, stderr=tmp / f"chain{seed}-{k}.err")
-        fault = _fault(proc, rng, out, cache, logfile, phases)
+        fault = _fault(proc, rng, out, cache, logfile, signals)
         proc.wait(timeout=300)
         so, se = logfile.read_text(errors="replace"), (tmp / f"chain{seed}-{k}.err").read_text(errors="replace")
         outputs.append(so + se)
@@ -183,8 +178,8 @@ def _chain(zygote, seed, tmp, env, ref, totals, phases):
         totals.problem(f"chain {seed}: planted secret in {leaks[:4]}")
 
 
-def run_suite(tmp_path, phases, min_faults: int) -> None:
-    """Chains of kills in `phases` (names of PHASES), two at a time, until `min_faults` were injected; asserts that
+def run_suite(tmp_path, signals, first_seed: int, min_faults: int) -> None:
+    """Chains of `signals` (seeds from `first_seed`), two at a time, until `min_faults` were injected; asserts that
     nothing was lost and prints the totals."""
     from mlflow.tracking import MlflowClient
 
@@ -199,9 +194,9 @@ def run_suite(tmp_path, phases, min_faults: int) -> None:
     reference = {"history": _history(client, ref_run.info.run_id),
                  "student": load_file(tmp_path / "ref" / "student" / "model.safetensors")}
     totals = Totals()
-    seed = 0
-    while totals.faults < min_faults and seed < MAX_CHAINS:  # (a process may end before its fault is due)
-        threads = [threading.Thread(target=_chain, args=(zygote, s, tmp_path, env, reference, totals, phases))
+    seed = first_seed
+    while totals.faults < min_faults and seed < first_seed + MAX_CHAINS:  # (a process may end before its fault is due)
+        threads = [threading.Thread(target=_chain, args=(zygote, s, tmp_path, env, reference, totals, signals))
                    for s in range(seed, seed + PARALLEL)]
         seed += PARALLEL
         for t in threads:

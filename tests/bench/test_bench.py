@@ -7,7 +7,7 @@ import sys
 import pytest
 
 
-@pytest.mark.slow  # four trainers on all-MiniLM-L6-v2 in a process of their own, as `kdrun-bench` runs them
+@pytest.mark.slow(seconds=55)  # four trainers on all-MiniLM-L6-v2 in a process of their own, as `kdrun-bench` runs them
 def test_bench_runs_every_contender_side_by_side(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "kdrun.bench", "--steps", "2", "--warmup", "1", "--batch-size", "4",
@@ -53,7 +53,7 @@ def test_bench_flops_count_params_and_attention_on_real_tokens(minilm_dir):
     assert s["num_hidden_layers"] == 6 and b["hidden_size"] == 768
 
 
-@pytest.mark.slow  # kdrun cold and warm per size, each a process of its own, as `kdrun-bench --scale` runs them
+@pytest.mark.slow(seconds=75)  # kdrun cold and warm per size, each a process of its own, as `kdrun-bench --scale` runs them
 def test_bench_scale_runs_kdrun_cold_and_warm_per_size(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kdrun.bench", "--scale", "400,800", "--steps", "2",
                         "--scale-dir", str(tmp_path / "scale")], capture_output=True, text=True, timeout=900, cwd=tmp_path)

@@ -102,7 +102,7 @@ def test_code_search_names_a_source_that_is_not_installed():
     assert std.licence == "PSF-2.0" and std.version == sys.version.split()[0]
 
 
-@pytest.mark.slow  # builds the full code_search data from this machine's Python (48 s on 2 cores)
+@pytest.mark.slow(seconds=35)  # builds the full code_search data from this machine's Python (48 s on 2 cores)
 def test_the_default_code_search_data_has_over_10000_queries_split_by_source_unit(kdrun_cache, monkeypatch):
     """The data set as the config builds it from this machine's Python (counts in README, "Data"); its extraction
     stays in the session's cache for the reproduction test (tests/run/test_reproduction.py)."""

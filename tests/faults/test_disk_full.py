@@ -20,7 +20,7 @@ def _mount_tmpfs(where: Path, mib: int) -> bool:
                           capture_output=True).returncode == 0
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=35)
 def test_a_disk_too_small_for_a_checkpoint_loses_nothing(tmp_path):
     """A 20 MiB tmpfs as the output dir: no checkpoint fits (24 MiB), the student does. Training goes on past each failed
     checkpoint, the run ends FINISHED with the student of an uninterrupted run, no staging dir is left, no traceback;

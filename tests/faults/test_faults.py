@@ -36,7 +36,7 @@ def test_torchrun_ranks_share_their_agents_run_dir(monkeypatch):
     assert config.run_stamp().endswith(f"-{os.getpid()}")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=56)
 def test_sigterm_during_the_final_evaluation_ends_killed_and_the_resumed_run_logs_it(tmp_path):
     """The outside pass's repro of defects 1 and 2: SIGTERM once the last checkpoint is written (the final evaluation
     runs). The run ends KILLED (not RUNNING, no traceback) with a resume hint; resumed with that hint it ends FINISHED
@@ -107,7 +107,7 @@ def test_a_stop_swallowed_by_a_finalizer_is_raised_at_the_next_phase_without_a_t
     assert "Traceback" not in capsys.readouterr().err
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=50)
 def test_sigterm_to_a_parallel_sweep_stops_its_workers_and_marks_every_run(tmp_path):
     """Defect 2, sweeps: SIGTERM to the main process of a joblib sweep killed it alone, its workers trained on as
     orphans and the parent run stayed RUNNING. Now the workers checkpoint and exit, every run ends KILLED, and the
@@ -234,7 +234,7 @@ def test_an_empty_output_dir_is_a_config_error(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name not in ("outputs", "mlflow.db", "hf_home", "kdrun_cache")]
 
 
-@pytest.mark.slow  # a real MLflow server (tests/tracking/test_server.py starts one too)
+@pytest.mark.slow(seconds=65)  # a real MLflow server (tests/tracking/test_server.py starts one too)
 def test_no_planted_secret_on_screen_or_disk_with_an_http_store_a_sweep_and_a_failure(tmp_path):
     """Defect 7: MLflow's "View run ... at: http://user:PASSWORD@..." line, Hydra's "Error executing job with
     overrides" and launcher lines, .hydra/*.yaml and multirun.yaml carried planted secrets in clear."""

@@ -17,7 +17,7 @@ def _losses(env, name):
     return [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)]
 
 
-@pytest.mark.slow  # torch.compile's inductor builds C++ kernels for the student's graph: over a minute on 2 cores
+@pytest.mark.slow(seconds=42)  # torch.compile's inductor builds C++ kernels for the student's graph: over a minute on 2 cores
 def test_compiled_student_trains_like_the_eager_one(tmp_path):
     env = offline_env(tmp_path)
     for name, extra in (("eager", []), ("compiled", ["hardware.compile=true"])):

@@ -82,7 +82,7 @@ def test_the_teacher_pass_is_split_over_the_ranks_and_gives_one_process_outputs(
     assert not list((tmp_path / "c2" / "ranking").glob("*.partial"))
 
 
-@pytest.mark.slow  # torchrun's processes, stopped by a signal
+@pytest.mark.slow(seconds=95)  # torchrun's processes, stopped by a signal
 def test_ddp_stopped_by_sigterm_resumes_to_the_uninterrupted_weights(tmp_path):
     """torchrun forwards SIGTERM to both ranks; they agree on the step, rank 0 writes the checkpoint and each rank its
     RNG state; resumed under torchrun, the run ends with the weights and losses of a run that never stopped (with

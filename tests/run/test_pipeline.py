@@ -134,7 +134,7 @@ def test_design_card_teacher_from_a_local_path(tmp_path, local_cross_encoder, mo
     assert "eval/teacher/mrr_at_10" in run.data.metrics
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=110)
 def test_default_job_improves_the_student(tmp_path):
     """What `make demo` runs, on the real models: the distilled 2-layer slice beats itself before training on
     held-out queries. Over 60 s (the whole default job on all-MiniLM-L6-v2): the one test that the default command

@@ -10,7 +10,7 @@ from support import ROOT, offline_env
 
 SWEEPS = ("chatterbot/teacher_slice", "code_search/colbert")  # of the four: each data set and each student once
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=120)
 def test_the_quick_reproduction_sweeps_leave_the_results_tables(tmp_path, kdrun_cache):
     """scripts/reproduce_margin_mse --quick (capped further here): two of its four sweeps, so that each data set and
     each student has one (--only chatterbot/teacher_slice,code_search/colbert; the script's --only is checked by

@@ -17,7 +17,7 @@ def _histories(client, run, keys):
     return {k: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, k)] for k in keys}
 
 
-@pytest.mark.slow  # two real processes (the console script, signalled mid-training), then two more runs
+@pytest.mark.slow(seconds=40)  # two real processes (the console script, signalled mid-training), then two more runs
 def test_sigterm_then_resume_auto_equals_an_uninterrupted_run(tmp_path):
     env = offline_env(tmp_path)
     ref = start_kdrun([*ARGS, "tracking.experiment=ref", f"hydra.run.dir={tmp_path / 'ref'}"], tmp_path, env)

@@ -168,7 +168,7 @@ def test_a_failed_sweep_leaves_its_parent_failed_not_running(tmp_path):
     assert [x.info.status for x in runs if x.data.tags.get("kdrun.sweep_parent")] == ["FAILED"]
 
 
-@pytest.mark.slow  # kdrun-rerun starts kdrun as a process of its own, as it does for a user
+@pytest.mark.slow(seconds=40)  # kdrun-rerun starts kdrun as a process of its own, as it does for a user
 def test_kdrun_rerun_repeats_a_logged_run_from_its_stored_config(tmp_path):
     env = offline_env(tmp_path)
     ok(kdrun([*SMALL, "optimizer.lr=3e-4", "data.negatives_per_query=2", "loss=listwise_kl",
@@ -203,7 +203,7 @@ def test_cluster_launchers_compose_with_kdrun(tmp_path):
         assert f"hydra_submitit_launcher.submitit_launcher.{cls}" in r.stdout
 
 
-@pytest.mark.slow  # submitit starts each job as a process of its own
+@pytest.mark.slow(seconds=36)  # submitit starts each job as a process of its own
 def test_submitit_local_jobs_are_children_of_the_sweep(tmp_path):
     """Jobs started by submitit in their own processes find the parent run (the slurm launcher works the same way)."""
     r = run_kdrun(["-m", *SMALL, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
@@ -235,7 +235,7 @@ def test_a_locked_sqlite_store_is_retried_not_lost():
         retry_locked(lambda: (_ for _ in ()).throw(ValueError("another error")))
 
 
-@pytest.mark.slow  # a signal to a process (the console script) in its first job's training
+@pytest.mark.slow(seconds=45)  # a signal to a process (the console script) in its first job's training
 def test_a_sweep_stopped_by_sigterm_continues_with_resume_auto(tmp_path):
     """Pre-empted mid-sweep, then the same command with resume=auto: the stopped job continues its own MLflow run,
     the job that never ran starts, a finished job is not repeated, and the sweep keeps its one parent run."""

@@ -198,7 +198,7 @@ def test_fallback_local_takes_a_sweep_parent_along_with_its_jobs(tmp_path):
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent[0].info.run_id}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=75)
 def test_a_server_that_dies_mid_run_loses_nothing(tmp_path):
     """A run in a process of its own, on the tiny models with steps enough (300: about 20 s on 2 cores) to lose its
     server mid-way."""

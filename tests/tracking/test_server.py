@@ -22,7 +22,7 @@ def server(tmp_path_factory):
     proc.wait(timeout=30)
 
 
-@pytest.mark.slow  # a real `mlflow server` process (its start takes seconds)
+@pytest.mark.slow(seconds=45)  # a real `mlflow server` process (its start takes seconds)
 def test_a_run_and_a_sweep_log_to_a_real_tracking_server(server):
     tmp, url = server
     env = {**offline_env(tmp), "MLFLOW_TRACKING_URI": ""}

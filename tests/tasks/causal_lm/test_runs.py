@@ -129,7 +129,7 @@ def test_causal_lm_trains_on_prompt_completion_pairs_from_a_datasets_folder(tmp_
 
 # ---- the demo, on the real SmolLM2 ----
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=110)
 def test_causal_lm_demo_distils_a_better_student(tmp_path, kdrun_cache):
     """`kdrun experiment=causal_lm_demo` on SmolLM2-135M, on a quarter of its budget (20 steps, 8 held-out blocks):
     the 8-layer slice's perplexity and KL to the teacher fall by orders of magnitude and its top-1 agreement with the

@@ -132,7 +132,7 @@ def test_classification_trains_from_a_datasets_folder(tmp_path, kdrun_cache):
 
 # ---- the demo, on the real model ----
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=135)
 def test_classification_demo_distils_a_better_student(tmp_path):
     """`kdrun experiment=classification_demo` on all-MiniLM-L6-v2, on a third of its budget (40 fine-tuning steps for
     the teacher, 40 for the student): the fine-tuned teacher well above chance, the 2-layer student gains accuracy and

@@ -40,7 +40,8 @@ def test_torchrun_ranks_share_their_agents_run_dir(monkeypatch):
 def test_sigterm_during_the_final_evaluation_ends_killed_and_the_resumed_run_logs_it(tmp_path):
     """The outside pass's repro of defects 1 and 2: SIGTERM once the last checkpoint is written (the final evaluation
     runs). The run ends KILLED (not RUNNING, no traceback) with a resume hint; resumed with that hint it ends FINISHED
-    with the final evaluation at the last step, each metric key once per step."""
+    with the final evaluation at the last step, each metric key once per step. Over 60 s in CI (two processes on the
+    real MiniLM, whose evaluation lasts long enough for a signal to land inside it, which a tiny model's does not)."""
     import signal
     import time
 
@@ -111,7 +112,8 @@ def test_a_stop_swallowed_by_a_finalizer_is_raised_at_the_next_phase_without_a_t
 def test_sigterm_to_a_parallel_sweep_stops_its_workers_and_marks_every_run(tmp_path):
     """Defect 2, sweeps: SIGTERM to the main process of a joblib sweep killed it alone, its workers trained on as
     orphans and the parent run stayed RUNNING. Now the workers checkpoint and exit, every run ends KILLED, and the
-    printed command continues the sweep to FINISHED."""
+    printed command continues the sweep to FINISHED. Over 60 s in CI (a joblib sweep's three processes, signalled, then
+    resumed): the one test of a signal to a sweep whose jobs train in processes of their own."""
     import signal
     import time
 
@@ -237,7 +239,8 @@ def test_an_empty_output_dir_is_a_config_error(tmp_path):
 @pytest.mark.slow(seconds=65)  # a real MLflow server (tests/tracking/test_server.py starts one too)
 def test_no_planted_secret_on_screen_or_disk_with_an_http_store_a_sweep_and_a_failure(tmp_path):
     """Defect 7: MLflow's "View run ... at: http://user:PASSWORD@..." line, Hydra's "Error executing job with
-    overrides" and launcher lines, .hydra/*.yaml and multirun.yaml carried planted secrets in clear."""
+    overrides" and launcher lines, .hydra/*.yaml and multirun.yaml carried planted secrets in clear. Over 60 s in CI
+    (a real MLflow server, a run, a sweep and a failing run, each a process): every place a secret leaked from, at once."""
     password, token = "Pl4ntedPassw0rd", "hf_" + "Q" * 30
     port = free_port()
     (tmp_path / "server").mkdir()

@@ -86,7 +86,8 @@ def test_the_teacher_pass_is_split_over_the_ranks_and_gives_one_process_outputs(
 def test_ddp_stopped_by_sigterm_resumes_to_the_uninterrupted_weights(tmp_path):
     """torchrun forwards SIGTERM to both ranks; they agree on the step, rank 0 writes the checkpoint and each rank its
     RNG state; resumed under torchrun, the run ends with the weights and losses of a run that never stopped (with
-    dropout on: each rank's RNG must continue where it was)."""
+    dropout on: each rank's RNG must continue where it was). Over 60 s (three torchrun launches of two ranks each): the
+    one test that a stopped DDP run resumes exactly."""
     import signal
 
     from mlflow.tracking import MlflowClient

@@ -240,7 +240,7 @@ def test_an_empty_output_dir_is_a_config_error(tmp_path):
 def test_no_planted_secret_on_screen_or_disk_with_an_http_store_a_sweep_and_a_failure(tmp_path):
     """Defect 7: MLflow's "View run ... at: http://user:PASSWORD@..." line, Hydra's "Error executing job with
     overrides" and launcher lines, .hydra/*.yaml and multirun.yaml carried planted secrets in clear. Over 60 s in CI
-    (a real MLflow server, a run, a sweep and a failing run, each a process): every place a secret leaked from, at once."""
+    (a real MLflow server, a run, a sweep and a failing run, each a process): every place a secret leaked, at once."""
     password, token = "Pl4ntedPassw0rd", "hf_" + "Q" * 30
     port = free_port()
     (tmp_path / "server").mkdir()

@@ -22,8 +22,8 @@ def test_the_script_starts_a_sweep_per_data_set_and_student_each_student_from_it
     r, sweeps = _sweeps(tmp_path, "hydra.sweep.dir=/s", "tracking.uri=http://h:1")
     assert r.returncode == 0, r.stderr
     assert [(s[1], s[2]) for s in sweeps] == [
-        ("experiment=reproduce_chatterbot", "student=teacher_slice"), ("experiment=reproduce_chatterbot", "student=colbert"),
-        ("experiment=reproduce_code_search", "student=teacher_slice"), ("experiment=reproduce_code_search", "student=colbert")]
+        (f"experiment=reproduce_{data}", f"student={student}")
+        for data in ("chatterbot", "code_search") for student in ("teacher_slice", "colbert")]
     for s in sweeps:
         assert s[0] == "-m" and "tracking.uri=http://h:1" in s and "hydra/launcher=joblib" in s  # 2 jobs by default
         data, student = s[1].split("_", 1)[1], s[2].split("=")[1]

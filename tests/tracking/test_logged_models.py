@@ -146,11 +146,13 @@ def test_the_signature_kdrun_gives_a_pipeline_is_the_one_mlflow_infers_from_the_
 
     d = request.getfixturevalue(f"tiny_{kind}")
     auto = transformers.AutoModelForSequenceClassification if kind == "bert" else transformers.AutoModelForCausalLM
-    pipe = transformers.pipeline(task, model=auto.from_pretrained(d), tokenizer=transformers.AutoTokenizer.from_pretrained(d),
+    pipe = transformers.pipeline(task, model=auto.from_pretrained(d),
+                                 tokenizer=transformers.AutoTokenizer.from_pretrained(d),
                                  **({"max_new_tokens": 2} if kind == "llama" else {}))
     inferred = infer_or_get_default_signature(pipe, example=["a held-out text", "another one"])
     assert pipeline_signature(task) == inferred
-    assert pipeline_signature(task) != pipeline_signature("text-generation" if kind == "bert" else "text-classification")
+    other = "text-generation" if kind == "bert" else "text-classification"
+    assert pipeline_signature(task) != pipeline_signature(other)
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -76,8 +76,8 @@ ui: install
 # runners (GenAI judges and prompt optimisation, which kdrun does not use: up to 14 more processes that import MLflow)
 SERVER_PORT ?= 5001
 server: install
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --backend-store-uri sqlite:///mlflow-server.db --artifacts-destination ./mlartifacts \
-		--host 127.0.0.1 --port $(SERVER_PORT) --workers 2
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --backend-store-uri sqlite:///mlflow-server.db \
+		--artifacts-destination ./mlartifacts --host 127.0.0.1 --port $(SERVER_PORT) --workers 2
 
 clean:
 	rm -rf outputs multirun .pytest_cache

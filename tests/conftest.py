@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(items):
     tier so that pytest-xdist starts the long ones first and the short ones fill the end (a test file runs whole on
     one test process, which takes the next file in this order when it has one test left; `make test-slow` keeps the
     order with --no-loadscope-reorder). Without it a long test drawn last ran alone for minutes while the other test
-    processes had nothing left (CI at 2abb31a: the causal-LM demo). Among equals, and in the default suite, the order
+    processes had nothing left (CI at a2ec21a: the causal-LM demo). Among equals, and in the default suite, the order
     is pytest-randomly's."""
     def seconds(item) -> float:
         mark = item.get_closest_marker("slow")

@@ -73,7 +73,8 @@ ui: install
 
 # a real MLflow tracking server on this machine: SQLite backend, artifacts under ./mlartifacts (proxied by the
 # server), loopback only. Point kdrun at it with tracking.uri=http://127.0.0.1:$(SERVER_PORT). Without MLflow's job
-# runners (GenAI judges and prompt optimisation, which kdrun does not use: 3-4 more processes here, each importing MLflow)
+# runners (GenAI judges and prompt optimisation, which kdrun does not use: 3-4 more processes here, each importing
+# MLflow)
 SERVER_PORT ?= 5001
 server: install
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --backend-store-uri sqlite:///mlflow-server.db \

@@ -24,7 +24,8 @@ def _mount_tmpfs(where: Path, mib: int) -> bool:
 def test_a_disk_too_small_for_a_checkpoint_loses_nothing(tmp_path):
     """A 20 MiB tmpfs as the output dir: no checkpoint fits (24 MiB), the student does. Training goes on past each failed
     checkpoint, the run ends FINISHED with the student of an uninterrupted run, no staging dir is left, no traceback;
-    SIGTERM on that disk ends the run KILLED with the message, and the next start runs it to the end."""
+    SIGTERM on that disk ends the run KILLED with the message, and the next start runs it to the end. Over 60 s in CI
+    (a zygote and five runs, one of them stopped): the one test of a disk that fills, which needs a real mount."""
     disk = tmp_path / "small"
     if not _mount_tmpfs(disk, 20):
         pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN) on this machine")

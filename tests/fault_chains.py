@@ -31,7 +31,7 @@ ARGS = ["teacher=tiny", "student=scratch", "student.scratch.num_layers=1", "stud
         f"+tracking.tags.api_token={SECRET}", f"+tracking.tags.db=postgresql://kd:{PASSWORD}@db/kd"]
 
 
-def _args(out: Path, experiment: str, cache: Path, *extra) -> list:
+def run_args(out: Path, experiment: str, cache: Path, *extra) -> list:
     return [*ARGS, f"hydra.run.dir={out}", f"tracking.experiment={experiment}", f"teacher.cache_dir={cache}", *extra]
 
 
@@ -118,7 +118,7 @@ def _chain(zygote, seed, tmp, env, ref, totals, signals):
     outputs = []
     for k in range(FAULTS_PER_CHAIN):
         logfile = tmp / f"chain{seed}-{k}.out"
-        proc = zygote.kdrun(_args(out, experiment, cache, *(["resume=auto"] if k else [])), tmp, env,
+        proc = zygote.kdrun(run_args(out, experiment, cache, *(["resume=auto"] if k else [])), tmp, env,
                             stdout=logfile, stderr=tmp / f"chain{seed}-{k}.err")
         fault = _fault(proc, rng, out, cache, logfile, signals)
         proc.wait(timeout=300)
@@ -133,7 +133,7 @@ def _chain(zygote, seed, tmp, env, ref, totals, signals):
         early = name == "start" and proc.returncode == -signal.SIGTERM and not so.strip()  # before Python ran kdrun's
         if sig == signal.SIGTERM and proc.returncode not in (0, 128 + signal.SIGTERM) and not early:  # first line
             totals.problem(f"chain {seed} fault {k} ({name}): SIGTERM ended with status {proc.returncode}: {se[-800:]}")
-    last = zygote.kdrun(_args(out, experiment, cache, "resume=auto"), tmp, env)
+    last = zygote.kdrun(run_args(out, experiment, cache, "resume=auto"), tmp, env)
     so, se = last.communicate(timeout=600)
     outputs.append(so + se)
     if last.returncode != 0:
@@ -186,7 +186,7 @@ def run_suite(tmp_path, signals, first_seed: int, min_faults: int) -> None:
     env = offline_env(tmp_path)
     zygote = Zygote(env, tmp_path / "zygote")
     t0 = time.time()
-    ref = zygote.run(_args(tmp_path / "ref", "ref", tmp_path / "teacher-cache-ref"), tmp_path, env)
+    ref = zygote.run(run_args(tmp_path / "ref", "ref", tmp_path / "teacher-cache-ref"), tmp_path, env)
     duration = time.time() - t0
     assert ref.returncode == 0, ref.stderr[-3000:]
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])

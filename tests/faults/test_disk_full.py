@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fault_chains import _args
+from fault_chains import run_args
 from support import offline_env
 from zygote import Zygote
 
@@ -34,9 +34,9 @@ def test_a_disk_too_small_for_a_checkpoint_loses_nothing(tmp_path):
 
         env = offline_env(tmp_path)
         zygote = Zygote(env, tmp_path / "zygote")
-        ref = zygote.run(_args(tmp_path / "ref", "ref", tmp_path / "tc"), tmp_path, env)
+        ref = zygote.run(run_args(tmp_path / "ref", "ref", tmp_path / "tc"), tmp_path, env)
         assert ref.returncode == 0, ref.stderr[-3000:]
-        full = zygote.run(_args(disk / "run", "small", tmp_path / "tc"), tmp_path, env)
+        full = zygote.run(run_args(disk / "run", "small", tmp_path / "tc"), tmp_path, env)
         assert full.returncode == 0 and "Traceback" not in full.stderr, full.stderr[-3000:]
         said = full.stdout + full.stderr
         assert "could not write checkpoint" in said and "No space left on device" in said, said[-3000:]
@@ -48,7 +48,7 @@ def test_a_disk_too_small_for_a_checkpoint_loses_nothing(tmp_path):
         assert run.info.status == "FINISHED" and "kdrun.checkpoint_error" in run.data.tags
         shutil.rmtree(disk / "run")
 
-        proc = zygote.kdrun(_args(disk / "run", "small2", tmp_path / "tc"), tmp_path, env)
+        proc = zygote.kdrun(run_args(disk / "run", "small2", tmp_path / "tc"), tmp_path, env)
         deadline = time.time() + 300
         while not list((disk / "run").glob("kdrun-run-id")) and time.time() < deadline:
             time.sleep(0.05)
@@ -56,7 +56,7 @@ def test_a_disk_too_small_for_a_checkpoint_loses_nothing(tmp_path):
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=300)
         assert proc.returncode in (0, 128 + signal.SIGTERM) and "Traceback" not in err, err[-3000:]
-        again = zygote.run(_args(disk / "run", "small2", tmp_path / "tc", "resume=auto"), tmp_path, env)
+        again = zygote.run(run_args(disk / "run", "small2", tmp_path / "tc", "resume=auto"), tmp_path, env)
         assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr[-3000:]
         runs = client.search_runs([client.get_experiment_by_name("small2").experiment_id])
         assert "RUNNING" not in {r.info.status for r in runs} and "FINISHED" in {r.info.status for r in runs}

@@ -200,8 +200,8 @@ def test_fallback_local_takes_a_sweep_parent_along_with_its_jobs(tmp_path):
 
 @pytest.mark.slow(seconds=65)
 def test_a_server_that_dies_mid_run_loses_nothing(tmp_path):
-    """A run in a process of its own, on the tiny models with steps enough (150: about 10 s alone on 2 cores; the
-    server goes once the first steps are logged) to lose its server mid-way. Over 60 s in CI (a real server started
+    """A run in a process of its own, on the tiny models with steps enough (150; the server goes once the first
+    steps are logged) to lose its server mid-way. Over 60 s in CI (a real server started
     twice, a run and kdrun-replay, each a process): the one test of a server lost mid-run and the log replayed."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
